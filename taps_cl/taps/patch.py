@@ -1,0 +1,80 @@
+"""TaskPatch: everything one task owns on top of the frozen base, and nothing else.
+
+Tensor names follow one scheme so that storage, export and loading need no other metadata:
+
+- ``delta.<layer>``: weight delta of a gated layer whose gate is on (pruned layers have none)
+- ``score.<layer>``: the gate score of every gated layer (0-d; kept for pictures and audits)
+- ``norm.<module>.<name>``: the task's own normalisation parameters and buffers
+- ``head.<name>``: the task's classifier head (``weight``, ``bias``)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+TENSOR_KINDS = ("delta", "score", "norm", "head")
+
+
+def validate_task_name(name: object) -> str:
+    """Return ``name`` if it is a valid task name, else raise a ``ValueError`` that says why.
+
+    Names become ``nn.ParameterDict`` keys, file names and SQL values, so they are kept to a
+    safe alphabet: a letter, then up to 63 letters, digits, ``_`` or ``-``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a str, got {type(name).__name__}")
+    if not TASK_NAME_RE.match(name):
+        raise ValueError(
+            f"invalid task name {name!r}: use a letter followed by up to 63 letters, digits, "
+            "'_' or '-' (e.g. 'flowers' or 'cub_200')"
+        )
+    return name
+
+
+@dataclass
+class TaskPatch:
+    """The task-specific state of one task: gated deltas, scores, norms and head."""
+
+    name: str  # task name (see validate_task_name)
+    num_classes: int  # size of the task's head
+    tensors: dict[str, torch.Tensor]  # tensor name (see module docstring) -> tensor
+    active_layers: list[str]  # gated layers whose gate is on, in model order
+    num_layers: int  # number of gated layers in the model
+    base_fingerprint: str  # sha256 of the base this patch was trained on
+    class_names: list[str] | None = None  # optional human names of the classes
+    config: dict[str, Any] = field(default_factory=dict)  # TAPSConfig (and training) as JSON
+    version: int | None = None  # set by the task store
+
+    def __post_init__(self) -> None:
+        validate_task_name(self.name)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names given for {self.num_classes} classes"
+            )
+        for key, value in self.tensors.items():
+            if key.split(".", 1)[0] not in TENSOR_KINDS or "." not in key:
+                raise ValueError(f"tensor name {key!r} must start with one of {TENSOR_KINDS}")
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"tensor {key!r} is {type(value).__name__}, not a torch.Tensor")
+
+    def kind(self, kind: str) -> dict[str, torch.Tensor]:
+        """Tensors of one kind with the ``kind.`` prefix stripped (e.g. ``kind("delta")``)."""
+        prefix = kind + "."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    @property
+    def num_parameters(self) -> int:
+        """Task-specific parameter count (floating-point tensors; norm counters excluded)."""
+        return sum(t.numel() for t in self.tensors.values() if t.is_floating_point())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors as stored."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
