@@ -55,7 +55,7 @@ def fingerprint(module: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(name.encode())
         digest.update(str(t.dtype).encode())
         digest.update(str(tuple(t.shape)).encode())
@@ -96,7 +96,9 @@ def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: 
     mapped = {}
     for (tname, tval), (sname, sval) in zip(target.items(), state.items(), strict=True):
         if tuple(tval.shape) != tuple(sval.shape):
-            raise ValueError(f"{source}: {sname} {tuple(sval.shape)} != {tname} {tuple(tval.shape)}")
+            raise ValueError(
+                f"{source}: {sname} {tuple(sval.shape)} != {tname} {tuple(tval.shape)}"
+            )
         mapped[tname] = sval.to(tval.dtype)
     model.load_state_dict(mapped, strict=True)
 

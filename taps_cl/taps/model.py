@@ -1,0 +1,354 @@
+"""TAPSModel: inject task-adaptive layers into any ``nn.Module`` and manage tasks on it.
+
+The base is frozen and wrapped in place: every gateable layer becomes a
+:class:`TaskAdaptiveLayer`, every norm a :class:`TaskNorm`, the classifier a
+:class:`TaskHeads`. With no active task the model computes exactly what the base computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from taps_cl.bases import fingerprint
+from taps_cl.config import TAPSConfig
+from taps_cl.errors import BaseMismatchError, DuplicateTaskError, UnknownTaskError
+from taps_cl.taps.layer import TaskAdaptiveLayer, gateable_weight_attr
+from taps_cl.taps.modules import TaskHeads, TaskNorm, is_norm
+from taps_cl.taps.patch import TaskPatch, validate_task_name
+from taps_cl.taps.penalty import sparsity_penalty
+
+
+def find_head(model: nn.Module, head: str | None = None) -> str:
+    """Dotted name of the classifier ``nn.Linear``: ``head`` if given, else timm's
+    ``get_classifier()``, torchvision's ``fc``/``classifier``/``heads``, else the last Linear."""
+    names = {id(m): n for n, m in model.named_modules()}
+    if head is not None:
+        try:
+            module = model.get_submodule(head)
+        except AttributeError as err:
+            raise ValueError(f"head {head!r} is not a submodule of {type(model).__name__}") from err
+        candidates = [(head, module)]
+    else:
+        candidates = []
+        if hasattr(model, "get_classifier"):
+            module = model.get_classifier()
+            if isinstance(module, nn.Module) and id(module) in names:
+                candidates.append((names[id(module)], module))
+        for attr in ("fc", "classifier", "heads", "head"):
+            if isinstance(getattr(model, attr, None), nn.Module):
+                candidates.append((attr, getattr(model, attr)))
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        candidates += linears[-1:]
+    for name, module in candidates:
+        if isinstance(module, nn.Linear):
+            return name
+        inner = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if inner:
+            return f"{name}.{inner[-1][0]}"
+    raise ValueError(
+        f"no classifier nn.Linear found in {type(model).__name__}; pass head='<dotted name>'"
+    )
+
+
+def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
+
+
+class TAPSModel(nn.Module):
+    """A frozen base shared by many tasks, each with gated deltas, its own norms and head."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        config: TAPSConfig | None = None,
+        head: str | None = None,
+        base_fingerprint: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or TAPSConfig()
+        self.base_fingerprint = base_fingerprint or fingerprint(base)
+        base.requires_grad_(False)
+        self.head_name = find_head(base, head)
+        self.base = base
+        self.heads = TaskHeads(base.get_submodule(self.head_name))
+        _set_child(base, self.head_name, self.heads)
+        self.layer_names: list[str] = []
+        self.norm_names: list[str] = []
+        self._inject()
+        self._task_info: dict[str, dict] = {}
+        self.base.eval()
+
+    def _inject(self) -> None:
+        skip = tuple(
+            n for n, m in self.base.named_modules() if isinstance(m, nn.MultiheadAttention)
+        )
+        for name, module in list(self.base.named_modules()):
+            if not name or module is self.heads or name.startswith(self.head_name + "."):
+                continue
+            # nn.MultiheadAttention reads its projections' weights directly, not via forward.
+            if any(name.startswith(s + ".") for s in skip):
+                continue
+            if gateable_weight_attr(module) is not None:
+                _set_child(self.base, name, TaskAdaptiveLayer(module, self.config.tau))
+                self.layer_names.append(name)
+            elif self.config.task_norms and is_norm(module):
+                _set_child(self.base, name, TaskNorm(module))
+                self.norm_names.append(name)
+        if not self.layer_names:
+            raise ValueError(f"{type(self.base).__name__} has no gateable layers (Conv/Linear)")
+
+    # -- structure ---------------------------------------------------------------------------
+
+    def layers(self) -> Iterator[tuple[str, TaskAdaptiveLayer]]:
+        for name in self.layer_names:
+            yield name, self.base.get_submodule(name)
+
+    def norms(self) -> Iterator[tuple[str, TaskNorm]]:
+        for name in self.norm_names:
+            yield name, self.base.get_submodule(name)
+
+    def _per_task_modules(self) -> Iterator[nn.Module]:
+        yield self.heads
+        yield from (m for _, m in self.layers())
+        yield from (m for _, m in self.norms())
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._task_info)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    def num_classes(self, name: str) -> int:
+        return self._info(name)["num_classes"]
+
+    def class_names(self, name: str) -> list[str] | None:
+        return self._info(name)["class_names"]
+
+    def _info(self, name: str) -> dict:
+        if name not in self._task_info:
+            raise UnknownTaskError(f"unknown task {name!r}; known tasks: {self.tasks or 'none'}")
+        return self._task_info[name]
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def add_task(
+        self, name: str, num_classes: int, class_names: list[str] | None = None, seed: int = 0
+    ) -> None:
+        """Create the task's zero deltas, scores, norm copies and a new head."""
+        validate_task_name(name)
+        if name in self._task_info:
+            raise DuplicateTaskError(f"task {name!r} already exists; remove it or pick a new name")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        for _, layer in self.layers():
+            layer.add_task(name, self.config.score_init)
+        for _, norm in self.norms():
+            norm.add_task(name)
+        self.heads.add_head(name, num_classes, seed=seed)
+        self._task_info[name] = {
+            "num_classes": num_classes,
+            "class_names": list(class_names) if class_names else None,
+            "frozen": False,
+        }
+
+    def remove_task(self, name: str) -> None:
+        self._info(name)
+        for module in self._per_task_modules():
+            module.remove_task(name)
+        del self._task_info[name]
+
+    def set_task(self, name: str | None) -> None:
+        """Route every following forward through task ``name`` (None = the plain base)."""
+        if name is not None:
+            self._info(name)
+        for module in self._per_task_modules():
+            module.active_task = name
+
+    @property
+    def active_task(self) -> str | None:
+        return self.heads.active_task
+
+    @contextlib.contextmanager
+    def using(self, name: str | None) -> Iterator[None]:
+        previous = self.active_task
+        self.set_task(name)
+        try:
+            yield
+        finally:
+            self.set_task(previous)
+
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        if task is None:
+            return self.base(x)
+        with self.using(task):
+            return self.base(x)
+
+    def train(self, mode: bool = True) -> TAPSModel:
+        # The frozen base stays in eval; only per-task modules of trainable tasks follow mode
+        # (TaskNorm/TaskHeads handle that). Dropout and friends inside the base follow mode.
+        super().train(mode)
+        return self
+
+    # -- optimisation ------------------------------------------------------------------------
+
+    def param_groups(self, name: str) -> dict[str, list[nn.Parameter]]:
+        """The task's trainable parameters by kind: ``delta``, ``score``, ``norm``, ``head``."""
+        self._info(name)
+        groups: dict[str, list[nn.Parameter]] = {"delta": [], "score": [], "norm": [], "head": []}
+        for _, layer in self.layers():
+            if name in layer.delta:
+                groups["delta"].append(layer.delta[name])
+            groups["score"].append(layer.score[name])
+        for _, norm in self.norms():
+            groups["norm"] += list(norm.tasks[name].parameters())
+        groups["head"] += list(self.heads.tasks[name].parameters())
+        return groups
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for group in self.param_groups(name).values() for p in group]
+
+    def penalty(self, name: str) -> torch.Tensor:
+        """The task's sparsity penalty (kind from ``config.penalty``), differentiable in scores."""
+        self._info(name)
+        scores, sizes = [], []
+        for _, layer in self.layers():
+            scores.append(layer.score[name])
+            sizes.append(layer.base_weight.numel())
+        return sparsity_penalty(scores, sizes, self.config.penalty)
+
+    def gates(self, name: str) -> dict[str, bool]:
+        """Layer name -> whether the task adapts that layer (gate on and delta kept)."""
+        self._info(name)
+        return {n: layer.is_active(name) for n, layer in self.layers()}
+
+    def scores(self, name: str) -> dict[str, float]:
+        self._info(name)
+        return {n: float(layer.score[name].detach()) for n, layer in self.layers()}
+
+    # -- patches -----------------------------------------------------------------------------
+
+    def finalize_task(self, name: str) -> TaskPatch:
+        """Prune the deltas of layers whose gate is off, freeze the task, return its patch."""
+        self._info(name)
+        for _, layer in self.layers():
+            layer.prune(name)
+        for p in self.trainable_parameters(name):
+            p.requires_grad_(False)
+        for module in self._per_task_modules():
+            module.freeze_task(name) if hasattr(module, "freeze_task") else None
+        self._task_info[name]["frozen"] = True
+        return self.export_patch(name)
+
+    def export_patch(self, name: str) -> TaskPatch:
+        """The task's state as a :class:`TaskPatch` (deltas only for layers whose gate is on)."""
+        info = self._info(name)
+        tensors: dict[str, torch.Tensor] = {}
+        active = []
+        for lname, layer in self.layers():
+            tensors[f"score.{lname}"] = _export(layer.score[name])
+            if layer.is_active(name):
+                active.append(lname)
+                tensors[f"delta.{lname}"] = _export(layer.delta[name])
+        for nname, norm in self.norms():
+            for key, value in norm.tasks[name].state_dict().items():
+                tensors[f"norm.{nname}.{key}"] = _export(value)
+        for key, value in self.heads.tasks[name].state_dict().items():
+            tensors[f"head.{key}"] = _export(value)
+        return TaskPatch(
+            name=name,
+            num_classes=info["num_classes"],
+            class_names=info["class_names"],
+            tensors=tensors,
+            active_layers=active,
+            num_layers=self.num_layers,
+            base_fingerprint=self.base_fingerprint,
+            config=self.config.to_dict(),
+        )
+
+    def load_patch(self, patch: TaskPatch, name: str | None = None) -> None:
+        """Add a frozen task from ``patch`` (optionally under another name)."""
+        if patch.base_fingerprint != self.base_fingerprint:
+            raise BaseMismatchError(
+                f"patch {patch.name!r} was trained on base {patch.base_fingerprint[:12]}, "
+                f"this model's base is {self.base_fingerprint[:12]}; load the matching base"
+            )
+        if patch.num_layers != self.num_layers:
+            raise ValueError(
+                f"patch has {patch.num_layers} gated layers, model has {self.num_layers}"
+            )
+        _check_patch_keys(self, patch)
+        name = name or patch.name
+        self.add_task(name, patch.num_classes, patch.class_names)
+        try:
+            _fill_task(self, name, patch)
+        except Exception:
+            self.remove_task(name)
+            raise
+        self.finalize_task(name)
+
+    def merged(self, name: str) -> nn.Module:
+        """A standalone copy of the base for task ``name``: deltas folded into the weights, the
+        task's norms and head in place; its forward contains no TAPS code. Eval mode, frozen."""
+        self._info(name)
+        memo: dict[int, object] = {}
+        for _, layer in self.layers():
+            plain = copy.deepcopy(layer.base_layer)
+            if layer.is_active(name):
+                with torch.no_grad():
+                    weight = layer.effective_weight(name).detach().clone()
+                setattr(plain, layer.weight_attr, nn.Parameter(weight))
+            memo[id(layer)] = plain
+        for _, norm in self.norms():
+            memo[id(norm)] = copy.deepcopy(norm.tasks[name])
+        memo[id(self.heads)] = copy.deepcopy(self.heads.tasks[name])
+        out = copy.deepcopy(self.base, memo)
+        return out.requires_grad_(False).eval()
+
+
+def _export(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _check_patch_keys(model: TAPSModel, patch: TaskPatch) -> None:
+    layers = set(model.layer_names)
+    unknown = [k for k in patch.kind("delta") if k not in layers]
+    unknown += [k for k in patch.kind("score") if k not in layers]
+    if unknown:
+        raise ValueError(f"patch {patch.name!r} names layers this model lacks: {unknown[:5]}")
+    missing = [k for k in layers if k not in patch.kind("score")]
+    if missing:
+        raise ValueError(f"patch {patch.name!r} lacks scores for layers {missing[:5]}")
+
+
+def _fill_task(model: TAPSModel, name: str, patch: TaskPatch) -> None:
+    deltas, scores = patch.kind("delta"), patch.kind("score")
+    with torch.no_grad():
+        for lname, layer in model.layers():
+            layer.score[name].copy_(scores[lname].reshape(()))
+            if lname in deltas:
+                _copy_checked(layer.delta[name], deltas[lname], f"delta.{lname}")
+            else:
+                del layer.delta[name]
+    norm_state = patch.kind("norm")
+    for nname, norm in model.norms():
+        prefix = nname + "."
+        state = {k[len(prefix) :]: v for k, v in norm_state.items() if k.startswith(prefix)}
+        norm.tasks[name].load_state_dict(state, strict=True)
+    model.heads.tasks[name].load_state_dict(patch.kind("head"), strict=True)
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"{key}: patch shape {tuple(src.shape)} != model {tuple(dst.shape)}")
+    dst.copy_(src)
