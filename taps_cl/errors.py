@@ -27,6 +27,10 @@ class StoreIntegrityError(TAPSError):
     """Stored bytes do not match their sha256 (tampered, truncated or corrupted store)."""
 
 
+class UnknownBaseError(TAPSError, ValueError):
+    """A base fingerprint the store has never seen (or holds no weights for) was asked for."""
+
+
 class StoreVersionError(TAPSError):
     """The store was written by a newer schema than this version of taps_cl understands."""
 

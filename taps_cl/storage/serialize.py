@@ -1,0 +1,166 @@
+"""Tensors <-> raw bytes, content hashes, and the single-file ``.safetensors`` patch format.
+
+Nothing here unpickles: a tensor is its raw little-endian bytes plus a dtype string and a
+shape, and everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taps_cl.errors import StoreIntegrityError
+from taps_cl.taps.patch import TaskPatch
+
+FORMAT = "taps_cl.patch"
+FORMAT_VERSION = 1
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.complex64,
+        torch.complex128,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+def validate_fingerprint(fingerprint: object) -> str:
+    if not isinstance(fingerprint, str) or not FINGERPRINT_RE.match(fingerprint):
+        raise ValueError(
+            f"base fingerprint must be 64 lowercase hex digits (sha256), got {fingerprint!r}"
+        )
+    return fingerprint
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> tuple[bytes, str, list[int]]:
+    """(raw bytes, dtype name, shape) of a dense CPU copy of ``tensor``."""
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        raise TypeError(f"only dense tensors can be stored, got {type(tensor).__name__}")
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise TypeError(f"dtype {tensor.dtype} cannot be stored; supported: {sorted(_DTYPES)}")
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return data, name, list(tensor.shape)
+
+
+def tensor_from_bytes(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_bytes`; ``ValueError`` if the length does not fit."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown stored dtype {dtype!r}")
+    dt = _DTYPES[dtype]
+    numel = math.prod(shape)
+    if len(data) != numel * dt.itemsize:
+        raise ValueError(f"{len(data)} bytes for {dtype} of shape {shape}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dt)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """The fingerprint :func:`taps_cl.bases.fingerprint` gives a module with this state_dict."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def json_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """A JSON round-tripped copy of ``value``; refuses what JSON (and PostgreSQL) cannot hold."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON (no NaN/inf, str keys): {err}") from err
+
+
+# -- single-file export --------------------------------------------------------------------
+
+
+def write_patch_file(path: Path, patch: TaskPatch, meta: dict[str, Any]) -> Path:
+    """Write ``patch`` and ``meta`` to one ``.safetensors`` file, atomically (tmp + rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in patch.tensors.items()}
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
+    meta["tensor_sha256"] = {k: sha256(tensor_to_bytes(v)[0]) for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"taps_cl": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_patch_file(path: str | os.PathLike) -> tuple[TaskPatch, dict[str, Any]]:
+    """Read a file written by :func:`write_patch_file`; every tensor is checked by sha256."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"patch file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("taps_cl", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, json.JSONDecodeError, OSError) as err:
+        raise StoreIntegrityError(f"{path} is not a readable .safetensors file: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is a .safetensors file but not a taps_cl task patch")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: patch format {meta.get('format_version')} is not supported")
+    hashes = meta.get("tensor_sha256") or {}
+    if set(hashes) != set(tensors):
+        raise StoreIntegrityError(f"{path}: tensor list does not match its metadata")
+    for key, tensor in tensors.items():
+        if sha256(tensor_to_bytes(tensor)[0]) != hashes[key]:
+            raise StoreIntegrityError(f"{path}: tensor {key!r} fails its sha256 check")
+    return _patch_from_meta(path, meta, tensors), meta
+
+
+def _patch_from_meta(path: Path, meta: dict[str, Any], tensors: dict) -> TaskPatch:
+    try:
+        patch = TaskPatch(
+            name=meta["name"],
+            num_classes=int(meta["num_classes"]),
+            tensors=tensors,
+            active_layers=[str(x) for x in meta["active_layers"]],
+            num_layers=int(meta["num_layers"]),
+            base_fingerprint=validate_fingerprint(meta["base_fingerprint"]),
+            class_names=meta.get("class_names"),
+            config=json_dict(meta.get("config"), "config"),
+        )
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: incomplete taps_cl metadata ({err!r})") from err
+    return patch

@@ -1,0 +1,461 @@
+"""TaskStore: versioned task patches (and optionally base weights) in one SQL database."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from taps_cl.errors import StoreIntegrityError, UnknownBaseError
+from taps_cl.storage import ops
+from taps_cl.storage.database import create_engines, ensure_schema, resolve_url
+from taps_cl.storage.models import (
+    BaseRow,
+    BaseTensorRow,
+    BlobRow,
+    TaskRow,
+    VersionRow,
+    VersionTensorRow,
+)
+from taps_cl.storage.records import BaseRecord, StoreStats, TaskRecord, VersionRecord, as_utc
+from taps_cl.storage.serialize import (
+    json_dict,
+    read_patch_file,
+    state_fingerprint,
+    validate_fingerprint,
+    write_patch_file,
+)
+from taps_cl.taps.patch import TaskPatch, validate_task_name
+
+T = TypeVar("T")
+_RETRIES = 12
+# PostgreSQL: serialization failure, deadlock, unique and foreign-key races between writers.
+_PG_TRANSIENT = {"40001", "40P01", "23505", "23503"}
+
+
+class TaskStore:
+    """Versioned task patches in one SQL database (SQLite file or PostgreSQL).
+
+    ``url`` is any SQLAlchemy URL (``postgresql://user@host/db`` uses psycopg 3) or a file
+    path for SQLite. When omitted, env ``TAPS_CL_STORE`` is used (URL or path), else the SQLite
+    file ``$XDG_DATA_HOME/taps_cl/tasks.db`` (``~/.local/share/taps_cl/tasks.db``).
+    Opening creates or upgrades the schema; a store from a newer taps_cl raises
+    :class:`~taps_cl.errors.StoreVersionError`.
+
+    Every write is one transaction: a version is visible only once all its rows are
+    committed, and an error or a killed process leaves no trace. Concurrent writers are
+    serialised (SQLite ``BEGIN IMMEDIATE``; PostgreSQL row lock on the task) and retried on
+    transient conflicts, so versions of a task are 1, 2, 3, ... with no gaps from races.
+    """
+
+    def __init__(self, url: str | os.PathLike | URL | None = None) -> None:
+        self._url = resolve_url(url)
+        self._read_engine, self._write_engine = create_engines(self._url)
+        self._dialect = self._write_engine.dialect.name
+        self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
+        self.schema_revision = ensure_schema(self._read_engine, self._write_engine, self.url)
+
+    @property
+    def url(self) -> str:
+        """The store's URL with any password hidden."""
+        return self._url.render_as_string(hide_password=True)
+
+    def __repr__(self) -> str:
+        return f"TaskStore({self.url!r})"
+
+    def close(self) -> None:
+        self._write_engine.dispose()
+
+    def __enter__(self) -> TaskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in one write transaction; retry the whole of it on transient conflicts."""
+        for attempt in range(_RETRIES):
+            try:
+                with self._writer.begin() as session:
+                    return work(session)
+            except DBAPIError as err:
+                if attempt + 1 == _RETRIES or not self._transient(err):
+                    raise
+                time.sleep(min(0.02 * 2**attempt, 1.0) * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+    def _transient(self, err: DBAPIError) -> bool:
+        if self._dialect == "sqlite":
+            text = str(err.orig).lower()
+            return "locked" in text or "busy" in text
+        return getattr(err.orig, "sqlstate", None) in _PG_TRANSIENT
+
+    # -- bases -------------------------------------------------------------------------------
+
+    def register_base(
+        self, fingerprint: str, name: str, source: str = "", num_parameters: int | None = None
+    ) -> BaseRecord:
+        """Record (or relabel) a base; patches trained on it can then be imported."""
+        validate_fingerprint(fingerprint)
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise ValueError(f"base name must be a non-empty str of <= 200 chars, got {name!r}")
+        if not isinstance(source, str):
+            raise TypeError(f"source must be a str, got {type(source).__name__}")
+        if num_parameters is not None and (
+            not isinstance(num_parameters, int) or num_parameters < 0
+        ):
+            raise ValueError(f"num_parameters must be a non-negative int, got {num_parameters!r}")
+
+        def work(session: Session) -> None:
+            row = ops.ensure_base(session, fingerprint)
+            row.name, row.source, row.num_parameters = name, source, num_parameters
+
+        self._write(work)
+        return self.base(fingerprint)
+
+    def base(self, fingerprint: str) -> BaseRecord:
+        """The record of one base (:class:`UnknownBaseError` if the store never saw it)."""
+        validate_fingerprint(fingerprint)
+        with self._reader() as session:
+            return _base_record(session, ops.find_base(session, fingerprint))
+
+    def list_bases(self) -> list[BaseRecord]:
+        with self._reader() as session:
+            rows = session.scalars(select(BaseRow).order_by(BaseRow.created_at))
+            return [_base_record(session, row) for row in rows]
+
+    def save_base_weights(
+        self,
+        fingerprint: str,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        name: str | None = None,
+        source: str = "saved weights",
+    ) -> BaseRecord:
+        """Store a whole base's state_dict (e.g. the new base of joint training), deduplicated
+        against every other blob. ``fingerprint`` must be the state_dict's own fingerprint."""
+        validate_fingerprint(fingerprint)
+        if not isinstance(state_dict, Mapping) or not state_dict:
+            raise ValueError("state_dict must be a non-empty mapping of name -> tensor")
+        actual = state_fingerprint(state_dict)
+        if actual != fingerprint:
+            raise ValueError(f"state_dict has fingerprint {actual[:12]}, not {fingerprint[:12]}")
+        encoded = ops.Encoded.of(dict(state_dict))
+        num = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+
+        def work(session: Session) -> None:
+            if session.get(BaseRow, fingerprint) is None:
+                label = name or f"base-{fingerprint[:12]}"
+                session.add(
+                    BaseRow(fingerprint=fingerprint, name=label, source=source, num_parameters=num)
+                )
+                session.flush()
+            ops.replace_base_weights(session, fingerprint, encoded)
+
+        self._write(work)
+        return self.base(fingerprint)
+
+    def load_base_weights(self, fingerprint: str) -> dict[str, torch.Tensor]:
+        """The state_dict stored by :meth:`save_base_weights`, in its original order, with
+        every blob and the overall fingerprint verified."""
+        validate_fingerprint(fingerprint)
+        with self._reader() as session:
+            ops.find_base(session, fingerprint)
+            state = ops.read_base_tensors(session, fingerprint)
+        if not state:
+            raise UnknownBaseError(f"the store holds no weights for base {fingerprint}")
+        if state_fingerprint(state) != fingerprint:
+            raise StoreIntegrityError(f"stored weights of base {fingerprint[:12]} do not match it")
+        return state
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def _prepare(
+        self, patch: TaskPatch, metrics: Mapping | None, config: Mapping | None
+    ) -> ops.PreparedVersion:
+        if not isinstance(patch, TaskPatch):
+            raise TypeError(f"expected a TaskPatch, got {type(patch).__name__}")
+        validate_task_name(patch.name)
+        validate_fingerprint(patch.base_fingerprint)
+        merged = {**json_dict(patch.config, "patch.config"), **json_dict(config, "config")}
+        return ops.PreparedVersion(
+            patch, json_dict(metrics, "metrics"), merged, ops.Encoded.of(patch.tensors)
+        )
+
+    def commit(
+        self,
+        patch: TaskPatch,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Store ``patch`` as the next version of its task; return the version number.
+
+        ``metrics`` (JSON) are stored with the version; ``config`` (JSON) is merged over
+        ``patch.config`` (e.g. to add the training settings). The patch's base is recorded by
+        fingerprint and registered under a placeholder name the first time it is seen.
+        """
+        prep = self._prepare(patch, metrics, config)
+        return self._write(lambda session: ops.insert_version(session, prep))
+
+    def commit_many(
+        self,
+        patches: Iterable[TaskPatch],
+        *,
+        metrics: Mapping[str, Mapping[str, Any]] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Commit several patches in ONE transaction: all become visible together or none.
+
+        ``metrics`` maps task name -> metrics; ``config`` is merged into every patch's config.
+        Returns the new version numbers in the order of ``patches``.
+        """
+        patches = list(patches)
+        keys = [(p.base_fingerprint, p.name) for p in patches if isinstance(p, TaskPatch)]
+        if len(set(keys)) != len(keys):
+            raise ValueError("commit_many got the same task twice; commit one patch per task")
+        metrics = metrics or {}
+        unknown = sorted(set(metrics) - {name for _, name in keys})
+        if unknown:
+            raise ValueError(f"metrics given for tasks not in patches: {unknown}")
+        preps = [self._prepare(p, metrics.get(p.name), config) for p in patches]
+        # A fixed locking order keeps two concurrent commit_many calls from deadlocking.
+        order = sorted(range(len(preps)), key=lambda i: keys[i])
+
+        def work(session: Session) -> list[int]:
+            versions = [0] * len(preps)
+            for i in order:
+                versions[i] = ops.insert_version(session, preps[i])
+            return versions
+
+        return self._write(work)
+
+    def load(self, name: str, version: int | None = None, *, base: str | None = None) -> TaskPatch:
+        """The patch of ``name`` at ``version`` (default: current), every blob verified.
+
+        ``base`` (a fingerprint) is only needed when the name exists for several bases.
+        """
+        validate_task_name(name)
+        version = _check_version(version)
+        with self._reader() as session:
+            task = ops.find_task(session, name, base, self.url)
+            row = ops.find_version(session, task, version)
+            where = f"task {name!r} version {row.version}"
+            tensors = ops.read_version_tensors(session, row, where)
+        return TaskPatch(
+            name=name,
+            num_classes=row.num_classes,
+            tensors=tensors,
+            active_layers=list(row.active_layers),
+            num_layers=row.num_layers,
+            base_fingerprint=task.base_fingerprint,
+            class_names=row.class_names,
+            config=dict(row.config),
+            version=row.version,
+        )
+
+    def list_tasks(self, *, base: str | None = None) -> list[TaskRecord]:
+        """Every task (optionally of one base), by name."""
+        counts = (
+            select(VersionRow.task_id, func.count().label("n"))
+            .group_by(VersionRow.task_id)
+            .subquery()
+        )
+        stmt = (
+            select(TaskRow, BaseRow.name, VersionRow, counts.c.n)
+            .join(BaseRow, BaseRow.fingerprint == TaskRow.base_fingerprint)
+            .join(VersionRow, VersionRow.task_id == TaskRow.id)
+            .where(VersionRow.version == TaskRow.current_version)
+            .join(counts, counts.c.task_id == TaskRow.id)
+            .order_by(TaskRow.name, TaskRow.base_fingerprint)
+        )
+        if base is not None:
+            stmt = stmt.where(TaskRow.base_fingerprint == validate_fingerprint(base))
+        with self._reader() as session:
+            return [_task_record(*row) for row in session.execute(stmt)]
+
+    def versions(self, name: str, *, base: str | None = None) -> list[VersionRecord]:
+        """Every stored version of ``name``, oldest first."""
+        validate_task_name(name)
+        with self._reader() as session:
+            task = ops.find_task(session, name, base, self.url)
+            rows = session.scalars(
+                select(VersionRow).where(VersionRow.task_id == task.id).order_by(VersionRow.version)
+            )
+            return [_version_record(task, row) for row in rows]
+
+    def delete(
+        self, name: str, version: int | None = None, *, base: str | None = None
+    ) -> list[int]:
+        """Delete one version, or the whole task (``version=None``); return the deleted
+        version numbers. Blobs no other version or base uses are removed too. Numbers of
+        deleted versions are not reused while the task exists."""
+        validate_task_name(name)
+        version = _check_version(version)
+
+        def work(session: Session) -> list[int]:
+            task = ops.find_task(session, name, base, self.url)
+            if version is None:
+                rows = list(
+                    session.scalars(select(VersionRow).where(VersionRow.task_id == task.id))
+                )
+            else:
+                rows = [ops.find_version(session, task, version)]
+            ops.delete_versions(session, task, rows)
+            return sorted(r.version for r in rows)
+
+        return self._write(work)
+
+    # -- files -------------------------------------------------------------------------------
+
+    def export(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        version: int | None = None,
+        *,
+        base: str | None = None,
+    ) -> Path:
+        """Write one version to a single ``.safetensors`` file; JSON metadata carries the base
+        (fingerprint, name, source), classes, config, metrics, version and gates."""
+        patch = self.load(name, version, base=base)
+        record = next(
+            v
+            for v in self.versions(name, base=patch.base_fingerprint)
+            if v.version == patch.version
+        )
+        base_rec = self.base(patch.base_fingerprint)
+        meta = {
+            "name": patch.name,
+            "version": patch.version,
+            "base_fingerprint": patch.base_fingerprint,
+            "base": {
+                "name": base_rec.name,
+                "source": base_rec.source,
+                "num_parameters": base_rec.num_parameters,
+            },
+            "num_classes": patch.num_classes,
+            "class_names": patch.class_names,
+            "num_layers": patch.num_layers,
+            "active_layers": patch.active_layers,
+            "config": patch.config,
+            "metrics": record.metrics,
+        }
+        return write_patch_file(Path(path), patch, meta)
+
+    def import_file(
+        self, path: str | os.PathLike, *, allow_new_base: bool = False
+    ) -> VersionRecord:
+        """Commit the patch in a file made by :meth:`export` as the next version of its task.
+
+        The file's base must be known to this store (it was committed to, registered, or
+        imported with before); otherwise :class:`UnknownBaseError` names the base it needs.
+        ``allow_new_base=True`` registers the base from the file's metadata instead.
+        """
+        patch, meta = read_patch_file(path)
+        fp = patch.base_fingerprint
+        with self._reader() as session:
+            known = session.get(BaseRow, fp) is not None
+        info = meta.get("base") if isinstance(meta.get("base"), dict) else {}
+        if not known and not allow_new_base:
+            label = f"{info.get('name', '?')} ({info.get('source') or 'unknown source'})"
+            raise UnknownBaseError(
+                f"{path} holds task {patch.name!r} for base {fp} = {label}, which this store has "
+                "never seen; register that base (TaskStore.register_base) or pass "
+                "allow_new_base=True"
+            )
+        if not known:
+            num = info.get("num_parameters")
+            self.register_base(
+                fp,
+                str(info.get("name") or f"base-{fp[:12]}"),
+                str(info.get("source") or f"imported from {Path(path).name}"),
+                num if isinstance(num, int) else None,
+            )
+        version = self.commit(patch, metrics=meta.get("metrics") or {})
+        return next(v for v in self.versions(patch.name, base=fp) if v.version == version)
+
+    def stats(self) -> StoreStats:
+        """Counts and bytes; ``dedup_saved_bytes`` is what content addressing saved."""
+        with self._reader() as session:
+            blobs, blob_bytes = session.execute(
+                select(func.count(BlobRow.sha256), func.coalesce(func.sum(BlobRow.size), 0))
+            ).one()
+            refs, logical = 0, 0
+            for table in (VersionTensorRow, BaseTensorRow):
+                n, b = session.execute(
+                    select(func.count(table.blob_sha256), func.coalesce(func.sum(BlobRow.size), 0))
+                    .select_from(table)
+                    .join(BlobRow, BlobRow.sha256 == table.blob_sha256)
+                ).one()
+                refs, logical = refs + int(n), logical + int(b)
+            return StoreStats(
+                bases=ops.count(session, BaseRow.fingerprint),
+                tasks=ops.count(session, TaskRow.id),
+                versions=ops.count(session, VersionRow.id),
+                tensors=refs,
+                blobs=int(blobs),
+                blob_bytes=int(blob_bytes),
+                logical_bytes=logical,
+                dedup_saved_bytes=logical - int(blob_bytes),
+            )
+
+
+def _check_version(version: object) -> int | None:
+    if version is not None and (type(version) is not int or version < 1):
+        raise ValueError(f"version must be an int >= 1 or None, got {version!r}")
+    return version
+
+
+def _base_record(session: Session, row: BaseRow) -> BaseRecord:
+    has = session.scalar(
+        select(func.count(BaseTensorRow.name)).where(
+            BaseTensorRow.base_fingerprint == row.fingerprint
+        )
+    )
+    return BaseRecord(
+        row.fingerprint, row.name, row.source, row.num_parameters, bool(has), as_utc(row.created_at)
+    )
+
+
+def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> TaskRecord:
+    return TaskRecord(
+        name=task.name,
+        base_fingerprint=task.base_fingerprint,
+        base_name=base_name,
+        current_version=task.current_version,
+        num_versions=int(n),
+        num_classes=row.num_classes,
+        class_names=row.class_names,
+        num_parameters=row.num_parameters,
+        nbytes=row.nbytes,
+        created_at=as_utc(task.created_at),
+        updated_at=as_utc(row.created_at),
+    )
+
+
+def _version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
+    return VersionRecord(
+        name=task.name,
+        version=row.version,
+        base_fingerprint=task.base_fingerprint,
+        num_classes=row.num_classes,
+        num_layers=row.num_layers,
+        active_layers=list(row.active_layers),
+        num_parameters=row.num_parameters,
+        nbytes=row.nbytes,
+        added_bytes=row.added_bytes,
+        metrics=dict(row.metrics),
+        config=dict(row.config),
+        created_at=as_utc(row.created_at),
+    )
