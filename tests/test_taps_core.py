@@ -1,0 +1,230 @@
+"""Table-driven tests of the TAPS core over architectures (a new architecture is one row)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from taps_cl.config import TAPSConfig
+from taps_cl.errors import BaseMismatchError, DuplicateTaskError, UnknownTaskError
+from taps_cl.taps.model import TAPSModel
+from tests.tiny import tiny_cnn
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 16)
+        )
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.body(x)))
+
+
+class TinyTransformer(nn.Module):
+    """Pre-norm attention block written with nn.Linear q/k/v (as timm and HF models are)."""
+
+    def __init__(self, dim: int = 16, patches: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, kernel_size=4, stride=4)
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        h = self.norm1(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 4.0, dim=-1)
+        x = x + self.proj(att @ self.v(h))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.norm(x).mean(1))
+
+
+def _seeded(factory):
+    def build():
+        torch.manual_seed(0)
+        return factory().eval()
+
+    return build
+
+
+# name, factory, input size
+CASES = [
+    ("tiny_cnn_bn", lambda: tiny_cnn(), 16),
+    ("mlp", _seeded(MLP), 8),
+    ("tf_efficientnet_lite0", _seeded(lambda: timm.create_model("tf_efficientnet_lite0")), 32),
+    ("resnet18", _seeded(lambda: torchvision.models.resnet18(weights=None)), 32),
+    (
+        "vit_tiny",
+        _seeded(lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8)),
+        32,
+    ),
+    ("tiny_transformer_ln", _seeded(TinyTransformer), 8),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _x(size: int, n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(model: TAPSModel, name: str, seed: int, off: int = 1) -> None:
+    """Random deltas, norms and head for ``name``; the first ``off`` layers get a closed gate."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(model.layers()):
+            d = layer.delta[name]
+            d.copy_(torch.randn(d.shape, generator=g) * 0.02)
+            if i < off:
+                layer.score[name].fill_(model.config.tau / 2)
+        for p in model.param_groups(name)["norm"]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
+def test_fresh_wrap_is_identity(name, factory, size):
+    base = factory()
+    reference = copy.deepcopy(base)
+    model = TAPSModel(base)
+    x = _x(size)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    # A new task with zero deltas and the base head's weights is the base itself.
+    head = reference.get_submodule(model.head_name)
+    model.add_task("same", head.out_features)
+    model.heads.tasks["same"].load_state_dict(head.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x, task="same"), reference(x))
+
+
+@pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
+def test_merged_matches_gated_and_prunes(name, factory, size):
+    model = TAPSModel(factory())
+    model.add_task("a", 3)
+    _perturb(model, "a", seed=2, off=2)
+    x = _x(size)
+    with torch.no_grad():
+        gated = model(x, task="a")
+    patch = model.finalize_task("a")
+    off = model.layer_names[:2]
+    assert all(f"delta.{n}" not in patch.tensors for n in off)
+    assert all(f"score.{n}" in patch.tensors for n in model.layer_names)
+    assert patch.active_layers == model.layer_names[2:]
+    merged = model.merged("a")
+    assert not any(type(m).__module__.startswith("taps_cl") for m in merged.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x, task="a"), gated)  # pruning a closed gate changes nothing
+        assert (merged(x) - gated).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
+def test_zero_forgetting_and_patch_round_trip(name, factory, size):
+    model = TAPSModel(factory())
+    x = _x(size)
+    outputs = {}
+    for i, task in enumerate(["t0", "t1", "t2"]):
+        model.add_task(task, 2 + i, seed=i)
+        _perturb(model, task, seed=10 + i)
+        _train_steps(model, task, x)
+        model.finalize_task(task)
+        with torch.no_grad():
+            outputs[task] = model(x, task=task)
+        for earlier, expected in outputs.items():  # every earlier task is bit-for-bit unchanged
+            with torch.no_grad():
+                assert torch.equal(model(x, task=earlier), expected), earlier
+    fresh = TAPSModel(factory())
+    for task in outputs:
+        fresh.load_patch(model.export_patch(task))
+        with torch.no_grad():
+            assert torch.equal(fresh(x, task=task), outputs[task])
+
+
+def _train_steps(model: TAPSModel, task: str, x: torch.Tensor, steps: int = 2) -> None:
+    opt = torch.optim.SGD(model.trainable_parameters(task), lr=0.01)
+    model.train()
+    for _ in range(steps):
+        loss = model(x, task=task).logsumexp(1).mean() + model.penalty(task)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def test_base_batchnorm_statistics_never_move():
+    base = tiny_cnn()
+    model = TAPSModel(base)
+    before = {k: v.clone() for k, v in base.state_dict().items() if "base" in k or "running" in k}
+    model.add_task("a", 3)
+    model.train()
+    model(_x(16), task="a").sum().backward()
+    model(_x(16))  # no task, train mode: the base must still not update its statistics
+    after = base.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    running = model.base.bn1.tasks["a"].running_mean
+    assert not torch.equal(running, model.base.bn1.base.running_mean)  # the task's copy moved
+
+
+def test_task_names_and_errors():
+    model = TAPSModel(tiny_cnn())
+    model.add_task("a", 2)
+    with pytest.raises(DuplicateTaskError):
+        model.add_task("a", 2)
+    with pytest.raises(UnknownTaskError, match="known tasks"):
+        model.set_task("nope")
+    for bad in ["", "1abc", "a b", "x" * 65, "a.b", "a;drop"]:
+        with pytest.raises(ValueError, match="invalid task name"):
+            model.add_task(bad, 2)
+    with pytest.raises(ValueError, match="num_classes"):
+        model.add_task("b", 0)
+    other = TAPSModel(tiny_cnn(seed=1))
+    with pytest.raises(BaseMismatchError):
+        other.load_patch(model.export_patch("a"))
+    assert "a" not in other.tasks
+
+
+def test_head_detection_and_explicit_head():
+    with pytest.raises(ValueError, match="head"):
+        TAPSModel(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    model = TAPSModel(_seeded(MLP)(), head="body.3")
+    assert model.head_name == "body.3"
+    assert "classifier" in model.layer_names  # not the head any more, so it is gated
+
+
+def test_multihead_attention_projections_are_not_gated():
+    class WithMHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.fc(self.attn(h, h, h)[0].mean(1))
+
+    torch.manual_seed(0)
+    base = WithMHA().eval()
+    reference = copy.deepcopy(base)
+    model = TAPSModel(base)
+    assert model.layer_names == ["embed"]  # attn.out_proj is read as a weight, never called
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_config_validation_and_json_round_trip():
+    cfg = TAPSConfig(lam=0.5, penalty="weighted", warmup_epochs=0.5)
+    assert TAPSConfig.from_json(cfg.to_json()) == cfg
+    for kwargs in [{"lam": -1}, {"score_init": 0.05}, {"penalty": "l2"}, {"warmup_epochs": -1}]:
+        with pytest.raises(ValueError):
+            TAPSConfig(**kwargs)
+    with pytest.raises(ValueError, match="unknown TAPSConfig fields"):
+        TAPSConfig.from_dict({"lamda": 1.0})
