@@ -1,1 +1,29 @@
-"""taps_cl.scenarios."""
+"""Task suites (offline real data, ImageFolder trees) and, later, Avalanche benchmarks."""
+
+from taps_cl.scenarios.suite import (
+    FolderImages,
+    ImageTensorDataset,
+    TaskSpec,
+    digits,
+    fashion_mnist,
+    get_task,
+    imagefolder_suite,
+    lfw_faces,
+    offline_suite,
+    split_fashion_mnist,
+    task_names,
+)
+
+__all__ = [
+    "FolderImages",
+    "ImageTensorDataset",
+    "TaskSpec",
+    "digits",
+    "fashion_mnist",
+    "get_task",
+    "imagefolder_suite",
+    "lfw_faces",
+    "offline_suite",
+    "split_fashion_mnist",
+    "task_names",
+]
