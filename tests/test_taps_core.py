@@ -228,3 +228,20 @@ def test_config_validation_and_json_round_trip():
             TAPSConfig(**kwargs)
     with pytest.raises(ValueError, match="unknown TAPSConfig fields"):
         TAPSConfig.from_dict({"lamda": 1.0})
+
+
+def test_loaded_patch_ignores_the_loading_models_tau():
+    model = TAPSModel(tiny_cnn(), TAPSConfig(tau=0.1))
+    model.add_task("a", 3)
+    _perturb(model, "a", seed=4, off=0)
+    with torch.no_grad():
+        model.base.conv1.score["a"].fill_(0.12)  # on under tau 0.1, off under 0.2
+    patch = model.finalize_task("a")
+    x = _x(16)
+    with torch.no_grad():
+        expected = model(x, task="a")
+    other = TAPSModel(tiny_cnn(), TAPSConfig(tau=0.2, score_init=0.25))
+    other.load_patch(patch)
+    assert other.gates("a") == model.gates("a")
+    with torch.no_grad():
+        assert torch.equal(other(x, task="a"), expected)

@@ -69,6 +69,9 @@ class TaskAdaptiveLayer(nn.Module):
         self.delta = nn.ParameterDict()  # only tasks whose gate is on keep a delta after pruning
         self.score = nn.ParameterDict()  # every task keeps its score (0-d)
         self.active_task: str | None = None
+        # Finalised tasks: their kept deltas apply unconditionally (w = w_base + dw), so a
+        # frozen task's outputs never depend on this model's tau.
+        self.frozen: set[str] = set()
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -89,22 +92,35 @@ class TaskAdaptiveLayer(nn.Module):
         self.score[name] = nn.Parameter(torch.tensor(float(score_init), device=w.device))
 
     def remove_task(self, name: str) -> None:
+        self.frozen.discard(name)
         for store in (self.delta, self.score):
             if name in store:
                 del store[name]
 
     def prune(self, name: str) -> bool:
         """Drop the task's delta if its gate is off; return whether the layer stays adapted."""
+        if name in self.frozen:
+            return name in self.delta
         on = gate_is_on(self.score[name], self.tau)
         if not on and name in self.delta:
             del self.delta[name]
         return on
 
+    def freeze(self, name: str) -> None:
+        """Prune, then fix the task: its delta (if kept) now always applies."""
+        self.prune(name)
+        self.frozen.add(name)
+
     def is_active(self, name: str) -> bool:
+        if name in self.frozen:
+            return name in self.delta
         return name in self.delta and gate_is_on(self.score[name], self.tau)
 
     def effective_weight(self, name: str) -> torch.Tensor:
-        """``w_base + I_tau(s) * dw`` with the straight-through gate."""
+        """``w_base + I_tau(s) * dw`` with the straight-through gate (``w_base + dw`` once the
+        task is frozen; bitwise the same value, since the gate of a kept layer is exactly 1)."""
+        if name in self.frozen:
+            return self.base_weight + self.delta[name]
         return self.base_weight + hard_gate(self.score[name], self.tau) * self.delta[name]
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:

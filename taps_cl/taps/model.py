@@ -242,11 +242,12 @@ class TAPSModel(nn.Module):
         """Prune the deltas of layers whose gate is off, freeze the task, return its patch."""
         self._info(name)
         for _, layer in self.layers():
-            layer.prune(name)
+            layer.freeze(name)
         for p in self.trainable_parameters(name):
             p.requires_grad_(False)
         for module in self._per_task_modules():
-            module.freeze_task(name) if hasattr(module, "freeze_task") else None
+            if hasattr(module, "freeze_task"):
+                module.freeze_task(name)
         self._task_info[name]["frozen"] = True
         return self.export_patch(name)
 
@@ -276,8 +277,12 @@ class TAPSModel(nn.Module):
             config=self.config.to_dict(),
         )
 
+    def is_frozen(self, name: str) -> bool:
+        return bool(self._info(name)["frozen"])
+
     def load_patch(self, patch: TaskPatch, name: str | None = None) -> None:
-        """Add a frozen task from ``patch`` (optionally under another name)."""
+        """Add a frozen task from ``patch`` (optionally under another name). The patch's kept
+        deltas apply as they are: its outputs do not depend on this model's ``tau``."""
         if patch.base_fingerprint != self.base_fingerprint:
             raise BaseMismatchError(
                 f"patch {patch.name!r} was trained on base {patch.base_fingerprint[:12]}, "
@@ -292,6 +297,8 @@ class TAPSModel(nn.Module):
         self.add_task(name, patch.num_classes, patch.class_names)
         try:
             _fill_task(self, name, patch)
+            for _, layer in self.layers():
+                layer.frozen.add(name)  # keep exactly the patch's deltas, whatever our tau
         except Exception:
             self.remove_task(name)
             raise
