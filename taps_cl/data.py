@@ -29,23 +29,27 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, IterableDataset
 
 from taps_cl.bases import Preprocessing
-from taps_cl.errors import TAPSError
+from taps_cl.images import (
+    DataError,
+    as_tensor,
+    check_batch,
+    is_pil,
+    preprocess,
+    preprocess_batch,
+    to_nchw,
+    unit_float,
+)
+
+__all__ = ["DataError", "TaskData", "check_labels", "infer_num_classes", "prepare", "preprocess"]
 
 MAX_CACHE_BYTES = int(1.5e9)  # cache preprocessed in-memory tensors up to this size
-CHUNK = 1024  # images per preprocessing chunk (bounds the temporary float copies)
-_RANGE_TOL = 1e-3  # slack on the [0, 1] check for float images (rounding in user pipelines)
 _ACCEPTED = (
     "a torch Dataset yielding (x, y) or (x, y, task_label), a pair (X, y) of tensors/arrays, "
     "or a path to an ImageFolder root (root/<class>/<image>)"
 )
-
-
-class DataError(TAPSError, ValueError):
-    """The data a user passed is unusable (empty, bad labels, bad pixels, mixed layouts)."""
 
 
 @dataclass
@@ -58,176 +62,6 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------- preprocessing
-
-
-def _as_tensor(x: Any) -> torch.Tensor:
-    """Tensor view of a tensor, ndarray, PIL image or image file path (PIL -> uint8 [C,H,W])."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            raise TypeError("image arrays must be numeric, got dtype=object")
-        return torch.from_numpy(np.ascontiguousarray(x))
-    if isinstance(x, (str, Path)):
-        from PIL import Image
-
-        if not Path(x).is_file():
-            raise DataError(f"image file {str(x)!r} does not exist")
-        with Image.open(x) as img:
-            return _pil_to_tensor(img)
-    if _is_pil(x):
-        return _pil_to_tensor(x)
-    raise TypeError(
-        f"images must be tensors, numpy arrays, PIL images or file paths, got {type(x).__name__}"
-    )
-
-
-def _is_pil(x: Any) -> bool:
-    return type(x).__module__.startswith("PIL.") and hasattr(x, "getbands")
-
-
-def _pil_to_tensor(img: Any) -> torch.Tensor:
-    mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-    arr = np.asarray(img.convert(mode), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).unsqueeze(0) if arr.ndim == 2 else _hwc(arr)
-
-
-def _hwc(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def _channel_dim_ok(c: int) -> bool:
-    return c in (1, 3, 4)
-
-
-def to_nchw(t: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
-    """Read a tensor as ``[N, C, H, W]``; ``batched`` says whether dim 0 indexes images.
-
-    ``[H, W]`` is one grey image; 3-D is ``[C, H, W]`` when dim 0 is 1/3/4, else ``[H, W, C]``
-    when the last dim is, else ``[N, H, W]`` (with ``batched=True`` it is always ``[N, H, W]``);
-    4-D is ``[N, C, H, W]`` or channel-last ``[N, H, W, C]``.
-    """
-    nd = t.dim()
-    if nd == 2 and not batched:
-        return t[None, None]
-    if nd == 3 and batched:
-        return t[:, None]
-    if nd == 3:
-        if _channel_dim_ok(t.shape[0]):
-            return t[None]
-        if _channel_dim_ok(t.shape[-1]):
-            return t.permute(2, 0, 1)[None]
-        if batched is None:
-            return t[:, None]
-    if nd == 4 and batched is not False:
-        if not _channel_dim_ok(t.shape[1]) and _channel_dim_ok(t.shape[-1]):
-            return t.permute(0, 3, 1, 2)
-        return t
-    kind = {True: "a batch", False: "one image", None: "images"}[batched]
-    raise DataError(
-        f"cannot read shape {tuple(t.shape)} as {kind}: use [H, W] or [C, H, W] per image, "
-        "[N, C, H, W] or [N, H, W] per batch"
-    )
-
-
-def _unit_float(x: torch.Tensor, channels: int, offset: int = 0) -> torch.Tensor:
-    """uint8/int -> /255, float -> as is; fix channels; check finite and in [0, 1].
-
-    Grey images stay 1-channel here: they become 3-channel by broadcasting in the
-    normalisation *after* resizing, 3x less resize work than expanding first.
-    """
-    if x.dtype == torch.bool:
-        x = x.float()
-    elif not x.is_floating_point():
-        x = x.float() / 255.0
-    else:
-        x = x.float()
-    x = _match_channels(x, channels)
-    _check_pixels(x, offset)
-    return x
-
-
-def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    c = x.shape[1]
-    if c == 4:  # RGBA: the alpha channel carries no class information
-        x, c = x[:, :3], 3
-    if c == channels:
-        return x
-    if c == 1 and channels == 3:
-        return x  # expanded by broadcasting in _resize_normalise
-    if c == 3 and channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True)
-    raise DataError(f"images have {c} channels; the base expects {channels} (or 1/3/4)")
-
-
-def _check_pixels(x: torch.Tensor, offset: int) -> None:
-    """Raise naming the first image that is not finite or not in [0, 1]."""
-    flat = x.reshape(x.shape[0], -1)
-    bad = ~torch.isfinite(flat).all(1)
-    if bad.any():
-        i = int(bad.nonzero()[0]) + offset
-        raise DataError(f"image at index {i} has NaN or infinite pixels: fix or drop it")
-    lo, hi = flat.amin(1), flat.amax(1)
-    bad = (lo < -_RANGE_TOL) | (hi > 1 + _RANGE_TOL)
-    if bad.any():
-        j = int(bad.nonzero()[0])
-        raise DataError(
-            f"image at index {j + offset} has pixels in [{float(lo[j]):.3g}, {float(hi[j]):.3g}]; "
-            "float images must be in [0, 1] and integer images in 0..255: pass raw images "
-            "(taps_cl normalises them for the base), e.g. divide 0..255 floats by 255"
-        )
-
-
-def _resize_normalise(x: torch.Tensor, prep: Preprocessing, size: int) -> torch.Tensor:
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    mean = torch.tensor(prep.mean[: prep.channels], dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(prep.std[: prep.channels], dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std  # a grey [N,1,S,S] broadcasts to [N,C,S,S]: a new, dense tensor
-
-
-def _preprocess_batch(
-    t: torch.Tensor, prep: Preprocessing, size: int, offset: int = 0
-) -> torch.Tensor:
-    """``[N, C, H, W]`` raw -> float32 normalised ``[N, C', S, S]``, chunk by chunk.
-
-    The output is allocated once, so peak memory is the output plus one chunk.
-    """
-    first = _resize_normalise(_unit_float(t[:CHUNK], prep.channels, offset), prep, size)
-    if t.shape[0] <= CHUNK:
-        return first
-    out = torch.empty((t.shape[0], *first.shape[1:]), dtype=first.dtype)
-    out[:CHUNK] = first
-    for i in range(CHUNK, t.shape[0], CHUNK):
-        chunk = _unit_float(t[i : i + CHUNK], prep.channels, offset + i)
-        out[i : i + CHUNK] = _resize_normalise(chunk, prep, size)
-    return out
-
-
-def preprocess(
-    inputs: Any, preprocessing: Preprocessing, image_size: int | None = None
-) -> torch.Tensor:
-    """One image or a batch -> float32 ``[N, C, S, S]``, resized and normalised for the base.
-
-    Accepts tensors/arrays (``[H,W]``, ``[C,H,W]``, ``[H,W,C]``, ``[N,H,W]``, ``[N,C,H,W]``;
-    uint8 0..255 or float 0..1), PIL images, file paths, or a list of any of these (sizes may
-    differ). Grey images become 3-channel; images are resized (bilinear, antialiased) to
-    ``image_size or preprocessing.input_size`` without keeping the aspect ratio.
-    """
-    size = int(image_size or preprocessing.input_size)
-    if isinstance(inputs, (list, tuple)):
-        if not inputs:
-            raise DataError("preprocess() got an empty list of images")
-        parts = [
-            _preprocess_batch(to_nchw(_as_tensor(x), batched=False), preprocessing, size, i)
-            for i, x in enumerate(inputs)
-        ]
-        return torch.cat(parts)
-    return _preprocess_batch(to_nchw(_as_tensor(inputs)), preprocessing, size)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -351,22 +185,26 @@ class _LazyTensorDataset(Dataset):
         return self.raw.shape[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _preprocess_batch(self.raw[i : i + 1], self.prep, self.size, i)[0], self.targets[i]
+        return preprocess_batch(self.raw[i : i + 1], self.prep, self.size, i)[0], self.targets[i]
 
 
 class _MappedDataset(Dataset):
     """A user dataset with each item unpacked to ``(x, y)`` and ``x`` preprocessed."""
 
-    def __init__(self, source: Any, prep: Preprocessing, size: int) -> None:
-        self.source, self.prep, self.size = source, prep, size
+    def __init__(self, source: Any, targets: torch.Tensor, prep: Preprocessing, size: int) -> None:
+        self.source, self.targets, self.prep, self.size = source, targets, prep, size
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = _unpack(self.source[i], i)
-        t = to_nchw(_as_tensor(x), batched=False)
-        x = _preprocess_batch(t, self.prep, self.size, i)[0]
+        try:
+            item = self.source[i]
+        except OSError as err:  # unreadable/corrupt image file: say which item it is
+            raise DataError(f"dataset item {i} could not be loaded: {err}") from err
+        x, y = _unpack(item, i)
+        t = to_nchw(as_tensor(x), batched=False)
+        x = preprocess_batch(t, self.prep, self.size, i)[0]
         return x, torch.tensor(int(_item_label(y, i)), dtype=torch.int64)
 
 
@@ -403,23 +241,22 @@ def _from_tensors(
     class_names: list[str] | None,
 ) -> TaskData:
     y, n = check_labels(labels, num_classes, class_names)
-    x = to_nchw(_as_tensor(images), batched=True)
+    x = to_nchw(as_tensor(images), batched=True)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{x.shape[0]} images but {y.shape[0]} labels: pass one label per image")
     if x.shape[0] * prep.channels * size * size * 4 <= MAX_CACHE_BYTES:
-        dataset: Dataset = _CachedDataset(_preprocess_batch(x, prep, size), y)
+        dataset: Dataset = _CachedDataset(preprocess_batch(x, prep, size), y)
     else:
-        for i in range(0, x.shape[0], CHUNK):  # validate every pixel now, not in epoch 3
-            _unit_float(x[i : i + CHUNK], prep.channels, i)
+        check_batch(x, prep.channels)  # validate every pixel now, not in epoch 3
         dataset = _LazyTensorDataset(x, y, prep, size)
     return TaskData(dataset, n, class_names)
 
 
 def _check_image(x: Any, index: int, channels: int, ref: tuple | None) -> tuple | None:
     """Check one dataset image; ``ref`` is (rank, channels, index, shape) of the first one."""
-    if _is_pil(x):
+    if is_pil(x):
         return ref  # PIL images are converted to one mode, so their layout always agrees
-    t = _as_tensor(x)
+    t = as_tensor(x)
     nchw = to_nchw(t, batched=False) if t.dim() in (2, 3) else None
     if nchw is None:
         raise DataError(f"image at index {index} has shape {tuple(t.shape)}; use [C,H,W] or [H,W]")
@@ -429,7 +266,7 @@ def _check_image(x: Any, index: int, channels: int, ref: tuple | None) -> tuple 
             f"image at index {index} has shape {here[3]} but image at index {ref[2]} has "
             f"shape {ref[3]}: all images need the same rank and channels"
         )
-    _unit_float(nchw, channels, index)
+    unit_float(nchw, channels, index)
     return ref or here
 
 
@@ -456,7 +293,7 @@ def _from_dataset(
             labels.append(_item_label(yi, i))
             ref = _check_image(x, i, prep.channels, ref)
         y, k = check_labels(labels, num_classes, class_names)
-    return TaskData(_MappedDataset(ds, prep, size), k, class_names)
+    return TaskData(_MappedDataset(ds, y, prep, size), k, class_names)
 
 
 def _image_folder(root: str | Path) -> Any:
@@ -492,8 +329,15 @@ def prepare(
     ``num_classes`` defaults to ``len(class_names)``, then to the dataset's ``.classes``, then
     to ``max(label) + 1`` (every class 0..max must then occur). Raises :class:`DataError`
     (a ``ValueError``) naming the offending index, or ``TypeError`` for unsupported inputs.
+
+    Cost: tensors are checked whole (vectorised). A dataset with ``.targets`` (ImageFolder,
+    Avalanche) has its labels checked from them and its first image loaded; its other images
+    are checked as they load, so a corrupt file fails naming its index but only when reached.
+    Any other dataset is iterated once here, checking every label and image.
     """
     size = int(image_size or preprocessing.input_size)
+    if size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     if class_names is not None:
         class_names = [str(c) for c in class_names]
     if isinstance(data, TaskData):
@@ -518,8 +362,9 @@ def prepare(
         data, (torch.Tensor, np.ndarray, bytes, dict)
     ):
         raise TypeError(f"cannot use {type(data).__name__} as task data; pass {_ACCEPTED}")
-    if class_names is None and num_classes is None:
-        class_names = _dataset_class_names(data)
+    if class_names is None:
+        names = _dataset_class_names(data)
+        class_names = names if names and num_classes in (None, len(names)) else None
     tensors = getattr(data, "tensors", None)
     if isinstance(tensors, (tuple, list)) and len(tensors) >= 2 and torch.is_tensor(tensors[0]):
         return _from_tensors(tensors[0], tensors[1], preprocessing, size, num_classes, class_names)

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from taps_cl import data as D
+from taps_cl import images as P
 from taps_cl.bases import Preprocessing
 from taps_cl.data import DataError, TaskData, prepare, preprocess
 
@@ -190,7 +191,7 @@ def test_lazy_path_equals_cached_path(monkeypatch):
     y = torch.arange(30) % 3
     cached = prepare((x, y), preprocessing=PREP)
     monkeypatch.setattr(D, "MAX_CACHE_BYTES", 0)
-    monkeypatch.setattr(D, "CHUNK", 7)  # also exercises chunked validation offsets
+    monkeypatch.setattr(P, "CHUNK", 7)  # also exercises chunked validation offsets
     lazy = prepare((x, y), preprocessing=PREP)
     assert type(cached.dataset).__name__ == "_CachedDataset"
     assert type(lazy.dataset).__name__ == "_LazyTensorDataset"
@@ -206,7 +207,7 @@ def test_lazy_path_equals_cached_path(monkeypatch):
 def test_chunked_cache_matches_single_batch(monkeypatch):
     x = _images(n=10)
     whole = preprocess(x, PREP)
-    monkeypatch.setattr(D, "CHUNK", 3)
+    monkeypatch.setattr(P, "CHUNK", 3)
     assert torch.equal(prepare((x, torch.arange(10) % 2), preprocessing=PREP).dataset.images, whole)
 
 
@@ -327,3 +328,19 @@ def test_preprocess_rejects_bad_pixels_and_types():
         preprocess(object(), PREP)
     with pytest.raises(DataError, match="cannot read shape"):
         preprocess(torch.rand(2, 2, 3, 4, 4), PREP)
+
+
+def test_prepared_datasets_expose_targets():
+    ds = ListDataset([(a, int(b)) for a, b in zip(_images(), LABELS, strict=True)])
+    for data in ((_images(), LABELS), ds):
+        assert torch.equal(prepare(data, preprocessing=PREP).dataset.targets, LABELS)
+
+
+def test_image_file_that_fails_later_names_its_index(tmp_path):
+    _folder(tmp_path, _images())
+    td = prepare(str(tmp_path), preprocessing=PREP)
+    broken = td.dataset.source.samples[3][0]
+    Path(broken).write_bytes(b"not a png")
+    td.dataset[2]
+    with pytest.raises(DataError, match="item 3 could not be loaded: cannot identify image"):
+        td.dataset[3]
