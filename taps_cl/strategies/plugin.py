@@ -1,0 +1,78 @@
+"""The TAPS training loss as an Avalanche criterion plugin.
+
+``loss = cross_entropy + lam * TAPSModel.penalty(task)``, with the penalty off during the warm-up
+(``TAPSConfig.warmup_epochs``). The penalty is the core's own function, the one ``taps_cl.train``
+calls, so a task trained through Avalanche is optimised for exactly the same objective.
+
+The plugin *returns* the loss (Avalanche calls the criterion as ``criterion(output, target)``
+and, because the criterion is a plugin, also gives it the training callbacks it needs to count
+steps); it never edits ``strategy.loss``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+
+from taps_cl.strategies.router import TAPSRouter
+
+
+class TAPSLossPlugin(SupervisedPlugin):
+    """Cross-entropy plus the sparsity penalty of the task being trained."""
+
+    def __init__(self, router: TAPSRouter) -> None:
+        super().__init__()
+        self.router = router
+        self.task: str | None = None  # the task being trained; None outside training
+        self.steps = 0  # optimisation steps taken on the current task
+        self.warmup_steps = 0  # steps before the penalty switches on
+        self._evaluating = False
+
+    @property
+    def penalty_on(self) -> bool:
+        lam = self.router.taps.config.lam
+        return (
+            self.task is not None
+            and not self._evaluating
+            and lam > 0
+            and (self.steps >= self.warmup_steps)
+        )
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(output.float(), target)
+        if self.penalty_on:
+            taps = self.router.taps
+            loss = loss + taps.config.lam * taps.penalty(self.task)
+        return loss
+
+    # -- callbacks -----------------------------------------------------------------------------
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        label = self.router.training_label
+        self.task = None if label is None else self.router.task_name(label)
+        self.steps = 0
+        per_epoch = steps_per_epoch(strategy)
+        self.warmup_steps = int(self.router.taps.config.warmup_epochs * per_epoch)
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self.steps += 1
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self.task = None
+
+    def before_eval(self, strategy, **kwargs) -> None:
+        self._evaluating = True
+
+    def after_eval(self, strategy, **kwargs) -> None:
+        self._evaluating = False
+
+
+def steps_per_epoch(strategy) -> int:
+    """Minibatches per epoch of the strategy's current training dataloader."""
+    try:
+        return max(1, len(strategy.dataloader))
+    except TypeError:  # a loader without __len__
+        return max(1, math.ceil(len(strategy.adapted_dataset) / strategy.train_mb_size))

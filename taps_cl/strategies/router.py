@@ -1,0 +1,145 @@
+"""TAPSRouter: a :class:`TAPSModel` seen through Avalanche's ``MultiTaskModule`` contract.
+
+Avalanche calls ``model(x, task_labels)`` with one integer task label per sample, possibly mixed
+within a minibatch (replay, joint evaluation). The router maps each label to a TAPS task name and
+runs that task's patch on its samples, padding the logits of tasks with fewer classes (as
+``MultiTaskModule.forward`` does). Unlike Avalanche's ``MultiHeadClassifier`` it never invents an
+untrained head: a label whose experience was never trained raises :class:`UnknownTaskError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from avalanche.models import MultiTaskModule
+
+from taps_cl.errors import UnknownTaskError
+from taps_cl.taps.model import TAPSModel
+
+# Logit given to the padded columns of a task with fewer classes than the widest task. Finite (so
+# that cross-entropy and KL stay finite in fp16) and far below any real logit (so argmax never
+# picks a padded class; Avalanche pads with 0, which can beat an all-negative row).
+PAD_LOGIT = -1e4
+
+
+class TAPSRouter(MultiTaskModule):
+    """Routes Avalanche task labels to the tasks of a :class:`TAPSModel`."""
+
+    def __init__(self, taps: TAPSModel, task_names: Mapping[int, str] | None = None) -> None:
+        super().__init__()
+        if not isinstance(taps, TAPSModel):
+            raise TypeError(f"TAPSRouter wraps a TAPSModel, got {type(taps).__name__}")
+        self.taps = taps
+        self.task_names: dict[int, str] = {int(k): v for k, v in (task_names or {}).items()}
+        self.started: set[int] = set()  # labels whose training began (or loaded from patches)
+        self.training_label: int | None = None  # the label of the experience being trained
+
+    # -- labels and tasks --------------------------------------------------------------------
+
+    def task_name(self, label: int) -> str:
+        """The TAPS task name of an Avalanche task label (``task<label>`` unless named)."""
+        return self.task_names.get(int(label), f"task{int(label)}")
+
+    def has_task(self, label: int) -> bool:
+        return self.task_name(label) in self.taps.tasks
+
+    def add_task(
+        self, label: int, num_classes: int, class_names: list[str] | None = None, seed: int = 0
+    ) -> None:
+        """Create the task's per-task parameters now (e.g. all tasks before DDP wrapping)."""
+        self.taps.add_task(self.task_name(label), num_classes, class_names, seed=seed)
+        self.max_class_label = max(self.max_class_label, num_classes)
+
+    def mark_trained(self, labels: Iterable[int]) -> None:
+        """Declare tasks usable for evaluation (e.g. after loading their patches)."""
+        for label in labels:
+            if not self.has_task(label):
+                raise UnknownTaskError(f"task label {label} has no TAPS task to mark as trained")
+            self.started.add(int(label))
+            self.known_train_tasks_labels.add(int(label))
+
+    def begin_training(self, label: int, num_classes: int, seed: int = 0) -> str:
+        """Create (or reuse a pre-created, untrained) task for ``label``; return its name."""
+        name = self.task_name(label)
+        if label in self.started:
+            raise ValueError(
+                f"task label {label} ({name!r}) was already trained; TAPS learns each task once "
+                "and never changes it afterwards. Give the new data a new task label."
+            )
+        if not self.has_task(label):
+            self.add_task(label, num_classes, seed=seed)
+        elif self.taps.num_classes(name) < num_classes:
+            raise ValueError(
+                f"task {name!r} was created with {self.taps.num_classes(name)} classes but its "
+                f"experience has labels up to {num_classes - 1}"
+            )
+        self.started.add(int(label))
+        self.known_train_tasks_labels.add(int(label))
+        self.training_label = int(label)
+        return name
+
+    def check_trained(self, labels: Iterable[int]) -> None:
+        missing = sorted({int(t) for t in labels} - self.started)
+        if missing:
+            raise UnknownTaskError(
+                f"task label(s) {missing} were never trained by this TAPS model (trained: "
+                f"{sorted(self.started) or 'none'}); evaluate only experiences seen so far, e.g. "
+                "strategy.eval(test_stream[: i + 1])"
+            )
+
+    # -- Avalanche hooks ---------------------------------------------------------------------
+
+    def adaptation(self, experience: object) -> None:
+        """Avalanche calls this before each train/eval experience: only check in eval; the
+        strategy creates tasks itself (so that it, not Avalanche, owns when parameters appear)."""
+        if not self.training:
+            self.check_trained(experience_task_labels(experience))
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:
+        if task_labels is None:
+            return self.forward_all_tasks(x)
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels)
+        labels = task_labels.to(x.device).long()
+        unique = torch.unique(labels).tolist()
+        if len(unique) == 1:
+            return self.forward_single_task(x, unique[0])
+        self.check_trained(unique)
+        width = max(self.taps.num_classes(self.task_name(t)) for t in unique)
+        out: torch.Tensor | None = None
+        for task in unique:
+            mask = labels == task
+            logits = self.forward_single_task(x[mask], task)
+            if out is None:
+                out = x.new_full((x.shape[0], width), PAD_LOGIT, dtype=logits.dtype)
+            out[mask, : logits.shape[1]] = logits
+        return out
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        self.check_trained([task_label])
+        return self.taps(x, task=self.task_name(task_label))
+
+    def forward_all_tasks(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {t: self.forward_single_task(x, t) for t in sorted(self.started)}
+
+
+def experience_task_labels(experience: object) -> list[int]:
+    """The task labels of an Avalanche experience (new and deprecated benchmark APIs)."""
+    labels = getattr(experience, "task_labels", None)
+    if labels is None:
+        raise ValueError(
+            "TAPS needs task labels: build a task-incremental benchmark "
+            "(taps_cl.scenarios.as_avalanche_benchmark or avalanche task_incremental_benchmark)"
+        )
+    return sorted({int(t) for t in labels})
+
+
+def experience_num_classes(experience: object) -> int:
+    """Head size for an experience: its largest class label + 1 (classes start at zero)."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        classes = experience.dataset.targets.uniques  # type: ignore[attr-defined]
+    if not classes:
+        raise ValueError("experience has no class labels")
+    return int(max(classes)) + 1

@@ -1,0 +1,233 @@
+"""TAPS as an Avalanche strategy.
+
+Each training experience is one task: the strategy creates the task on the frozen base (zero
+deltas, scores, norm copies, a new head), trains only those parameters with
+``cross_entropy + lam * penalty``, and after the experience finalises it (layers whose gate is off
+lose their delta) and, given a store, commits the patch. Nothing an earlier task uses is ever
+trained again, so accuracy on earlier experiences cannot change.
+
+The method lives in :mod:`taps_cl.taps`; this file is the glue: which task is trained when, its
+optimizer (the same :func:`taps_cl.train.build_optimizer` and score-rate rule as the trainer), and
+the commit. The loss is :class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label
+is :class:`~taps_cl.strategies.router.TAPSRouter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from avalanche.core import BasePlugin
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
+from taps_cl.strategies.router import TAPSRouter, experience_num_classes, experience_task_labels
+from taps_cl.taps.model import TAPSModel
+from taps_cl.taps.patch import TaskPatch
+from taps_cl.train import auto_score_lr, build_optimizer
+
+
+class TAPS(SupervisedTemplate):
+    """Task Adaptive Parameter Sharing: one frozen base, one gated patch per experience.
+
+    Use it like any Avalanche strategy (``train(exp)``, ``eval(stream)``, evaluator, loggers).
+    The benchmark must be task-incremental (task labels); each training experience holds one
+    task label, trained once. Evaluating an experience whose task was never trained raises
+    :class:`~taps_cl.errors.UnknownTaskError`.
+
+    ``model`` is a plain base ``nn.Module`` (its classifier found as in :func:`find_head`, or
+    named by ``head=``), a :class:`TAPSModel` (e.g. with tasks loaded from patches) or a
+    :class:`TAPSRouter`. ``tasks`` (task label -> number of classes) creates every task's
+    parameters up front, which distributed training needs: Avalanche's DDP helper does not
+    synchronise parameters created after wrapping.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        lam: float | None = None,
+        tau: float | None = None,
+        lr: float = 1e-3,
+        score_lr: float | None = None,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        schedule: str = "cosine",
+        max_grad_norm: float | None = 5.0,
+        train_mb_size: int = 32,
+        train_epochs: int = 1,
+        eval_mb_size: int | None = None,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[BasePlugin] | None = None,
+        evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] = default_evaluator,
+        eval_every: int = -1,
+        store: Any = None,
+        head: str | None = None,
+        config: TAPSConfig | None = None,
+        task_names: Mapping[int, str] | None = None,
+        tasks: Mapping[int, int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        router = _as_router(model, config, lam, tau, head, task_names)
+        if store is not None and not callable(getattr(store, "commit", None)):
+            raise TypeError(f"store must have a commit(patch, ...) method, got {type(store)}")
+        self.router = router
+        self.train_config = TrainConfig(
+            epochs=train_epochs,
+            batch_size=train_mb_size,
+            optimizer=optimizer,
+            lr=lr,
+            score_lr=score_lr,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            seed=seed,
+            max_grad_norm=max_grad_norm,
+        )
+        for label, num_classes in (tasks or {}).items():
+            router.add_task(int(label), int(num_classes), seed=seed + int(label))
+        self.store = store
+        self.patches: dict[int, TaskPatch] = {}  # task label -> finalised patch
+        self.versions: dict[int, int] = {}  # task label -> store version (when a store is given)
+        self.score_lr: float | None = None  # score learning rate of the current/last task
+        self._scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        super().__init__(
+            model=router,
+            optimizer=None,  # built per experience over that task's parameters only
+            criterion=TAPSLossPlugin(router),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+        )
+
+    @property
+    def taps_model(self) -> TAPSModel:
+        return self.router.taps
+
+    # -- per-experience setup ----------------------------------------------------------------
+
+    def make_train_dataloader(self, **kwargs: Any) -> None:
+        # A last batch of one sample breaks BatchNorm in train mode (the task's own norms).
+        n = len(self.adapted_dataset)
+        if n > self.train_mb_size and n % self.train_mb_size == 1:
+            kwargs.setdefault("drop_last", True)
+        super().make_train_dataloader(**kwargs)
+
+    def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
+        model = super().model_adaptation(model)
+        if self.is_training:
+            labels = experience_task_labels(self.experience)
+            if len(labels) != 1:
+                raise ValueError(
+                    f"a TAPS training experience must hold one task, got task labels {labels}"
+                )
+            num_classes = experience_num_classes(self.experience)
+            self.router.begin_training(labels[0], num_classes, seed=self.train_config.seed)
+            model = model.to(self.device)
+        return model
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        """One optimizer per experience over the trained task's parameters (deltas, norms and
+        head at ``lr``, scores at ``score_lr``), exactly as :func:`taps_cl.train.fit_task`."""
+        label = self.router.training_label
+        if label is None:  # Avalanche's first call comes before the task exists
+            return
+        name = self.router.task_name(label)
+        taps = self.router.taps
+        per_epoch = steps_per_epoch(self)
+        total = per_epoch * self.train_epochs
+        warmup = int(taps.config.warmup_epochs * per_epoch)
+        self.score_lr = self.train_config.score_lr or auto_score_lr(
+            taps.config, self.train_config, total - warmup, taps.num_layers
+        )
+        self.optimizer = build_optimizer(taps, name, self.train_config, self.score_lr)
+        self._scheduler = _lr_schedule(self.optimizer, self.train_config.schedule, total)
+
+    def optimizer_step(self) -> None:
+        max_norm = self.train_config.max_grad_norm
+        if max_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        super().optimizer_step()
+        if self._scheduler is not None:
+            self._scheduler.step()
+
+    # -- after an experience -----------------------------------------------------------------
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        # Finalise before the plugins run, so that the periodic evaluation and every metric see
+        # the task exactly as it will stay.
+        label = self.router.training_label
+        if label is not None:
+            self._finish_task(label)
+        super()._after_training_exp(**kwargs)
+
+    def _finish_task(self, label: int) -> None:
+        name = self.router.task_name(label)
+        patch = self.router.taps.finalize_task(name)
+        self.patches[label] = patch
+        self.router.training_label = None
+        self.optimizer = None
+        self._scheduler = None
+        if self.store is not None:
+            metrics = {
+                "train_loss": float(self.loss.detach().sum()),
+                "active_layers": float(len(patch.active_layers)),
+                "num_layers": float(patch.num_layers),
+                "task_parameters": float(patch.num_parameters),
+                "score_lr": float(self.score_lr or 0.0),
+            }
+            config = {
+                "taps": self.router.taps.config.to_dict(),
+                "train": self.train_config.to_dict(),
+                "strategy": "avalanche",
+                "task_label": label,
+            }
+            self.versions[label] = self.store.commit(patch, metrics=metrics, config=config)
+
+
+def _as_router(
+    model: nn.Module,
+    config: TAPSConfig | None,
+    lam: float | None,
+    tau: float | None,
+    head: str | None,
+    task_names: Mapping[int, str] | None,
+) -> TAPSRouter:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (TAPSRouter, TAPSModel)):
+        if config is not None or lam is not None or tau is not None or head is not None:
+            raise ValueError(
+                "model is already a TAPSModel: set lam/tau/config on it, not on the strategy"
+            )
+        if isinstance(model, TAPSRouter):
+            if task_names:
+                model.task_names.update({int(k): v for k, v in task_names.items()})
+            return model
+        return TAPSRouter(model, task_names)
+    config = config or TAPSConfig()
+    overrides = {k: v for k, v in (("lam", lam), ("tau", tau)) if v is not None}
+    config = dataclasses.replace(config, **overrides)  # re-validated in __post_init__
+    return TAPSRouter(TAPSModel(model, config, head=head), task_names)
+
+
+def _lr_schedule(
+    optimizer: torch.optim.Optimizer, kind: str, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay over the experience's steps (or constant), as the trainer schedules."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+    )
