@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError, UnknownTaskError
@@ -272,7 +272,3 @@ def read_base_tensors(session: Session, fingerprint: str) -> dict:
         BaseTensorRow.position,
     )
     return {r.name: _decode(r, f"base {fingerprint[:12]}") for r in rows}
-
-
-def count(session: Session, column: Any) -> int:
-    return int(session.scalar(select(func.count(column))) or 0)

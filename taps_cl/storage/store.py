@@ -10,23 +10,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError
-from taps_cl.storage import ops
+from taps_cl.storage import ops, queries
 from taps_cl.storage.database import create_engines, ensure_schema, resolve_url
 from taps_cl.storage.models import (
     BaseRow,
-    BaseTensorRow,
-    BlobRow,
-    TaskRow,
     VersionRow,
-    VersionTensorRow,
 )
-from taps_cl.storage.records import BaseRecord, StoreStats, TaskRecord, VersionRecord, as_utc
+from taps_cl.storage.records import BaseRecord, StoreStats, TaskRecord, VersionRecord
 from taps_cl.storage.serialize import (
     json_dict,
     read_patch_file,
@@ -63,7 +59,11 @@ class TaskStore:
         self._dialect = self._write_engine.dialect.name
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
-        self.schema_revision = ensure_schema(self._read_engine, self._write_engine, self.url)
+        try:
+            self.schema_revision = ensure_schema(self._read_engine, self._write_engine, self.url)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def url(self) -> str:
@@ -127,12 +127,12 @@ class TaskStore:
         """The record of one base (:class:`UnknownBaseError` if the store never saw it)."""
         validate_fingerprint(fingerprint)
         with self._reader() as session:
-            return _base_record(session, ops.find_base(session, fingerprint))
+            return queries.base_record(session, ops.find_base(session, fingerprint))
 
     def list_bases(self) -> list[BaseRecord]:
         with self._reader() as session:
             rows = session.scalars(select(BaseRow).order_by(BaseRow.created_at))
-            return [_base_record(session, row) for row in rows]
+            return [queries.base_record(session, row) for row in rows]
 
     def save_base_weights(
         self,
@@ -266,33 +266,17 @@ class TaskStore:
 
     def list_tasks(self, *, base: str | None = None) -> list[TaskRecord]:
         """Every task (optionally of one base), by name."""
-        counts = (
-            select(VersionRow.task_id, func.count().label("n"))
-            .group_by(VersionRow.task_id)
-            .subquery()
-        )
-        stmt = (
-            select(TaskRow, BaseRow.name, VersionRow, counts.c.n)
-            .join(BaseRow, BaseRow.fingerprint == TaskRow.base_fingerprint)
-            .join(VersionRow, VersionRow.task_id == TaskRow.id)
-            .where(VersionRow.version == TaskRow.current_version)
-            .join(counts, counts.c.task_id == TaskRow.id)
-            .order_by(TaskRow.name, TaskRow.base_fingerprint)
-        )
         if base is not None:
-            stmt = stmt.where(TaskRow.base_fingerprint == validate_fingerprint(base))
+            validate_fingerprint(base)
         with self._reader() as session:
-            return [_task_record(*row) for row in session.execute(stmt)]
+            return queries.task_records(session, base)
 
     def versions(self, name: str, *, base: str | None = None) -> list[VersionRecord]:
         """Every stored version of ``name``, oldest first."""
         validate_task_name(name)
         with self._reader() as session:
             task = ops.find_task(session, name, base, self.url)
-            rows = session.scalars(
-                select(VersionRow).where(VersionRow.task_id == task.id).order_by(VersionRow.version)
-            )
-            return [_version_record(task, row) for row in rows]
+            return queries.version_records(session, task)
 
     def delete(
         self, name: str, version: int | None = None, *, base: str | None = None
@@ -388,74 +372,10 @@ class TaskStore:
     def stats(self) -> StoreStats:
         """Counts and bytes; ``dedup_saved_bytes`` is what content addressing saved."""
         with self._reader() as session:
-            blobs, blob_bytes = session.execute(
-                select(func.count(BlobRow.sha256), func.coalesce(func.sum(BlobRow.size), 0))
-            ).one()
-            refs, logical = 0, 0
-            for table in (VersionTensorRow, BaseTensorRow):
-                n, b = session.execute(
-                    select(func.count(table.blob_sha256), func.coalesce(func.sum(BlobRow.size), 0))
-                    .select_from(table)
-                    .join(BlobRow, BlobRow.sha256 == table.blob_sha256)
-                ).one()
-                refs, logical = refs + int(n), logical + int(b)
-            return StoreStats(
-                bases=ops.count(session, BaseRow.fingerprint),
-                tasks=ops.count(session, TaskRow.id),
-                versions=ops.count(session, VersionRow.id),
-                tensors=refs,
-                blobs=int(blobs),
-                blob_bytes=int(blob_bytes),
-                logical_bytes=logical,
-                dedup_saved_bytes=logical - int(blob_bytes),
-            )
+            return queries.store_stats(session)
 
 
 def _check_version(version: object) -> int | None:
     if version is not None and (type(version) is not int or version < 1):
         raise ValueError(f"version must be an int >= 1 or None, got {version!r}")
     return version
-
-
-def _base_record(session: Session, row: BaseRow) -> BaseRecord:
-    has = session.scalar(
-        select(func.count(BaseTensorRow.name)).where(
-            BaseTensorRow.base_fingerprint == row.fingerprint
-        )
-    )
-    return BaseRecord(
-        row.fingerprint, row.name, row.source, row.num_parameters, bool(has), as_utc(row.created_at)
-    )
-
-
-def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> TaskRecord:
-    return TaskRecord(
-        name=task.name,
-        base_fingerprint=task.base_fingerprint,
-        base_name=base_name,
-        current_version=task.current_version,
-        num_versions=int(n),
-        num_classes=row.num_classes,
-        class_names=row.class_names,
-        num_parameters=row.num_parameters,
-        nbytes=row.nbytes,
-        created_at=as_utc(task.created_at),
-        updated_at=as_utc(row.created_at),
-    )
-
-
-def _version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
-    return VersionRecord(
-        name=task.name,
-        version=row.version,
-        base_fingerprint=task.base_fingerprint,
-        num_classes=row.num_classes,
-        num_layers=row.num_layers,
-        active_layers=list(row.active_layers),
-        num_parameters=row.num_parameters,
-        nbytes=row.nbytes,
-        added_bytes=row.added_bytes,
-        metrics=dict(row.metrics),
-        config=dict(row.config),
-        created_at=as_utc(row.created_at),
-    )
