@@ -27,3 +27,10 @@ __all__ = [
     "split_fashion_mnist",
     "task_names",
 ]
+from taps_cl.scenarios.avalanche import (  # noqa: E402, F401
+    as_avalanche_benchmark,
+    benchmark_from_tensors,
+    split_fashion_mnist_benchmark,
+    task_classes,
+    task_label_names,
+)

@@ -81,7 +81,7 @@ def as_avalanche_benchmark(
     """Task-incremental benchmark from a ``list[TaskSpec]`` (offline or ImageFolder suite).
 
     Every image is preprocessed for the base (``preprocessing``, at ``image_size`` or the base's
-    own size). The task names stay with the suite: pass ``task_names(suite)`` to the strategy.
+    own size). The task names stay with the suite: pass ``task_label_names(suite)`` to the strategy.
     """
     if not suite:
         raise ValueError("the suite holds no tasks")
@@ -110,7 +110,7 @@ def split_fashion_mnist_benchmark(
     return as_avalanche_benchmark(split_fashion_mnist(n_tasks, **kw), preprocessing, image_size)
 
 
-def task_names(suite: Sequence[Any]) -> dict[int, str]:
+def task_label_names(suite: Sequence[Any]) -> dict[int, str]:
     """Task label -> task name, for ``TAPS(task_names=...)`` and the TaskStore."""
     return {i: spec.name for i, spec in enumerate(suite)}
 
