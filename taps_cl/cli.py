@@ -1,0 +1,290 @@
+"""`taps-cl`: a thin command line over the library.
+
+Bad input exits with code 2 and a one-line message (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from taps_cl.errors import TAPSError
+from taps_cl.report import fmt_bytes, fmt_pct, table
+
+
+def _engine(args: argparse.Namespace, **kw):
+    from taps_cl.engine import Engine
+
+    return Engine(
+        args.base or os.environ.get("TAPS_CL_BASE") or None,
+        store=args.store,
+        tracking=getattr(args, "tracking", None) or os.environ.get("MLFLOW_TRACKING_URI"),
+        device=args.device,
+        **kw,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from taps_cl.demo import run_demo
+
+    result = run_demo(
+        args.store or "taps_cl_demo.db",
+        image_size=args.image_size,
+        scale=args.scale,
+        base=args.base or "efficientnet_lite0",
+        fresh=not args.keep,
+        quiet=args.quiet,
+    )
+    return 0 if all(result.unchanged.values()) else 1
+
+
+def _data(spec: str, part: str, args: argparse.Namespace):
+    """A builtin task name (see `taps-cl add-task --help`) or an ImageFolder path."""
+    from taps_cl.scenarios import get_task, task_names
+
+    if spec in task_names():
+        task = get_task(spec, max_train=args.max_train, max_test=args.max_test)
+        return getattr(task, part), task.class_names
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"--data {spec!r}: no such path and no builtin task {task_names()}")
+    if (path / part).is_dir():
+        path = path / part
+    return str(path), None
+
+
+def cmd_add_task(args: argparse.Namespace) -> int:
+    from taps_cl.config import TAPSConfig, TrainConfig
+
+    train_data, class_names = _data(args.data, "train", args)
+    eval_data = None
+    if args.eval_data:
+        eval_data, _ = _data(args.eval_data, "test", args)
+    elif args.data in _builtin_names():
+        eval_data, _ = _data(args.data, "test", args)
+    train = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr
+    )
+    engine = _engine(args)
+    rec = engine.add_task(
+        train_data,
+        name=args.name,
+        eval_dataset=eval_data,
+        class_names=class_names,
+        config=TAPSConfig(lam=args.lam),
+        train=train,
+        quiet=args.quiet,
+    )
+    from taps_cl.demo import task_table
+
+    print(task_table([rec], engine.base.num_parameters))
+    return 0
+
+
+def _builtin_names() -> list[str]:
+    from taps_cl.scenarios import task_names
+
+    return task_names()
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from taps_cl.storage import TaskStore
+
+    store = TaskStore(args.store)
+    rows = [
+        (
+            r.name,
+            f"v{r.current_version}",
+            r.num_versions,
+            r.num_classes,
+            f"{r.num_parameters:,}",
+            fmt_bytes(r.nbytes),
+            r.base_name,
+            r.updated_at.strftime("%Y-%m-%d %H:%M"),
+        )
+        for r in store.list_tasks()
+    ]
+    if not rows:
+        print(f"no tasks in {store.url}")
+        return 0
+    headers = ["task", "current", "versions", "classes", "params", "bytes", "base", "updated"]
+    print(table(headers, rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from taps_cl.storage import TaskStore
+
+    versions = TaskStore(args.store).versions(args.name)
+    rows = [
+        (
+            f"v{v.version}",
+            fmt_pct(v.metrics.get("accuracy")),
+            f"{len(v.active_layers)}/{v.num_layers}",
+            f"{v.num_parameters:,}",
+            fmt_bytes(v.nbytes),
+            fmt_bytes(v.added_bytes),
+            v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "-",
+        )
+        for v in versions
+    ]
+    print(f"task {args.name!r}: {versions[-1].num_classes} classes")
+    headers = ["version", "accuracy", "layers", "params", "bytes", "new bytes", "created"]
+    print(table(headers, rows))
+    print("adapted layers (latest): " + (", ".join(versions[-1].active_layers) or "none"))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"no such file: {missing[0]}")
+    engine = _engine(args)
+    logits = engine.predict(args.name, list(args.files), logits=True, version=args.version)
+    names = engine._ensure(args.name, args.version).class_names(args.name)
+    for path, row in zip(args.files, logits, strict=True):
+        k = int(row.argmax())
+        label = names[k] if names else str(k)
+        prob = float(row.softmax(0)[k])
+        print(f"{path}\t{label}\t{prob:.3f}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from taps_cl.storage import TaskStore
+
+    removed = TaskStore(args.store).delete(args.name, args.version)
+    print(f"removed {args.name!r} versions {removed}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from taps_cl.storage import TaskStore
+
+    path = TaskStore(args.store).export(args.name, args.path, args.version)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if not Path(args.path).is_file():
+        raise ValueError(f"no such file: {args.path}")
+    from taps_cl.storage import TaskStore
+
+    rec = TaskStore(args.store).import_file(args.path, allow_new_base=args.allow_new_base)
+    print(f"imported {rec.name!r} as version {rec.version}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from taps_cl.tracking import compare
+
+    report = compare(args.experiment, args.out, tracking_uri=args.tracking)
+    print(report.table)
+    for path in report.figures:
+        print(f"figure: {path}")
+    return 0
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    from taps_cl.storage import TaskStore
+    from taps_cl.tracking import gates_figure
+
+    png, text = gates_figure(TaskStore(args.store), args.out)
+    print(text)
+    print(f"figure: {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", help="SQLAlchemy URL or SQLite path (default: $TAPS_CL_STORE)")
+    common.add_argument("--base", help="base model (default: $TAPS_CL_BASE or efficientnet_lite0)")
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = argparse.ArgumentParser(prog="taps-cl", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: str) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    s = sub.add_parser("demo", help="three real tasks on the real base, then a reload check")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--scale", type=float, default=1.0, help="shrink data and epochs (<1)")
+    s.add_argument("--keep", action="store_true", help="keep an existing demo store")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("add-task", help="train a task and commit it as a new version")
+    s.add_argument("name")
+    s.add_argument("--data", required=True, help="builtin task name or ImageFolder path")
+    s.add_argument("--eval-data", help="builtin or ImageFolder path for evaluation")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--lam", type=float, default=1.0, help="sparsity penalty weight")
+    s.add_argument("--max-train", type=int, default=None)
+    s.add_argument("--max-test", type=int, default=None)
+    s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    s.set_defaults(func=cmd_add_task)
+
+    sub.add_parser("tasks", help="list tasks in the store").set_defaults(func=cmd_tasks)
+    s = sub.add_parser("show", help="versions and gates of one task")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("predict", help="classify image files with a task")
+    s.add_argument("name")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--version", type=int)
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("remove", help="delete a task (or one version)")
+    s.add_argument("name")
+    s.add_argument("--version", type=int)
+    s.set_defaults(func=cmd_remove)
+
+    s = sub.add_parser("export", help="write a task version to one .safetensors file")
+    s.add_argument("name")
+    s.add_argument("path")
+    s.add_argument("--version", type=int)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="import a task file into the store")
+    s.add_argument("path")
+    s.add_argument("--allow-new-base", action="store_true")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("compare", help="compare strategies logged to an MLflow experiment")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--out", default="compare_out")
+    s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("gates", help="tasks x layers gate heatmap of the store")
+    s.add_argument("--out", default="gates.png")
+    s.set_defaults(func=cmd_gates)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, TAPSError, FileNotFoundError, KeyError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"taps-cl: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("taps-cl: interrupted; nothing was committed for an unfinished task", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

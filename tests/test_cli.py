@@ -1,0 +1,95 @@
+"""The `taps-cl` command line: happy path on a small random timm base, and bad input (exit 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from taps_cl.cli import main
+from taps_cl.storage import TaskStore
+
+BASE = ["--base", "timm-random:test_efficientnet", "--quiet"]
+
+
+def _folder(root: Path, classes: int = 2, per_class: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            img = (rng.random((20, 20, 3)) * 80 + 80 * c).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def run(*argv: str) -> int:
+    return main(list(argv))
+
+
+def test_add_list_show_predict_export_import_remove(tmp_path, capsys):
+    store = str(tmp_path / "s.db")
+    data = _folder(tmp_path / "imgs")
+    common = ["--store", store, *BASE]
+    assert run("add-task", "shapes", "--data", str(data), "--epochs", "1",
+               "--image-size", "32", *common) == 0  # fmt: skip
+    assert "shapes" in capsys.readouterr().out
+    assert run("tasks", "--store", store) == 0
+    assert "shapes" in capsys.readouterr().out
+    assert run("show", "shapes", "--store", store) == 0
+    assert "v1" in capsys.readouterr().out
+    files = sorted(str(p) for p in data.glob("class1/*.png"))[:2]
+    assert run("predict", "shapes", *files, *common) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[1] in ("class0", "class1")
+    out = tmp_path / "shapes.safetensors"
+    assert run("export", "shapes", str(out), "--store", store) == 0
+    other = str(tmp_path / "other.db")
+    assert run("import", str(out), "--store", other) == 2  # unknown base: clear refusal
+    assert "never seen" in capsys.readouterr().err
+    assert run("import", str(out), "--store", other, "--allow-new-base") == 0
+    assert [t.name for t in TaskStore(other).list_tasks()] == ["shapes"]
+    assert run("remove", "shapes", "--store", store) == 0
+    assert TaskStore(store).list_tasks() == []
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["add-task", "x", "--data", "/no/such/dir"], "no such path"),
+        (["show", "nope"], "nope"),
+        (["remove", "nope"], "nope"),
+        (["export", "nope", "out.safetensors"], "nope"),
+        (["import", "/no/such.safetensors"], "no such file"),
+        (["add-task", "bad name", "--data", "digits"], "invalid task name"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
+    store = str(tmp_path / "s.db")
+    assert run(*argv, "--store", store, *(BASE if argv[0] == "add-task" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("taps-cl: error:") and message in err and "\n" not in err
+    assert TaskStore(store).list_tasks() == []
+
+
+def test_single_class_folder_is_refused_and_store_unchanged(tmp_path, capsys):
+    store = str(tmp_path / "s.db")
+    data = _folder(tmp_path / "one", classes=1)
+    assert run("add-task", "one", "--data", str(data), "--store", store, *BASE) == 2
+    assert "class" in capsys.readouterr().err
+    assert TaskStore(store).list_tasks() == []
+
+
+def test_entry_point_runs_as_a_process(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "taps_cl", "show", "nope", "--store", str(tmp_path / "s.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "taps-cl: error:" in done.stderr

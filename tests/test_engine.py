@@ -1,0 +1,143 @@
+"""Engine end to end on a tiny base and tiny data; one process adds, another predicts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from taps_cl.bases import Base, Preprocessing
+from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.engine import Engine
+from taps_cl.errors import BaseMismatchError, TrainingDivergedError, UnknownTaskError
+from tests.tiny import tiny_cnn, tiny_images
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = TrainConfig(epochs=2, batch_size=8, lr=1e-2)
+
+
+def tiny_engine(store: str, seed: int = 0) -> Engine:
+    base = Base(tiny_cnn(seed=seed), "tiny", "tests.tiny", Preprocessing(input_size=16))
+    return Engine(base, store=store, train=FAST, config=TAPSConfig(lam=0.5))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tasks.db'}"
+
+
+def test_add_task_predict_evaluate_and_versions(store):
+    engine = tiny_engine(store)
+    x, y = tiny_images(32, 3)
+    rec = engine.add_task((x, y), name="a", eval_dataset=(x, y), quiet=True)
+    assert (rec.name, rec.version, rec.num_layers) == ("a", 1, 2)
+    assert 0.0 <= rec.accuracy <= 1.0 and rec.nbytes > 0
+    assert rec.parameter_share == pytest.approx(rec.task_parameters / engine.base.num_parameters)
+    logits = engine.predict("a", x, logits=True)
+    assert logits.shape == (32, 3)
+    assert torch.equal(engine.predict("a", x), logits.argmax(1))
+    assert engine.evaluate("a", (x, y))["accuracy"] == pytest.approx(rec.accuracy)
+    merged = engine.model("a")
+    with torch.no_grad():
+        assert (merged(engine.preprocess(x, "a")) - logits).abs().max() <= 1e-5
+    rec2 = engine.add_task((x, y), name="a", quiet=True, train=TrainConfig(epochs=1, seed=1))
+    assert rec2.version == 2
+    assert [v.version for v in engine.versions("a")] == [1, 2]
+    assert torch.equal(engine.predict("a", x, logits=True, version=1), logits)
+    assert engine.remove_task("a", version=2) == [2]
+    assert torch.equal(engine.predict("a", x, logits=True), logits)
+
+
+def test_earlier_tasks_unchanged_after_more_tasks(store):
+    engine = tiny_engine(store)
+    x, y = tiny_images(32, 3)
+    engine.add_task((x, y), name="first", quiet=True)
+    before = engine.predict("first", x, logits=True)
+    for i in range(2):
+        xi, yi = tiny_images(24, 2 + i, seed=i + 5)
+        engine.add_task((xi, yi), name=f"next{i}", quiet=True)
+    assert torch.equal(engine.predict("first", x, logits=True), before)
+    assert torch.equal(tiny_engine(store).predict("first", x, logits=True), before)
+
+
+@pytest.mark.parametrize(
+    "data,kwargs,message",
+    [
+        (
+            (torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 9, 0, 1, 2, 0])),
+            {"num_classes": 3},
+            "outside",
+        ),
+        ((torch.rand(0, 3, 16, 16), torch.zeros(0, dtype=torch.long)), {}, "empty"),
+        ((torch.rand(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)), {}, "2 classes"),
+        ((torch.rand(8, 3, 16, 16), torch.rand(8)), {}, "integer"),
+        ((torch.rand(8, 3, 16, 16),), {}, "expected \\(x, y\\)"),
+        ({"x": 1}, {}, "cannot use"),
+    ],
+)
+def test_bad_data_fails_before_training_and_store_is_unchanged(store, data, kwargs, message):
+    engine = tiny_engine(store)
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.add_task(data, name="bad", quiet=True, **kwargs)
+    assert engine.tasks() == [] and engine.store.stats().blobs == 0
+
+
+def test_failed_training_commits_nothing(store):
+    engine = tiny_engine(store)
+    x, y = tiny_images(32, 3)
+    engine.add_task((x, y), name="good", quiet=True)
+    stats = engine.store.stats()
+    bad = TrainConfig(epochs=1, batch_size=8, lr=1e30, max_grad_norm=None)
+    with pytest.raises(TrainingDivergedError):
+        engine.add_task((x, y), name="boom", train=bad, quiet=True)
+    assert [t.name for t in engine.tasks()] == ["good"]
+    assert engine.store.stats() == stats
+
+
+def test_unknown_task_and_foreign_base(store, tmp_path):
+    engine = tiny_engine(store)
+    with pytest.raises(UnknownTaskError, match="no task 'nope'"):
+        engine.predict("nope", torch.rand(1, 3, 16, 16))
+    x, y = tiny_images(16, 2)
+    engine.add_task((x, y), name="a", quiet=True)
+    path = engine.export_task("a", tmp_path / "a.safetensors")
+    other = tiny_engine(f"sqlite:///{tmp_path / 'other.db'}", seed=1)
+    with pytest.raises(BaseMismatchError, match="trained on base"):
+        other.import_task(path)
+    same = tiny_engine(f"sqlite:///{tmp_path / 'copy.db'}")
+    same.import_task(path)
+    assert torch.equal(same.predict("a", x, logits=True), engine.predict("a", x, logits=True))
+
+
+CHILD = """
+import sys, torch
+from safetensors.torch import save_file
+from tests.test_engine import tiny_engine
+engine = tiny_engine(sys.argv[1])
+x = torch.load(sys.argv[2], weights_only=True)
+save_file({n: engine.predict(n, x, logits=True) for n in ("a", "b")}, sys.argv[3])
+"""
+
+
+def test_other_process_predicts_identically(store, tmp_path):
+    engine = tiny_engine(store)
+    for name, classes in (("a", 3), ("b", 2)):
+        x, y = tiny_images(24, classes, seed=classes)
+        engine.add_task((x, y), name=name, quiet=True)
+    x = torch.rand(6, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    out = tmp_path / "out.safetensors"
+    subprocess.run(
+        [sys.executable, "-c", CHILD, store, str(tmp_path / "x.pt"), str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    )
+    from safetensors.torch import load_file
+
+    theirs = load_file(str(out))
+    for name in ("a", "b"):
+        assert torch.equal(theirs[name], engine.predict(name, x, logits=True))
