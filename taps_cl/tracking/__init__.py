@@ -1,1 +1,61 @@
-"""taps_cl.tracking."""
+"""taps_cl.tracking: MLflow tracking of taps_cl and of Avalanche strategies.
+
+- :class:`MLflowLogger`: Avalanche logger (every metric value, strategy params, accuracy matrix)
+- :func:`log_strategy_result`: one run per benchmark strategy, with the standard metric names
+- :func:`log_task_run`: one run per ``add_task`` (params, per-epoch metrics, gate picture)
+- :func:`compare`: table, CSV and figures over the strategy runs of an experiment
+- :func:`gates_figure`: tasks x layers on/off picture of a task store (TAPS Figure 3)
+
+Attributes load lazily, so ``import taps_cl.tracking`` costs neither MLflow nor Avalanche until
+something is used. The tracking URI defaults to env ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from taps_cl.tracking.names import (
+    AVG_FORGETTING,
+    BWT,
+    FINAL_AVG_ACCURACY,
+    PARAMS_PER_TASK,
+    STORED_BYTES,
+    SUMMARY_METRICS,
+    WALL_TIME_S,
+    acc_exp,
+    forgetting_exp,
+    sanitize_key,
+)
+
+_LAZY = {
+    "MLflowLogger": "taps_cl.tracking.logger",
+    "log_strategy_result": "taps_cl.tracking.runs",
+    "log_task_run": "taps_cl.tracking.runs",
+    "compare": "taps_cl.tracking.compare",
+    "CompareReport": "taps_cl.tracking.compare",
+    "gates_figure": "taps_cl.tracking.gates",
+    "resolve_tracking_uri": "taps_cl.tracking.client",
+    "UnknownExperimentError": "taps_cl.tracking.client",
+    "summarize": "taps_cl.tracking.matrix",
+}
+
+__all__ = [
+    "AVG_FORGETTING",
+    "BWT",
+    "FINAL_AVG_ACCURACY",
+    "PARAMS_PER_TASK",
+    "STORED_BYTES",
+    "SUMMARY_METRICS",
+    "WALL_TIME_S",
+    "acc_exp",
+    "forgetting_exp",
+    "sanitize_key",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'taps_cl.tracking' has no attribute {name!r}")

@@ -1,0 +1,176 @@
+"""One MLflow run per strategy of a benchmark, and one per ``add_task`` of the engine."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from taps_cl.tracking import client as tc
+from taps_cl.tracking import matrix as mx
+from taps_cl.tracking import names, plots
+from taps_cl.tracking.names import is_number, sanitize_key
+
+
+def _mapping(value: object, what: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
+    return value
+
+
+def _start(uri: str | None, experiment: str, run_name: str, kind: str) -> tuple[MlflowClient, str]:
+    uri = tc.resolve_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp_id = tc.get_or_create_experiment(client, experiment, uri)
+    run = client.create_run(exp_id, run_name=run_name, tags={tc.KIND_TAG: kind})
+    return client, run.info.run_id
+
+
+def _numbers_and_rest(data: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    flat = tc.flatten(data)
+    numbers = {k: float(v) for k, v in flat.items() if is_number(v)}
+    return numbers, {k: v for k, v in flat.items() if k not in numbers and v is not None}
+
+
+def log_strategy_result(
+    experiment: str,
+    strategy_name: str,
+    summary: Mapping[str, Any],
+    accuracy_matrix: Sequence[Sequence[float | None]],
+    params: Mapping[str, Any],
+    *,
+    tracking_uri: str | None = None,
+) -> str:
+    """Log one benchmark strategy as one run (run name = ``strategy_name``); return its id.
+
+    Metrics use the standard names of :mod:`taps_cl.tracking.names`: ``acc_exp{j}``,
+    ``forgetting_exp{j}`` and the row summaries at step i (row i of the matrix), derived from
+    ``accuracy_matrix`` (fractions in [0, 1]). Numeric entries of ``summary`` (e.g.
+    ``params_per_task``, ``stored_bytes``, ``wall_time_s``, or a ``final_avg_accuracy`` the
+    caller computed differently) are logged at the last step and win over derived values;
+    other entries become ``summary.<key>`` tags. Artifacts: ``accuracy_matrix.json`` /
+    ``.csv`` and ``summary.json``.
+    """
+    if not isinstance(strategy_name, str) or not strategy_name.strip():
+        raise ValueError(f"strategy_name must be a non-empty str, got {strategy_name!r}")
+    summary, params = _mapping(summary, "summary"), _mapping(params, "params")
+    matrix = mx.validate_matrix(accuracy_matrix)
+    given, rest = _numbers_and_rest(summary)
+    last = len(matrix) - 1
+    client, run_id = _start(tracking_uri, experiment, strategy_name, "strategy")
+    status = "FAILED"
+    try:
+        tc.log_tags(client, run_id, {"taps_cl.strategy": strategy_name})
+        tc.log_tags(client, run_id, {f"summary.{k}": v for k, v in rest.items()})
+        tc.log_params(client, run_id, params)
+        derived = mx.step_metrics(matrix)
+        overridden = [(k, v, s) for k, v, s in derived if not (s == last and k in given)]
+        tc.log_metrics(
+            client, run_id, overridden + [(sanitize_key(k), v, last) for k, v in given.items()]
+        )
+        final = {**mx.summarize(matrix), **given}
+        client.log_dict(run_id, mx.matrix_table(matrix), "accuracy_matrix.json")
+        client.log_text(run_id, mx.matrix_csv(matrix), "accuracy_matrix.csv")
+        client.log_dict(run_id, tc.json_safe({**final, **rest}), "summary.json")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def _history_metrics(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int]]:
+    """Each numeric value of each epoch at step = its ``epoch`` (1-based) or position + 1;
+    ``eval_accuracy`` is also logged as ``accuracy`` so that curves and the final value share
+    one key."""
+    out = []
+    for index, stats in enumerate(history):
+        stats = _mapping(stats, f"history[{index}]")
+        epoch = stats.get("epoch", index + 1)
+        step = int(epoch) if is_number(epoch) else index + 1
+        for key, value in stats.items():
+            if key != "epoch" and is_number(value) and not math.isnan(float(value)):
+                out.append((sanitize_key(key), float(value), step))
+        if is_number(stats.get("eval_accuracy")):
+            out.append((names.ACCURACY, float(stats["eval_accuracy"]), step))
+    return out
+
+
+def _tau(config: Mapping[str, Any], tau: float | None) -> float:
+    if tau is not None:
+        return float(tau)
+    found = [v for k, v in tc.flatten(config).items() if k.split(".")[-1] == "tau"]
+    return float(found[0]) if found and is_number(found[0]) else 0.1
+
+
+def log_task_run(
+    tracking_uri: str | None,
+    experiment: str,
+    *,
+    task: str,
+    config: Mapping[str, Any],
+    base: str,
+    dataset_sizes: Mapping[str, int],
+    history: Sequence[Mapping[str, Any]],
+    metrics: Mapping[str, Any],
+    gates: Mapping[str, bool],
+    scores: Mapping[str, float],
+    patch_summary: Mapping[str, Any],
+    tau: float | None = None,
+) -> str:
+    """Log one ``add_task`` as one run (run name = ``task``); return its id.
+
+    Params: ``config`` (flattened with dots), ``base``, ``data.<split>`` sizes. Metrics: every
+    numeric history value per epoch (step = epoch), ``metrics`` at the last epoch, and
+    ``active_layers``/``num_layers`` from ``gates``. Artifacts: ``gates/<task>.png`` (score per
+    layer with the tau line; ``tau`` defaults to the ``tau`` found in ``config``, else 0.1),
+    ``gates/<task>.json`` and ``patch_summary.json``.
+    """
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"task must be a non-empty str, got {task!r}")
+    config, gates, scores = (
+        _mapping(config, "config"),
+        _mapping(gates, "gates"),
+        _mapping(scores, "scores"),
+    )
+    sizes, metrics = _mapping(dataset_sizes, "dataset_sizes"), _mapping(metrics, "metrics")
+    patch_summary = _mapping(patch_summary, "patch_summary")
+    if set(gates) - set(scores):
+        raise ValueError(f"gates without scores: {sorted(set(gates) - set(scores))[:5]}")
+    series = _history_metrics(history)
+    last = max((s for _, _, s in series), default=0)
+    numbers, _ = _numbers_and_rest(metrics)
+    numbers.setdefault(names.ACTIVE_LAYERS, float(sum(bool(v) for v in gates.values())))
+    numbers.setdefault(names.NUM_LAYERS, float(len(scores)))
+    client, run_id = _start(tracking_uri, experiment, task, "task")
+    status = "FAILED"
+    try:
+        tags = {"taps_cl.task": task, "taps_cl.base": base}
+        if patch_summary.get("version") is not None:
+            tags["taps_cl.version"] = str(patch_summary["version"])
+        tc.log_tags(client, run_id, tags)
+        tc.log_params(client, run_id, {**config, "base": base, "data": dict(sizes)})
+        tc.log_metrics(
+            client, run_id, series + [(sanitize_key(k), v, last) for k, v in numbers.items()]
+        )
+        _log_gate_artifacts(client, run_id, task, gates, scores, _tau(config, tau))
+        client.log_dict(run_id, tc.json_safe(dict(patch_summary)), "patch_summary.json")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def _log_gate_artifacts(client, run_id, task, gates, scores, tau) -> None:
+    table = {
+        layer: {"score": float(s), "on": bool(gates.get(layer, s >= tau))}
+        for layer, s in scores.items()
+    }
+    client.log_dict(run_id, {"tau": tau, "layers": table}, f"gates/{tc.slug(task)}.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plots.gate_scores(task, scores, gates, tau, Path(tmp) / f"{tc.slug(task)}.png")
+        client.log_artifact(run_id, os.fspath(png), "gates")
