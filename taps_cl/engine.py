@@ -44,6 +44,7 @@ class TaskRecord:
     train_seconds: float
     num_classes: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    base_fingerprint: str | None = None  # the task's base when not the engine's (train_base)
 
     @property
     def layers_adapted(self) -> str:
@@ -162,6 +163,82 @@ class Engine:
         if self.tracking:
             self._track(patch, fit, record_config, metrics, model)
         return record
+
+    def add_tasks(
+        self,
+        datasets: dict[str, Any],
+        *,
+        joint: bool = True,
+        train_base: bool = False,
+        config: TAPSConfig | None = None,
+        train: TrainConfig | None = None,
+        eval_datasets: dict[str, Any] | None = None,
+        sampling: Any = None,
+        quiet: bool = False,
+    ) -> list[TaskRecord]:
+        """Train several tasks (name -> dataset). ``joint=True`` trains them together (see
+        :mod:`taps_cl.joint`; ``sampling`` is a ``JointConfig``) and commits them in ONE
+        transaction: all become visible or none. ``train_base=True`` also trains the shared
+        weights into a NEW base, stored with its own fingerprint (open it with
+        :meth:`open_stored_base`); this engine's base and tasks stay untouched. Every dataset
+        is validated before anything trains. Under torchrun only rank 0 writes."""
+        from taps_cl import joint as jm
+
+        config, train = config or self.config, self._train_config(train)
+        data, evals = jm.prepare_all(
+            datasets, eval_datasets, lambda d, **kw: self.prepare(d, train, **kw)
+        )
+        if not joint:
+            if train_base:
+                raise ValueError("train_base=True needs joint=True")
+            kw = dict(config=config, train=train, quiet=quiet)
+            return [
+                self.add_task(d, name=n, eval_dataset=evals.get(n), **kw) for n, d in data.items()
+            ]
+        jm.init_distributed()
+        model = self._new_model(config)
+        for name, d in data.items():
+            model.add_task(name, d.num_classes, d.class_names, seed=train.seed)
+        fit = jm.fit_joint(
+            model, data, train, joint=sampling, train_base=train_base, eval_data=evals, quiet=quiet
+        )
+        patches, new_base = jm.export_joint(model, list(data), self.base.module, train_base)
+        rec_config = {**self._record_config(config, train), **jm.run_config(fit, sampling)}
+        metrics = {
+            n: {**_metrics(f, len(data[n]), len(evals.get(n) or ())), **jm.run_metrics(fit)}
+            for n, f in fit.fits.items()
+        }
+        label = jm.new_base_label(self.base, self.fingerprint, list(data))
+        versions = jm.commit_joint(
+            self.store, patches, metrics=metrics, config=rec_config,
+            new_base=(new_base, *label) if new_base is not None else None,
+        )  # fmt: skip
+        records = []
+        for patch, version in zip(patches, versions, strict=True):
+            patch.version = version
+            self._unload(patch.name)
+            records.append(_record(patch, fit.fits[patch.name], self.base.num_parameters))
+            records[-1].base_fingerprint = patch.base_fingerprint
+            if self.tracking and jm.world()[0] == 0:
+                self._track(patch, fit.fits[patch.name], rec_config, metrics[patch.name], model)
+        return records
+
+    def open_stored_base(self, fingerprint: str) -> Engine:
+        """An Engine (same store, tracking, device, configs) on a base whose weights the store
+        holds, e.g. the new base of ``add_tasks(train_base=True)``; its architecture and
+        preprocessing are this engine's base's."""
+        from taps_cl.joint import stored_base
+
+        return Engine(
+            stored_base(self.store, fingerprint, self.base),
+            store=self.store,
+            tracking=self.tracking,
+            device=str(self.device),
+            head=self.head,
+            config=self.config,
+            train=self.train_config,
+            experiment=self.experiment,
+        )
 
     def _record_config(self, config: TAPSConfig, train: TrainConfig) -> dict[str, Any]:
         size = train.image_size or self.base.preprocessing.input_size
