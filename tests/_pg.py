@@ -56,9 +56,10 @@ def _server_user() -> pwd.struct_passwd | None:
 
 
 class PgCluster:
-    """Start with :meth:`start`, get fresh databases with :meth:`new_database_url`."""
+    """Start with :meth:`start`, get a fresh empty store URL with :meth:`new_store_url`."""
 
     user = "taps"
+    dbname = "taps_cl_tests"
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
@@ -66,6 +67,7 @@ class PgCluster:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.port = 0
+        self._db_created = False
         self._account = _server_user()
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -115,19 +117,33 @@ class PgCluster:
                 time.sleep(0.5)
         return self
 
-    def new_database_url(self) -> str:
-        """Create an empty database and return its SQLAlchemy URL (psycopg 3)."""
+    def _execute(self, sql: str, dbname: str) -> None:
         import psycopg
 
-        name = f"t_{uuid.uuid4().hex[:16]}"
-        conninfo = f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres"
+        conninfo = f"host=127.0.0.1 port={self.port} user={self.user} dbname={dbname}"
         with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')  # name is ours: hex, no user input
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{name}"
+            conn.execute(sql)
+
+    def new_store_url(self) -> str:
+        """A SQLAlchemy URL (psycopg 3) whose tables land in a new, empty schema.
+
+        Schemas rather than databases: CREATE DATABASE copies a template (slow, and many
+        small files to delete at the end); a schema costs nothing.
+        """
+        if not self._db_created:
+            self._execute(f'CREATE DATABASE "{self.dbname}"', "postgres")
+            self._db_created = True
+        schema = f"s_{uuid.uuid4().hex[:16]}"
+        self._execute(f'CREATE SCHEMA "{schema}"', self.dbname)  # our own hex name, no input
+        return (
+            f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{self.dbname}"
+            f"?options=-csearch_path%3D{schema}"
+        )
 
     def stop(self) -> None:
         try:
             if self.port:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
-            shutil.rmtree(self.root, ignore_errors=True)
+            # Deleting the cluster's files can take seconds on a slow disk; nothing waits on it.
+            subprocess.Popen(["rm", "-rf", str(self.root)], start_new_session=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -50,7 +51,7 @@ def pg_cluster():
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'tasks.db'}"
-    return request.getfixturevalue("pg_cluster").new_database_url()
+    return request.getfixturevalue("pg_cluster").new_store_url()
 
 
 @pytest.fixture
@@ -249,6 +250,12 @@ def test_sqlite_store_uses_wal_and_default_location(tmp_path, monkeypatch):
         assert s.url == f"sqlite:///{tmp_path / 'env.db'}"
         with s._read_engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        blocker = sqlite3.connect(tmp_path / "env.db", timeout=0, isolation_level=None)
+        with s._writer.begin() as session:  # writes take the lock up front (BEGIN IMMEDIATE)
+            session.execute(text("SELECT 1"))
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                blocker.execute("BEGIN IMMEDIATE")
+        blocker.close()
     monkeypatch.delenv("TAPS_CL_STORE")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     with TaskStore() as s:
