@@ -1,0 +1,110 @@
+"""The paper's Table 1 at small scale on the offline suite: feature extractor, full fine-tuning and
+TAPS on the real ImageNet-pretrained EfficientNet-Lite0, same epochs and optimizer budget.
+
+Per task: accuracy, task-specific parameters, stored bytes; plus the mean.  Writes JSON.
+
+    python benchmarks/transfer.py                      # the documented run
+    python benchmarks/transfer.py --fast               # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from taps_cl.baselines import fit_baseline
+from taps_cl.bases import load_base
+from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.data import prepare
+from taps_cl.report import fmt_bytes, fmt_pct, table
+from taps_cl.scenarios import get_task
+from taps_cl.taps.model import TAPSModel
+from taps_cl.train import fit_task
+
+CAPS = {"fashion_mnist": (2000, 1000), "digits": (None, None), "lfw_faces": (None, None)}
+
+
+def run_task(base, name: str, args: argparse.Namespace) -> list[dict]:
+    max_train, max_test = CAPS[name]
+    if args.fast:
+        max_train, max_test = 300, 150
+    spec = get_task(name, max_train=max_train, max_test=max_test)
+    train = prepare(spec.train, preprocessing=base.preprocessing, image_size=args.image_size)
+    test = prepare(spec.test, preprocessing=base.preprocessing, image_size=args.image_size)
+    cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=args.lr, seed=0)
+    rows = []
+    for mode in ("linear", "finetune"):
+        res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode=mode)
+        rows.append(_row(name, mode, res.accuracy, res.task_parameters, res.nbytes, res.seconds))
+    model = TAPSModel(copy.deepcopy(base.module), TAPSConfig(lam=args.lam))
+    model.add_task(name, spec.num_classes, seed=0)
+    start = time.perf_counter()
+    fit = fit_task(model, name, train, test, cfg, quiet=True)
+    patch = model.finalize_task(name)
+    row = _row(
+        name, "taps", fit.accuracy, patch.num_parameters, patch.nbytes, time.perf_counter() - start
+    )
+    row["layers"] = f"{len(patch.active_layers)}/{patch.num_layers}"
+    rows.append(row)
+    return rows
+
+
+def _row(task, method, acc, params, nbytes, seconds) -> dict:
+    return {"task": task, "method": method, "accuracy": acc, "params": params,
+            "bytes": nbytes, "seconds": seconds}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--tasks", nargs="+", default=list(CAPS))
+    parser.add_argument("--out", default="benchmarks/results/transfer.json")
+    args = parser.parse_args()
+    if args.fast:
+        args.epochs = 1
+    torch.set_num_threads(2)
+    base = load_base("efficientnet_lite0")
+    n_base = base.num_parameters
+    rows = [r for name in args.tasks for r in run_task(base, name, args)]
+    means = []
+    for method in ("linear", "finetune", "taps"):
+        sel = [r for r in rows if r["method"] == method]
+        means.append({
+            "task": "MEAN", "method": method,
+            "accuracy": sum(r["accuracy"] for r in sel) / len(sel),
+            "params": sum(r["params"] for r in sel) / len(sel),
+            "bytes": sum(r["bytes"] for r in sel) / len(sel),
+            "seconds": sum(r["seconds"] for r in sel),
+        })  # fmt: skip
+    headers = ["task", "method", "accuracy", "task params", "% of base", "stored", "layers", "time"]
+    print(table(headers, [
+        (r["task"], r["method"], fmt_pct(r["accuracy"]), f"{r['params']:,.0f}",
+         fmt_pct(r["params"] / n_base), fmt_bytes(r["bytes"]), r.get("layers", "-"),
+         f"{r['seconds']:.0f} s")
+        for r in rows + means
+    ]))  # fmt: skip
+    ft, tp, lin = (
+        next(m for m in means if m["method"] == k) for k in ("finetune", "taps", "linear")
+    )
+    print(
+        f"\nTAPS - fine-tune mean accuracy: {100 * (tp['accuracy'] - ft['accuracy']):+.2f} points"
+    )
+    print(f"TAPS - feature extractor: {100 * (tp['accuracy'] - lin['accuracy']):+.2f} points")
+    print(f"TAPS stores {tp['params'] / n_base:.1%} of the base's parameters per task on average")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps({"args": vars(args), "rows": rows, "means": means}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
