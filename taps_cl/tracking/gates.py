@@ -18,15 +18,16 @@ def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def layer_order(patch: TaskPatch) -> list[str]:
+def ordered_layers(patch: TaskPatch, layer_order: list[str] | None = None) -> list[str]:
     """The patch's gated layers in model order.
 
-    The store returns tensors by name, so model order is taken from ``config["layer_order"]``
-    when the engine recorded it; otherwise layers are sorted naturally (``layer2`` before
-    ``layer10``), which is model order for the usual ``blocks.<i>`` / ``layer<i>`` names.
+    The store returns tensors by name, so model order comes from ``layer_order`` if given, else
+    ``config["layer_order"]`` if the engine recorded it; otherwise layers are sorted naturally
+    (``layer2`` before ``layer10``): model order for ``blocks.<i>``/``layer<i>`` names, but
+    e.g. timm's ``conv_stem`` then lands after the blocks.
     """
     layers = list(patch.kind("score"))
-    recorded = patch.config.get(LAYER_ORDER_KEY)
+    recorded = layer_order if layer_order is not None else patch.config.get(LAYER_ORDER_KEY)
     if isinstance(recorded, list) and set(recorded) >= set(layers):
         return [name for name in recorded if name in set(layers)]
     return sorted(layers, key=_natural)
@@ -49,13 +50,17 @@ def _single_base(store: TaskStore, base_fingerprint: str | None) -> str:
 
 
 def gates_figure(
-    store: TaskStore, out_path: str | Path, base_fingerprint: str | None = None
+    store: TaskStore,
+    out_path: str | Path,
+    base_fingerprint: str | None = None,
+    layer_order: list[str] | None = None,
 ) -> tuple[Path, str]:
     """Heatmap of tasks (rows, current version of each) x gated layers (columns, model order),
     on/off, written to ``out_path`` (PNG); returns the path and the same grid as text.
 
     In the text each task is one line: name, version, one character per layer (``#`` adapted,
-    ``.`` shared with the base) and ``k/N``; the column legend follows.
+    ``.`` shared with the base) and ``k/N``; the column legend follows. ``layer_order`` (e.g.
+    ``TAPSModel.layer_names`` of the base) fixes the column order; see :func:`ordered_layers`.
     """
     if not isinstance(store, TaskStore):
         raise TypeError(f"store must be a TaskStore, got {type(store).__name__}")
@@ -63,7 +68,7 @@ def gates_figure(
     patches = [store.load(t.name, base=base) for t in store.list_tasks(base=base)]
     layers: list[str] = []
     for patch in patches:
-        layers += [name for name in layer_order(patch) if name not in set(layers)]
+        layers += [name for name in ordered_layers(patch, layer_order) if name not in set(layers)]
     rows = []
     for patch in patches:
         active = set(patch.active_layers)

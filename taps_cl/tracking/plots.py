@@ -31,12 +31,14 @@ def accuracy_heatmaps(matrices: Mapping[str, Sequence[Sequence[float]]], path: s
     n = len(matrices)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    size = max(len(next(iter(matrices.values()))[0]), 2)
+    size = max(2, *(len(m[0]) for m in matrices.values()))
     cell = 0.55 if size <= 8 else 0.35
-    fig = Figure(figsize=(cols * (1.6 + cell * size), rows * (1.4 + cell * size)))
+    fig = Figure(
+        figsize=(cols * (1.6 + cell * size) + 1.0, rows * (1.4 + cell * size)), layout="constrained"
+    )
     axes = fig.subplots(rows, cols, squeeze=False)
     image = None
-    for ax, (name, matrix) in zip(axes.flat, matrices.items(), strict=False):
+    for k, (ax, (name, matrix)) in enumerate(zip(axes.flat, matrices.items(), strict=False)):
         data = np.ma.masked_invalid(np.asarray(matrix, dtype=float))
         image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
         ax.set_facecolor("#eeeeee")
@@ -46,7 +48,8 @@ def accuracy_heatmaps(matrices: Mapping[str, Sequence[Sequence[float]]], path: s
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
         ax.set_title(name)
         ax.set_xlabel("evaluated experience")
-        ax.set_ylabel("trained up to experience")
+        if k % cols == 0:  # one y label per row of subplots, or it runs into its neighbour
+            ax.set_ylabel("trained up to experience")
         ax.set_xticks(range(data.shape[1]))
         ax.set_yticks(range(data.shape[0]))
     for ax in list(axes.flat)[n:]:
@@ -67,7 +70,8 @@ def forgetting_bars(forgetting: Mapping[str, Mapping[int, float]], path: str | P
     x = np.arange(len(experiences))
     for k, (name, values) in enumerate(forgetting.items()):
         heights = [values.get(j, np.nan) for j in experiences]
-        ax.bar(x + (k - (n - 1) / 2) * width, heights, width, label=name)
+        bars = ax.bar(x + (k - (n - 1) / 2) * width, heights, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)  # makes zero forgetting visible too
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(x, [str(j) for j in experiences])
     ax.set_xlabel("experience")
@@ -80,19 +84,29 @@ def forgetting_bars(forgetting: Mapping[str, Mapping[int, float]], path: str | P
 
 
 def accuracy_vs_params(points: Mapping[str, tuple[float, float]], path: str | Path) -> Path:
-    """Final average accuracy against task-specific parameters (log x), points labelled."""
+    """Final average accuracy against task-specific parameters (log x), points labelled.
+
+    Strategies that add no parameters per task (0, e.g. EWC) sit at x = 0 on a symlog axis;
+    those with no count (NaN) are named in the title instead.
+    """
     fig = Figure(figsize=(6.0, 4.2))
     ax = fig.subplots()
-    shown = {k: v for k, v in points.items() if v[0] > 0 and not math.isnan(v[1])}
+    shown = {k: v for k, v in points.items() if not math.isnan(v[0]) and not math.isnan(v[1])}
     for name, (params, acc) in shown.items():
         ax.scatter([params], [acc], s=40)
         ax.annotate(name, (params, acc), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    ax.set_xscale("log")
-    if shown:
-        xs = [p for p, _ in shown.values()]
-        ax.set_xlim(min(xs) / 3, max(xs) * 3)
+    xs = [p for p, _ in shown.values()]
+    if any(p <= 0 for p in xs):
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(-0.5, max(max(xs) * 3, 10.0))
+        label = "task-specific parameters per task (log scale, 0 at the left)"
+    else:
+        ax.set_xscale("log")
+        if xs:
+            ax.set_xlim(min(xs) / 3, max(xs) * 3)
+        label = "task-specific parameters per task (log scale)"
     ax.set_ylim(0.0, 1.05)
-    ax.set_xlabel("task-specific parameters per task (log scale)")
+    ax.set_xlabel(label)
     ax.set_ylabel("final average accuracy")
     missing = sorted(set(points) - set(shown))
     title = "Accuracy vs task-specific parameters"
@@ -124,7 +138,7 @@ def gate_scores(
         ax.get_lines()[0],
     ]
     handles[2].set_label(f"tau = {tau:g}")
-    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save(fig, path)
 
 

@@ -39,9 +39,9 @@ class CompareReport:
     """What :func:`compare` produced. ``str(report)`` is the table."""
 
     experiment: str
-    rows: list[dict[str, Any]]  # one per strategy: the COLUMNS keys plus run_id
+    rows: list[dict[str, Any]]  # per strategy: COLUMNS keys, run_id, forgetting {exp: value}
     table: str  # the rows as a fixed-width text table
-    figures: dict[str, Path]  # figure name (see FIGURES) -> PNG path
+    figures: list[Path]  # the PNGs, in FIGURES order (file names as in FIGURES)
     csv_path: Path
     summary_run_id: str  # the run holding the figures and the CSV as artifacts
     matrices: dict[str, mx.Matrix] = field(default_factory=dict)  # strategy -> accuracy matrix
@@ -76,7 +76,8 @@ def compare(experiment: str, out_dir: str | Path, tracking_uri: str | None = Non
     csv_path.write_text(_csv(rows), encoding="utf-8")
     table = format_table(rows)
     summary_id = _log_summary(client, exp_id, rows, figures, csv_path, table)
-    return CompareReport(experiment, rows, table, figures, csv_path, summary_id, matrices)
+    paths = [figures[name] for name in FIGURES if name in figures]
+    return CompareReport(experiment, rows, table, paths, csv_path, summary_id, matrices)
 
 
 def _strategy_runs(client: MlflowClient, exp_id: str) -> dict[str, Run]:
@@ -146,7 +147,7 @@ def _figures(rows: list[dict], matrices: dict[str, mx.Matrix], out: Path) -> dic
     figures["forgetting"] = plots.forgetting_bars(forgetting, out / FIGURES["forgetting"])
     points = {
         row["strategy"]: (
-            float(row[names.PARAMS_PER_TASK] or 0.0),
+            float(_or_nan(row[names.PARAMS_PER_TASK])),
             float(_or_nan(row[names.FINAL_AVG_ACCURACY])),
         )
         for row in rows
@@ -199,10 +200,17 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([key for key, _ in COLUMNS] + ["run_id"])
     for row in rows:
-        writer.writerow(
-            ["" if row.get(k) is None else row[k] for k, _ in COLUMNS] + [row["run_id"]]
-        )
+        writer.writerow([_csv_value(row.get(k)) for k, _ in COLUMNS] + [row["run_id"]])
     return buffer.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    """Counts as integers, other numbers to 6 significant digits, missing as empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else float(f"{value:.6g}")
+    return value
 
 
 def _log_summary(client, exp_id, rows, figures, csv_path, table) -> str:

@@ -125,10 +125,12 @@ def log_task_run(
     """Log one ``add_task`` as one run (run name = ``task``); return its id.
 
     Params: ``config`` (flattened with dots), ``base``, ``data.<split>`` sizes. Metrics: every
-    numeric history value per epoch (step = epoch), ``metrics`` at the last epoch, and
-    ``active_layers``/``num_layers`` from ``gates``. Artifacts: ``gates/<task>.png`` (score per
-    layer with the tau line; ``tau`` defaults to the ``tau`` found in ``config``, else 0.1),
-    ``gates/<task>.json`` and ``patch_summary.json``.
+    numeric history value per epoch (step = epoch; ``eval_accuracy`` also as ``accuracy``),
+    ``metrics`` at the last epoch, ``active_layers``/``num_layers`` from ``gates``, and
+    ``task_parameters``/``task_bytes`` from ``patch_summary["num_parameters"]``/``["nbytes"]``
+    unless ``metrics`` has them. Artifacts: ``gates/<task>.png`` (score per layer with the tau
+    line; ``tau`` defaults to the ``tau`` found in ``config``, else 0.1), ``gates/<task>.json``
+    and ``patch_summary.json``.
     """
     if not isinstance(task, str) or not task:
         raise ValueError(f"task must be a non-empty str, got {task!r}")
@@ -146,6 +148,9 @@ def log_task_run(
     numbers, _ = _numbers_and_rest(metrics)
     numbers.setdefault(names.ACTIVE_LAYERS, float(sum(bool(v) for v in gates.values())))
     numbers.setdefault(names.NUM_LAYERS, float(len(scores)))
+    for key, source in ((names.TASK_PARAMETERS, "num_parameters"), (names.TASK_BYTES, "nbytes")):
+        if is_number(patch_summary.get(source)):
+            numbers.setdefault(key, float(patch_summary[source]))
     client, run_id = _start(tracking_uri, experiment, task, "task")
     status = "FAILED"
     try:
