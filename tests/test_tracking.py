@@ -145,6 +145,8 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()  # MLflow itself would fall back to this file store
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 # -- the Avalanche logger -------------------------------------------------------------------------
@@ -229,6 +231,7 @@ def test_logger_drives_a_real_avalanche_run(uri):
     assert matrix[1][0] == pytest.approx(history[1].value)  # the same number Avalanche logged
     assert metrics[names.FINAL_AVG_ACCURACY] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
     assert metrics["forgetting_exp0"] == pytest.approx(matrix[0][0] - matrix[1][0])
+    assert 0 < metrics[names.WALL_TIME_S] < 60
     table = json.loads(
         Path(client.download_artifacts(run.info.run_id, "accuracy_matrix.json")).read_text()
     )

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -35,14 +36,17 @@ class UnknownExperimentError(TAPSError, ValueError):
 
 
 def resolve_tracking_uri(uri: str | os.PathLike | None = None) -> str:
-    """The tracking URI to use: ``uri``, else env ``MLFLOW_TRACKING_URI``, else the embedded
-    SQLite file ``./mlflow.db`` (absolute, so a later ``chdir`` cannot move it).
+    """The tracking URI to use: ``uri``, else the program's ``mlflow.set_tracking_uri(...)``,
+    else env ``MLFLOW_TRACKING_URI``, else the embedded SQLite file ``./mlflow.db`` (made
+    absolute, so a later ``chdir`` cannot move it; MLflow 3's own default file).
 
     A plain path (no ``scheme://``) means a SQLite file: MLflow 3 refuses plain file stores
     unless told, and SQLite needs no server.
     """
     if uri is None:
-        uri = os.environ.get(ENV_VAR) or str(Path.cwd() / DEFAULT_DB)
+        # MLflow's own default would switch to ./mlruns when that folder exists; we do not.
+        uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        uri = uri or str(Path.cwd() / DEFAULT_DB)
     if not isinstance(uri, (str, os.PathLike)):
         raise TypeError(f"tracking_uri must be a str or path, got {type(uri).__name__}")
     uri = os.fspath(uri)

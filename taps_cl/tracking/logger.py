@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import math
 import re
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from taps_cl.tracking import client as tc
 from taps_cl.tracking import matrix as mx
+from taps_cl.tracking import names
 from taps_cl.tracking.names import is_number, sanitize_key
 
 # Avalanche 0.6: ``.../test_stream/Exp000``, with ``Task000/`` before it when tasks are labelled.
@@ -121,6 +123,7 @@ class MLflowLogger(BaseLogger):
         self._owns_run = False
         self._params_logged = False
         self._in_training = False
+        self._started: float | None = None
         self._client: MlflowClient | None = None
 
     # -- run ---------------------------------------------------------------------------------
@@ -208,6 +211,7 @@ class MLflowLogger(BaseLogger):
         run_id = self._run(strategy)
         tc.log_params(self.client, run_id, {**strategy_params(strategy), **self.extra_params})
         self._params_logged = True
+        self._started = time.perf_counter()
 
     def before_training_exp(self, strategy: Any, metric_values: list, **kwargs: Any) -> None:
         self._in_training = True  # evaluations from now on are periodic, mid-experience
@@ -225,7 +229,10 @@ class MLflowLogger(BaseLogger):
         self.matrix.setdefault(row, {}).update(pending)
         matrix = self.accuracy_matrix()
         run_id = self._run(strategy)
-        tc.log_metrics(self.client, run_id, mx.step_metrics(matrix, rows=[len(matrix) - 1]))
+        values = mx.step_metrics(matrix, rows=[len(matrix) - 1])
+        if self._started is not None:  # train + eval time so far, as log_strategy_result's
+            values.append((names.WALL_TIME_S, time.perf_counter() - self._started, row))
+        tc.log_metrics(self.client, run_id, values)
         self.client.log_dict(run_id, mx.matrix_table(matrix), "accuracy_matrix.json")
         self.client.log_text(run_id, mx.matrix_csv(matrix), "accuracy_matrix.csv")
 
