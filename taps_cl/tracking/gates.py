@@ -87,8 +87,11 @@ def _text_grid(
     lines = [
         f"gated layers of {len(rows)} task(s) on base {base_name} ({base[:12]}): "
         f"'{ON}' adapted, '{OFF}' shared with the base",
-        " " * (width + 2)
-        + "".join(str(i // 10 % 10) if i % 10 == 0 else " " for i in range(len(layers))),
+        # A ruler: the tens digit of every 10th column, so a column can be found in the legend.
+        (
+            " " * (width + 2)
+            + "".join(str(i // 10 % 10) if i % 10 == 0 else " " for i in range(len(layers)))
+        ).rstrip(),
     ]
     for patch, flags in rows:
         grid = "".join(ON if on else OFF for on in flags)
