@@ -84,6 +84,82 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_sources(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``--data`` specs -> (name -> train data, name -> eval data); names are the builtin task
+    names or the folders' names."""
+    from taps_cl.taps.patch import validate_task_name
+
+    datasets: dict = {}
+    evals: dict = {}
+    for spec in args.data:
+        path = Path(spec)
+        builtin = spec in _builtin_names()
+        name = (
+            spec if builtin else "".join(c if c.isalnum() or c in "_-" else "_" for c in path.name)
+        )
+        try:
+            validate_task_name(name)
+        except ValueError as err:
+            raise ValueError(f"--data {spec!r}: rename the folder: {err}") from err
+        if name in datasets:
+            raise ValueError(f"--data {spec!r}: task name {name!r} given twice")
+        datasets[name], _ = _data(spec, "train", args)
+        if builtin or (path / "test").is_dir():
+            evals[name], _ = _data(spec, "test", args)
+    return datasets, evals
+
+
+def cmd_add_tasks(args: argparse.Namespace) -> int:
+    """Several tasks at once; with --joint trained together (under torchrun: DDP, and only
+    rank 0 writes to the store or prints)."""
+    from taps_cl.config import TAPSConfig, TrainConfig
+    from taps_cl.joint import JointConfig, distributed_session
+
+    ratios = dict(_ratio(r) for r in args.ratio or [])
+    sampling = JointConfig(
+        epoch_length=_epoch_length(args.epoch_length), ratios=ratios or None, base_lr=args.base_lr
+    )
+    datasets, evals = _task_sources(args)
+    train = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr
+    )
+    with distributed_session() as (rank, _):
+        if rank != 0:
+            args.store, args.tracking = "sqlite://", None  # only rank 0 writes anywhere
+        engine = _engine(args)
+        recs = engine.add_tasks(
+            datasets,
+            joint=args.joint,
+            train_base=args.train_base,
+            config=TAPSConfig(lam=args.lam),
+            train=train,
+            eval_datasets=evals,
+            sampling=sampling,
+            quiet=args.quiet,
+        )
+    if rank == 0:
+        from taps_cl.demo import task_table
+
+        print(task_table(recs, engine.base.num_parameters))
+        if args.train_base and recs:
+            print(f"new base {recs[0].base_fingerprint} (stored; the tasks above belong to it)")
+    return 0
+
+
+def _ratio(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if sep and name:
+            return name, float(value)
+    except ValueError:
+        pass
+    raise ValueError(f"--ratio {text!r}: use TASK=FACTOR, e.g. digits=2")
+
+
+def _epoch_length(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
 def _builtin_names() -> list[str]:
     from taps_cl.scenarios import task_names
 
@@ -233,6 +309,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-test", type=int, default=None)
     s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     s.set_defaults(func=cmd_add_task)
+
+    for name, joint in (("add-tasks", False), ("joint", True)):
+        s = sub.add_parser(
+            name,
+            help="train several tasks (jointly with --joint; `joint` = add-tasks --joint); "
+            "run under torchrun for DDP",
+        )
+        s.add_argument(
+            "--data",
+            action="append",
+            required=True,
+            help="builtin task name or ImageFolder path; repeat per task",
+        )
+        s.add_argument(
+            "--joint",
+            action="store_true",
+            default=joint,
+            help="train all tasks together and commit them in one transaction",
+        )
+        s.add_argument(
+            "--train-base",
+            action="store_true",
+            help="also train the shared base weights into a new stored base",
+        )
+        s.add_argument("--epochs", type=int, default=3)
+        s.add_argument("--batch-size", type=int, default=32, help="per task and step")
+        s.add_argument("--image-size", type=int, default=None)
+        s.add_argument("--lr", type=float, default=1e-3)
+        s.add_argument("--base-lr", type=float, default=None, help="with --train-base")
+        s.add_argument("--lam", type=float, default=1.0, help="sparsity penalty weight")
+        s.add_argument("--epoch-length", default="max", help="max, min or a number of steps")
+        s.add_argument("--ratio", action="append", help="TASK=FACTOR: that task's batch share")
+        s.add_argument("--max-train", type=int, default=None)
+        s.add_argument("--max-test", type=int, default=None)
+        s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+        s.set_defaults(func=cmd_add_tasks)
 
     sub.add_parser("tasks", help="list tasks in the store").set_defaults(func=cmd_tasks)
     s = sub.add_parser("show", help="versions and gates of one task")

@@ -388,7 +388,7 @@ def _train(loop: _Loop, streams, steps: int, warmup: int, eval_data, result, qui
     for epoch in range(config.epochs):
         loop.model.train()
         sums = {n: torch.zeros(3, device=runtime.device) for n in streams}
-        start = time.perf_counter()
+        start, seen = time.perf_counter(), result.examples
         for _ in range(steps):
             batches = {}
             for name, stream in streams.items():
@@ -404,8 +404,10 @@ def _train(loop: _Loop, streams, steps: int, warmup: int, eval_data, result, qui
             result.steps += 1
             result.examples += sum(len(b[1]) for b in batches.values()) * result.world_size
             bar.update(1)
-        result.seconds += time.perf_counter() - start
-        result.history.append(_epoch_stats(loop.model, sums, eval_data, config, epoch, result))
+        seconds = time.perf_counter() - start
+        result.seconds += seconds
+        row = _epoch_stats(loop.model, sums, eval_data, config, epoch, result)
+        result.history.append({**row, "seconds": seconds, "examples": result.examples - seen})
     bar.close()
 
 

@@ -158,7 +158,7 @@ def test_failure_after_training_commits_nothing(store, monkeypatch):
 
     monkeypatch.setattr(engine.store, "commit_many", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        engine.add_tasks(_tasks(), quiet=True)
+        engine.add_tasks(_tasks(), train=TrainConfig(epochs=1, batch_size=8), quiet=True)
     assert engine.tasks() == [] and engine.store.stats().blobs == 0
 
 
@@ -203,12 +203,37 @@ def spy(model, names, template, train_base):
     captured["patches"], captured["base"] = patches, base
     return patches, base
 jm.export_joint = spy
+sync = jm._broadcast_state
+def params_before_sync(model, world_size):
+    # DDP averaged the gradients, so parameters already agree before the final broadcast.
+    captured["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    sync(model, world_size)
+jm._broadcast_state = params_before_sync
 recs = engine.add_tasks(_tasks(), train_base=True, quiet=True)
 assert world() == (rank, 2), world()
 patches = captured["patches"]
 tensors = {f"{p.name}/{k}": v.contiguous() for p in patches for k, v in p.tensors.items()}
 tensors.update({f"base/{k}": v.contiguous() for k, v in captured["base"].state_dict().items()})
+tensors["meta/params"] = captured["params"]
 tensors["meta/fp"] = torch.tensor(list(bytes.fromhex(recs[0].base_fingerprint)))
 tensors["meta/versions"] = torch.tensor([r.version for r in recs])
 save_file(tensors, f"{out}/rank{rank}.safetensors")
 """
+
+
+def test_cli_add_tasks_joint_and_bad_ratio(tmp_path, capsys):
+    from taps_cl.cli import main
+    from tests.test_cli import _folder
+
+    store = str(tmp_path / "s.db")
+    a, b = _folder(tmp_path / "shapes"), _folder(tmp_path / "tones", classes=3, per_class=4)
+    common = ["--store", store, "--base", "timm-random:test_efficientnet", "--quiet"]
+    argv = ["--data", str(a), "--data", str(b), "--epochs", "1", "--image-size", "32"]
+    assert main(["add-tasks", "--joint", *argv, "--batch-size", "4", *common]) == 0
+    out = capsys.readouterr().out
+    assert "shapes" in out and "tones" in out
+    from taps_cl.storage import TaskStore
+
+    assert sorted(t.name for t in TaskStore(store).list_tasks()) == ["shapes", "tones"]
+    assert main(["joint", *argv, "--ratio", "tones", *common]) == 2
+    assert "TASK=FACTOR" in capsys.readouterr().err
