@@ -203,12 +203,13 @@ def spy(model, names, template, train_base):
     captured["patches"], captured["base"] = patches, base
     return patches, base
 jm.export_joint = spy
-sync = jm._broadcast_state
+import taps_cl.joint.fit as jf
+sync = jf.broadcast_state
 def params_before_sync(model, world_size):
     # DDP averaged the gradients, so parameters already agree before the final broadcast.
     captured["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
     sync(model, world_size)
-jm._broadcast_state = params_before_sync
+jf.broadcast_state = params_before_sync
 recs = engine.add_tasks(_tasks(), train_base=True, quiet=True)
 assert world() == (rank, 2), world()
 patches = captured["patches"]

@@ -1,0 +1,50 @@
+"""Joint mode: train several tasks at once on one base (optionally the base too), on 1..N processes.
+
+Every step draws one minibatch from *every* task (each task's loader cycles on its own, so tasks
+of different sizes mix), runs each task's forward through its own gates, norms and head, sums
+the task losses plus each task's sparsity penalty and takes ONE optimizer step. With the base
+frozen (``train_base=False``) the result is, in kind, what incremental training gives: one patch
+per task on the unchanged base. With ``train_base=True`` the shared weights are trained too (the
+paper's joint multi-task variant): what tasks have in common moves into the base, so fewer
+layers need task deltas. The trained weights then form a *new* base with its own fingerprint;
+deltas are relative to it, and tasks of the old base are untouched.
+
+Distributed: under ``torchrun`` (env ``WORLD_SIZE`` > 1) the process group is initialised from
+the env (NCCL on GPUs, gloo on CPU), each task gets a ``DistributedSampler`` and one DDP module
+runs all tasks' forwards. Every per-task parameter exists before the DDP wrap. All ranks end
+with bit-identical state (rank 0's is broadcast); only rank 0 writes to the store.
+"""
+
+from taps_cl.joint.distributed import broadcast_state, distributed_session, init_distributed, world
+from taps_cl.joint.fit import JointResult, base_parameters, fit_joint
+from taps_cl.joint.results import (
+    commit_joint,
+    export_joint,
+    new_base_label,
+    prepare_all,
+    run_config,
+    run_metrics,
+    stored_base,
+    trained_base,
+)
+from taps_cl.joint.sampling import JointConfig, task_batch_sizes
+
+__all__ = [
+    "JointConfig",
+    "JointResult",
+    "base_parameters",
+    "broadcast_state",
+    "commit_joint",
+    "distributed_session",
+    "export_joint",
+    "fit_joint",
+    "init_distributed",
+    "new_base_label",
+    "prepare_all",
+    "run_config",
+    "run_metrics",
+    "stored_base",
+    "task_batch_sizes",
+    "trained_base",
+    "world",
+]
