@@ -81,6 +81,16 @@ def test_fit_joint_patches_reload_exactly(train_base):
     assert all(len(f.history) == 2 for f in result.fits.values())
 
 
+def test_bf16_autocast_path_runs_on_cpu():
+    # The CUDA precision path (bf16 autocast) exercised on CPU through TrainConfig.amp_cpu.
+    data = _prepared(_tasks(((16, 2), (16, 3))))
+    model = _joint_model(data)
+    train = TrainConfig(epochs=1, batch_size=8, lr=1e-2, amp_cpu=True)
+    result = fit_joint(model, data, train)
+    assert result.steps == 2 and all(h["loss"] > 0 for h in result.history)
+    assert all(len(f.active_layers) <= model.num_layers for f in result.fits.values())
+
+
 def test_batch_sizes_ratios_and_validation():
     sizes = task_batch_sizes(["a", "b"], FAST, JointConfig(ratios={"b": 2.0}), world_size=2)
     assert sizes == {"a": 8, "b": 16}
