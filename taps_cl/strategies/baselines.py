@@ -173,6 +173,12 @@ class PackNetMultiHead(PackNetModel):
 # -- strategies ----------------------------------------------------------------------------------
 
 
+def packnet_epochs(train_epochs: int) -> int:
+    """PackNet's epochs per experience: the budget, or 2 if the budget is 1 (prune + fine-tune
+    cannot fit in one epoch; callers should report the extra epoch)."""
+    return max(2, train_epochs)
+
+
 def build_baseline(
     name: str,
     base: nn.Module,
@@ -207,11 +213,12 @@ def build_baseline(
         "naive": lambda: Naive(**common),
         "ewc": lambda: EWC(ewc_lambda=100.0, **common),
         "lwf": lambda: LwF(alpha=1.0, temperature=2.0, **common),
-        # PackNet prunes after training, then fine-tunes the kept weights for one more epoch.
+        # PackNet prunes after its first epochs, then fine-tunes the kept weights for the last
+        # one; it needs at least two epochs (see ``packnet_epochs``).
         "packnet": lambda: PackNet(
             post_prune_epochs=1,
             prune_proportion=0.5,
-            **{**common, "train_epochs": train_epochs + 1},
+            **{**common, "train_epochs": packnet_epochs(train_epochs)},
         ),
         "replay": lambda: Replay(mem_size=mem_size, **common),
         "cumulative": lambda: Cumulative(**common),
