@@ -155,7 +155,7 @@ def fit_joint(
         p.requires_grad_(True)
     optimizer = _optimizer(model, names, config, score_lr, base, joint.base_lr or config.lr)
     loop = _Loop(model, runtime, optimizer, _schedule(optimizer, config, total), config)
-    loop.wrap(world_size, find_unused=bool(base))
+    loop.wrap(world_size)
     result = JointResult(
         fits={n: FitResult(n, num_layers=model.num_layers, score_lr=score_lr) for n in names},
         world_size=world_size,
@@ -183,7 +183,7 @@ class _Loop:
         self.module: nn.Module = _JointLoss(model, runtime)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def wrap(self, world_size: int, find_unused: bool) -> None:
+    def wrap(self, world_size: int) -> None:
         if world_size == 1:
             return
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -191,8 +191,10 @@ class _Loop:
         cuda = self.runtime.device.type == "cuda"
         ids = [torch.cuda.current_device()] if cuda else None
         # Every per-task parameter already exists here: parameters created after the wrap
-        # would not be synchronised. Base weights outside the forward need find_unused.
-        self.module = DDP(self.module, device_ids=ids, find_unused_parameters=find_unused)
+        # would not be synchronised. find_unused_parameters: a model may hold gated layers
+        # (or, with train_base, base weights) its forward never reaches; the graph walk it
+        # costs is small next to the convolutions.
+        self.module = DDP(self.module, device_ids=ids, find_unused_parameters=True)
 
     def step(self, batches: dict, penalty: bool, step: int) -> dict[str, torch.Tensor]:
         loss, stats = self.module(batches, penalty)
