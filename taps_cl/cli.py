@@ -262,6 +262,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(report.table)
     for path in report.figures:
         print(f"figure: {path}")
+    print(f"table:  {report.csv_path}")
     return 0
 
 

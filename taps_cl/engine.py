@@ -155,6 +155,7 @@ class Engine:
         fit = fit_task(model, name, data, eval_data, train, quiet=quiet)
         patch = model.finalize_task(name)
         record_config = self._record_config(config, train)
+        record_config["layer_order"] = list(model.layer_names)  # the store sorts tensors by name
         metrics = _metrics(fit, len(data), len(eval_data) if eval_data is not None else 0)
         version = self.store.commit(patch, metrics=metrics, config=record_config)
         patch.version = version
