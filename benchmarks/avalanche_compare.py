@@ -59,7 +59,7 @@ SETTINGS = {
     # max_train/max_test per task, input side, epochs per experience
     # two epochs so that PackNet (prune after epoch 1, fine-tune in epoch 2) has the same budget
     "fast": dict(max_train=128, max_test=100, image_size=32, epochs=2),
-    "full": dict(max_train=500, max_test=300, image_size=48, epochs=2),
+    "full": dict(max_train=320, max_test=200, image_size=48, epochs=2),
 }
 
 
