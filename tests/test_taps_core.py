@@ -245,3 +245,14 @@ def test_loaded_patch_ignores_the_loading_models_tau():
     assert other.gates("a") == model.gates("a")
     with torch.no_grad():
         assert torch.equal(other(x, task="a"), expected)
+
+
+def test_shared_norms_never_move_without_task_norms():
+    base = tiny_cnn()
+    model = TAPSModel(base, TAPSConfig(task_norms=False))
+    stats = base.bn1.running_mean.clone()
+    model.add_task("a", 3)
+    model.train()
+    assert not base.bn1.training
+    model(_x(16), task="a").sum().backward()
+    assert torch.equal(base.bn1.running_mean, stats)

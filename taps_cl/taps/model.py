@@ -197,7 +197,13 @@ class TAPSModel(nn.Module):
     def train(self, mode: bool = True) -> TAPSModel:
         # The frozen base stays in eval; only per-task modules of trainable tasks follow mode
         # (TaskNorm/TaskHeads handle that). Dropout and friends inside the base follow mode.
+        # Without per-task norms the base's own norms are shared by every task, so they must
+        # never update running statistics.
         super().train(mode)
+        if not self.config.task_norms:
+            for module in self.base.modules():
+                if is_norm(module):
+                    module.eval()
         return self
 
     # -- optimisation ------------------------------------------------------------------------
