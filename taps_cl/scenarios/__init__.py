@@ -1,4 +1,4 @@
-"""Task suites (offline real data, ImageFolder trees) and, later, Avalanche benchmarks."""
+"""Task suites (offline real data, ImageFolder trees) and Avalanche benchmarks built from them."""
 
 from taps_cl.scenarios.suite import (
     FolderImages,
@@ -27,10 +27,21 @@ __all__ = [
     "split_fashion_mnist",
     "task_names",
 ]
-from taps_cl.scenarios.avalanche import (  # noqa: E402, F401
-    as_avalanche_benchmark,
-    benchmark_from_tensors,
-    split_fashion_mnist_benchmark,
-    task_classes,
-    task_label_names,
+
+_AVALANCHE = (
+    "as_avalanche_benchmark",
+    "benchmark_from_tensors",
+    "split_fashion_mnist_benchmark",
+    "task_classes",
+    "task_label_names",
 )
+__all__ += list(_AVALANCHE)
+
+
+def __getattr__(name: str):
+    # Avalanche takes seconds to import; load it only when its benchmarks are asked for.
+    if name in _AVALANCHE:
+        from taps_cl.scenarios import avalanche
+
+        return getattr(avalanche, name)
+    raise AttributeError(f"module 'taps_cl.scenarios' has no attribute {name!r}")
