@@ -206,6 +206,26 @@ def test_commit_many_is_all_or_nothing(store, monkeypatch):
         store.commit_many([make_patch("cars"), make_patch("cars", seed=3)])
 
 
+def test_commit_many_with_new_base_weights_is_all_or_nothing(store, monkeypatch):
+    weights = tiny_cnn(seed=7).state_dict()
+    fp = fingerprint(tiny_cnn(seed=7))
+    patch = make_patch("cars")
+    patch.base_fingerprint = fp
+
+    def fail(session, prep):
+        raise RuntimeError("patch failed")
+
+    monkeypatch.setattr(ops, "insert_version", fail)
+    with pytest.raises(RuntimeError, match="patch failed"):
+        store.commit_many([patch], base_weights=(fp, weights, "joint", "test"))
+    assert store.list_bases() == [] and store.stats().blobs == 0
+    monkeypatch.undo()
+    assert store.commit_many([patch], base_weights=(fp, weights, "joint", "test")) == [1]
+    assert store.base(fp).has_weights and store.base(fp).name == "joint"
+    loaded = store.load_base_weights(fp)
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+
+
 @pytest.mark.parametrize("damage", ["tamper", "truncate"])
 def test_damaged_blob_raises_integrity_error_naming_the_tensor(store, store_url, damage):
     store.commit(make_patch())

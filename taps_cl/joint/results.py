@@ -82,17 +82,20 @@ def commit_joint(
     """Rank 0 stores the new base's weights (if any), then commits every patch in one
     transaction; the version numbers (or the failure) reach every rank.
 
-    ``new_base`` is ``(module, name, source)``. The weights go first: if the patch commit then
-    fails, the store keeps an unused base but never a task whose base it cannot load."""
+    ``new_base`` is ``(module, name, source)``; its weights are written in the same transaction
+    as the patches, so the new base and its tasks appear together or not at all."""
     rank, world_size = world()
     versions, error = [0] * len(patches), None
     if rank == 0:
         try:
+            base_weights = None
             if new_base is not None:
                 module, name, source = new_base
                 fp = patches[0].base_fingerprint
-                store.save_base_weights(fp, module.state_dict(), name=name, source=source)
-            versions = store.commit_many(patches, metrics=metrics, config=config)
+                base_weights = (fp, module.state_dict(), name, source)
+            versions = store.commit_many(
+                patches, metrics=metrics, config=config, base_weights=base_weights
+            )
         except Exception as err:  # re-raised below, after the other ranks heard of it
             error = err
     if world_size > 1:

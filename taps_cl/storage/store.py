@@ -144,6 +144,17 @@ class TaskStore:
     ) -> BaseRecord:
         """Store a whole base's state_dict (e.g. the new base of joint training), deduplicated
         against every other blob. ``fingerprint`` must be the state_dict's own fingerprint."""
+        self._write(self._base_weights_work(fingerprint, state_dict, name, source))
+        return self.base(fingerprint)
+
+    def _base_weights_work(
+        self,
+        fingerprint: str,
+        state_dict: Mapping[str, torch.Tensor],
+        name: str | None,
+        source: str,
+    ) -> Callable[[Session], None]:
+        """Validate and encode base weights now; return the write to run inside a transaction."""
         validate_fingerprint(fingerprint)
         if not isinstance(state_dict, Mapping) or not state_dict:
             raise ValueError("state_dict must be a non-empty mapping of name -> tensor")
@@ -162,8 +173,7 @@ class TaskStore:
                 session.flush()
             ops.replace_base_weights(session, fingerprint, encoded)
 
-        self._write(work)
-        return self.base(fingerprint)
+        return work
 
     def load_base_weights(self, fingerprint: str) -> dict[str, torch.Tensor]:
         """The state_dict stored by :meth:`save_base_weights`, in its original order, with
@@ -214,10 +224,13 @@ class TaskStore:
         *,
         metrics: Mapping[str, Mapping[str, Any]] | None = None,
         config: Mapping[str, Any] | None = None,
+        base_weights: tuple[str, Mapping[str, torch.Tensor], str | None, str] | None = None,
     ) -> list[int]:
         """Commit several patches in ONE transaction: all become visible together or none.
 
         ``metrics`` maps task name -> metrics; ``config`` is merged into every patch's config.
+        ``base_weights = (fingerprint, state_dict, name, source)`` stores a new base in the same
+        transaction (joint training with a trained base): the base and its tasks appear together.
         Returns the new version numbers in the order of ``patches``.
         """
         patches = list(patches)
@@ -231,8 +244,11 @@ class TaskStore:
         preps = [self._prepare(p, metrics.get(p.name), config) for p in patches]
         # A fixed locking order keeps two concurrent commit_many calls from deadlocking.
         order = sorted(range(len(preps)), key=lambda i: keys[i])
+        base_work = self._base_weights_work(*base_weights) if base_weights else None
 
         def work(session: Session) -> list[int]:
+            if base_work is not None:
+                base_work(session)
             versions = [0] * len(preps)
             for i in order:
                 versions[i] = ops.insert_version(session, preps[i])
