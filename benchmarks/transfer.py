@@ -41,7 +41,7 @@ def run_task(base, name: str, args: argparse.Namespace) -> list[dict]:
     for mode in ("linear", "finetune"):
         res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode=mode)
         rows.append(_row(name, mode, res.accuracy, res.task_parameters, res.nbytes, res.seconds))
-    model = TAPSModel(copy.deepcopy(base.module), TAPSConfig(lam=args.lam))
+    model = TAPSModel(copy.deepcopy(base.module), TAPSConfig(lam=args.lam, penalty=args.penalty))
     model.add_task(name, spec.num_classes, seed=0)
     start = time.perf_counter()
     fit = fit_task(model, name, train, test, cfg, quiet=True)
@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--lam", type=float, default=TAPSConfig.lam)
+    parser.add_argument("--penalty", default=TAPSConfig.penalty, choices=["uniform", "weighted"])
     parser.add_argument("--tasks", nargs="+", default=list(CAPS))
     parser.add_argument("--out", default="benchmarks/results/transfer.json")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from taps_cl.config import TAPSConfig
 from taps_cl.errors import TAPSError
 from taps_cl.report import fmt_bytes, fmt_pct, table
 
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--image-size", type=int, default=None)
     s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--lam", type=float, default=1.0, help="sparsity penalty weight")
+    s.add_argument("--lam", type=float, default=TAPSConfig.lam, help="sparsity penalty weight")
     s.add_argument("--max-train", type=int, default=None)
     s.add_argument("--max-test", type=int, default=None)
     s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--image-size", type=int, default=None)
         s.add_argument("--lr", type=float, default=1e-3)
         s.add_argument("--base-lr", type=float, default=None, help="with --train-base")
-        s.add_argument("--lam", type=float, default=1.0, help="sparsity penalty weight")
+        s.add_argument("--lam", type=float, default=TAPSConfig.lam, help="sparsity penalty weight")
         s.add_argument("--epoch-length", default="max", help="max, min or a number of steps")
         s.add_argument("--ratio", action="append", help="TASK=FACTOR: that task's batch share")
         s.add_argument("--max-train", type=int, default=None)

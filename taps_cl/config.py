@@ -44,7 +44,7 @@ class _JSONConfig:
 class TAPSConfig(_JSONConfig):
     """How TAPS gates layers. Defaults follow the authors' code unless noted."""
 
-    lam: float = 1.0  # sparsity penalty weight; larger -> fewer adapted layers
+    lam: float = 0.5  # sparsity penalty weight; larger -> fewer adapted layers (see docs)
     tau: float = 0.1  # gate threshold: layer i is adapted iff score_i >= tau
     score_init: float = 0.15  # initial score; > tau, so every layer starts adapted
     penalty: str = "uniform"  # "uniform": mean |s_i|; "weighted": |s_i| weighted by layer size
