@@ -20,7 +20,7 @@ from taps_cl.scenarios import get_task
 
 DEMO_TASKS = {
     # task -> (suite kwargs, epochs)
-    "fashion_mnist": ({"max_train": 2000, "max_test": 1000}, 2),
+    "fashion_mnist": ({"max_train": 2000, "max_test": 1000}, 3),
     "digits": ({}, 3),
     "lfw_faces": ({}, 6),
 }
