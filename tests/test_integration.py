@@ -32,16 +32,18 @@ def test_real_base_loads_and_classifies_like_imagenet(lite0):
 
 
 def test_taps_beats_the_frozen_feature_extractor(lite0):
-    spec = get_task("fashion_mnist", max_train=800, max_test=400)
+    # digits (8x8 scans) is far from ImageNet: adapting layers must pay off clearly.
+    # Measured on this setting: TAPS 98.2%, feature extractor 88.7% (benchmarks/transfer.py).
+    spec = get_task("digits")
     prep = dict(preprocessing=lite0.preprocessing, image_size=64)
     train, test = prepare(spec.train, **prep), prepare(spec.test, **prep)
-    cfg = TrainConfig(epochs=2, image_size=64)
+    cfg = TrainConfig(epochs=3, image_size=64)
     linear = fit_baseline(lite0.module, 10, train, test, cfg, mode="linear")
     model = TAPSModel(copy.deepcopy(lite0.module), TAPSConfig())
-    model.add_task("fm", 10)
-    fit = fit_task(model, "fm", train, test, cfg, quiet=True)
-    patch = model.finalize_task("fm")
-    assert fit.accuracy > linear.accuracy + 0.02, (fit.accuracy, linear.accuracy)
+    model.add_task("digits", 10)
+    fit = fit_task(model, "digits", train, test, cfg, quiet=True)
+    patch = model.finalize_task("digits")
+    assert fit.accuracy > linear.accuracy + 0.04, (fit.accuracy, linear.accuracy)
     assert 0 < len(patch.active_layers) < patch.num_layers  # gates really closed, some stayed on
     assert patch.num_parameters < 0.5 * lite0.num_parameters
 
