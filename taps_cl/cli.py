@@ -395,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"taps-cl: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `taps-cl gates | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("taps-cl: interrupted; nothing was committed for an unfinished task", file=sys.stderr)
         return 130
