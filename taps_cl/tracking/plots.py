@@ -92,9 +92,16 @@ def accuracy_vs_params(points: Mapping[str, tuple[float, float]], path: str | Pa
     fig = Figure(figsize=(6.0, 4.2))
     ax = fig.subplots()
     shown = {k: v for k, v in points.items() if not math.isnan(v[0]) and not math.isnan(v[1])}
+    placed: list[tuple[float, float]] = []
     for name, (params, acc) in shown.items():
         ax.scatter([params], [acc], s=40)
-        ax.annotate(name, (params, acc), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        # Points at (nearly) the same place get their labels stacked instead of overprinted.
+        near = sum(
+            1 for p, a in placed if abs(a - acc) < 0.03 and abs(p - params) <= 0.2 * max(p, 1)
+        )
+        placed.append((params, acc))
+        offset = (5, 4 - 11 * near)
+        ax.annotate(name, (params, acc), textcoords="offset points", xytext=offset, fontsize=9)
     xs = [p for p, _ in shown.values()]
     if any(p <= 0 for p in xs):
         ax.set_xscale("symlog", linthresh=1.0)
