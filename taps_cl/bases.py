@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,20 +49,25 @@ class Base:
         return sum(p.numel() for p in self.module.parameters())
 
 
-def fingerprint(module: nn.Module) -> str:
-    """sha256 over the state_dict's names, dtypes, shapes and bytes, in state_dict order.
-
-    Two bases with the same fingerprint give the same outputs for the same code, so a patch
-    may only be applied to the base whose fingerprint it records.
-    """
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state_dict's names, dtypes, shapes and bytes, in its order."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state.items():
         t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(name.encode())
         digest.update(str(t.dtype).encode())
         digest.update(str(tuple(t.shape)).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def fingerprint(module: nn.Module) -> str:
+    """The base's identity: :func:`state_fingerprint` of its state_dict.
+
+    Two bases with the same fingerprint give the same outputs for the same code, so a patch
+    may only be applied to the base whose fingerprint it records.
+    """
+    return state_fingerprint(module.state_dict())
 
 
 _LITE_PACKAGES = {

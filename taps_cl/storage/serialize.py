@@ -79,18 +79,6 @@ def tensor_from_bytes(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
 
 
-def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """The fingerprint :func:`taps_cl.bases.fingerprint` gives a module with this state_dict."""
-    digest = hashlib.sha256()
-    for name, tensor in state.items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode())
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 def json_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     """A JSON round-tripped copy of ``value``; refuses what JSON (and PostgreSQL) cannot hold."""
     if value is None:

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from taps_cl.bases import state_fingerprint
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError
 from taps_cl.storage import ops, queries
 from taps_cl.storage.database import create_engines, ensure_schema, resolve_url
@@ -26,7 +27,6 @@ from taps_cl.storage.records import BaseRecord, StoreStats, TaskRecord, VersionR
 from taps_cl.storage.serialize import (
     json_dict,
     read_patch_file,
-    state_fingerprint,
     validate_fingerprint,
     write_patch_file,
 )
