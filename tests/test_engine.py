@@ -141,3 +141,24 @@ def test_other_process_predicts_identically(store, tmp_path):
     theirs = load_file(str(out))
     for name in ("a", "b"):
         assert torch.equal(theirs[name], engine.predict(name, x, logits=True))
+
+
+def test_tracking_logs_one_mlflow_run_per_task(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = Base(tiny_cnn(), "tiny", "tests.tiny", Preprocessing(input_size=16))
+    engine = Engine(base, store=store, train=FAST, tracking=uri, experiment="engine-test")
+    x, y = tiny_images(24, 3)
+    rec = engine.add_task((x, y), name="tracked", eval_dataset=(x, y), quiet=True)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("engine-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.metrics["active_layers"] == len(rec.active_layers)
+    assert run.data.metrics["task_parameters"] == rec.task_parameters
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "patch_summary.json" in artifacts and "gates" in artifacts
