@@ -83,6 +83,10 @@ def __getattr__(name: str) -> Any:
         from taps_cl.taps.model import TAPSModel
 
         return TAPSModel
+    if name in ("fit_joint", "JointConfig"):
+        from taps_cl import joint
+
+        return getattr(joint, name)
     if name == "TaskStore":
         from taps_cl.storage import TaskStore
 
@@ -93,6 +97,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BaseMismatchError",
     "Engine",
+    "JointConfig",
     "StoreIntegrityError",
     "TAPSConfig",
     "TAPSError",
@@ -106,4 +111,5 @@ __all__ = [
     "add_task",
     "configure",
     "default_engine",
+    "fit_joint",
 ]
