@@ -221,7 +221,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"no such file: {missing[0]}")
     engine = _engine(args)
     logits = engine.predict(args.name, list(args.files), logits=True, version=args.version)
-    names = engine._ensure(args.name, args.version).class_names(args.name)
+    names = engine.class_names(args.name, args.version)
     for path, row in zip(args.files, logits, strict=True):
         k = int(row.argmax())
         label = names[k] if names else str(k)

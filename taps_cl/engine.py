@@ -44,7 +44,7 @@ class TaskRecord:
     train_seconds: float
     num_classes: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    base_fingerprint: str | None = None  # the task's base when not the engine's (train_base)
+    base_fingerprint: str | None = None  # the base the task belongs to (new one after train_base)
 
     @property
     def layers_adapted(self) -> str:
@@ -80,7 +80,8 @@ class Engine:
         self.config = config or TAPSConfig()
         self.train_config = train or TrainConfig()
         self._serving: TAPSModel | None = None
-        self._loaded: dict[str, int] = {}  # task -> version loaded into the serving model
+        # task -> (version loaded into the serving model, input size it was trained at)
+        self._loaded: dict[str, tuple[int, int]] = {}
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -154,8 +155,7 @@ class Engine:
         model.add_task(name, data.num_classes, data.class_names, seed=train.seed)
         fit = fit_task(model, name, data, eval_data, train, quiet=quiet)
         patch = model.finalize_task(name)
-        record_config = self._record_config(config, train)
-        record_config["layer_order"] = list(model.layer_names)  # the store sorts tensors by name
+        record_config = self._record_config(config, train, model)
         metrics = _metrics(fit, len(data), len(eval_data) if eval_data is not None else 0)
         version = self.store.commit(patch, metrics=metrics, config=record_config)
         patch.version = version
@@ -204,7 +204,7 @@ class Engine:
             model, data, train, joint=sampling, train_base=train_base, eval_data=evals, quiet=quiet
         )
         patches, new_base = jm.export_joint(model, list(data), self.base.module, train_base)
-        rec_config = {**self._record_config(config, train), **jm.run_config(fit, sampling)}
+        rec_config = {**self._record_config(config, train, model), **jm.run_config(fit, sampling)}
         metrics = {
             n: {**_metrics(f, len(data[n]), len(evals.get(n) or ())), **jm.run_metrics(fit)}
             for n, f in fit.fits.items()
@@ -219,7 +219,6 @@ class Engine:
             patch.version = version
             self._unload(patch.name)
             records.append(_record(patch, fit.fits[patch.name], self.base.num_parameters))
-            records[-1].base_fingerprint = patch.base_fingerprint
             if self.tracking and jm.world()[0] == 0:
                 self._track(patch, fit.fits[patch.name], rec_config, metrics[patch.name], model)
         return records
@@ -241,9 +240,18 @@ class Engine:
             experiment=self.experiment,
         )
 
-    def _record_config(self, config: TAPSConfig, train: TrainConfig) -> dict[str, Any]:
+    def _record_config(
+        self, config: TAPSConfig, train: TrainConfig, model: TAPSModel
+    ) -> dict[str, Any]:
+        """What each version records beside its tensors: configs, the input size ``predict``
+        must use, and the gated layers in model order (the store keeps tensors by name)."""
         size = train.image_size or self.base.preprocessing.input_size
-        return {"taps": config.to_dict(), "train": train.to_dict(), "image_size": size}
+        return {
+            "taps": config.to_dict(),
+            "train": train.to_dict(),
+            "image_size": size,
+            "layer_order": list(model.layer_names),
+        }
 
     def _track(self, patch, fit, record_config, metrics, model) -> None:
         from taps_cl.tracking import log_task_run
@@ -281,30 +289,33 @@ class Engine:
             raise BaseMismatchError(f"task {name!r} belongs to another base")
         return patch
 
-    def _ensure(self, name: str, version: int | None = None) -> TAPSModel:
+    def _ensure(self, name: str, version: int | None = None) -> tuple[TAPSModel, int]:
+        """The serving model with ``name`` at ``version`` (default: current) loaded, and the
+        input size that version was trained at; both come from the same stored version."""
         model = self._serving_model()
         want = version or self._current_version(name)
-        if self._loaded.get(name) != want:
+        loaded = self._loaded.get(name)
+        if loaded is None or loaded[0] != want:
             patch = self.load_patch(name, want)
             self._unload(name)
             model.load_patch(patch)
             model.to(self.device).eval()
-            self._loaded[name] = want
-        return model
+            size = int(patch.config.get("image_size") or self.base.preprocessing.input_size)
+            loaded = self._loaded[name] = (want, size)
+        return model, loaded[1]
 
     def _current_version(self, name: str) -> int:
         validate_task_name(name)
-        for rec in self.tasks():
+        records = self.tasks()
+        for rec in records:
             if rec.name == name:
                 return rec.current_version
-        known = [r.name for r in self.tasks()]
+        known = [r.name for r in records]
         raise UnknownTaskError(f"no task {name!r} in {self.store.url}; known: {known or 'none'}")
 
     def image_size(self, name: str, version: int | None = None) -> int:
         """The input side the task was trained at (what ``predict`` resizes to)."""
-        version = version or self._current_version(name)
-        rec = next(v for v in self.versions(name) if v.version == version)
-        return int(rec.config.get("image_size") or self.base.preprocessing.input_size)
+        return self._ensure(name, version)[1]
 
     def preprocess(self, inputs: Any, name: str | None = None) -> torch.Tensor:
         """Raw images (tensors, arrays, PIL, paths) -> model input, exactly as training saw them."""
@@ -313,23 +324,25 @@ class Engine:
 
     def model(self, name: str, version: int | None = None) -> nn.Module:
         """The task as a plain merged ``nn.Module`` (eval mode; expects preprocessed input)."""
-        return self._ensure(name, version).merged(name)
+        return self._ensure(name, version)[0].merged(name)
+
+    def class_names(self, name: str, version: int | None = None) -> list[str] | None:
+        return self._ensure(name, version)[0].class_names(name)
 
     @torch.no_grad()
     def predict(
         self, name: str, inputs: Any, logits: bool = False, version: int | None = None
     ) -> torch.Tensor:
         """Class indices (or logits with ``logits=True``) for raw ``inputs``."""
-        model = self._ensure(name, version)
-        x = preprocess(inputs, self.base.preprocessing, self.image_size(name, version))
+        model, size = self._ensure(name, version)
+        x = preprocess(inputs, self.base.preprocessing, size)
         outs = [model(chunk.to(self.device), task=name).float().cpu() for chunk in x.split(256)]
         out = torch.cat(outs)
         return out if logits else out.argmax(1)
 
     def evaluate(self, name: str, dataset: Any, version: int | None = None) -> dict[str, float]:
         """Accuracy and loss of the stored task on ``dataset``."""
-        model = self._ensure(name, version)
-        size = self.image_size(name, version)
+        model, size = self._ensure(name, version)
         data = prepare(
             dataset,
             preprocessing=self.base.preprocessing,
@@ -401,6 +414,7 @@ def _record(patch: TaskPatch, fit: FitResult, base_params: int) -> TaskRecord:
         train_seconds=fit.seconds,
         num_classes=patch.num_classes,
         history=fit.history,
+        base_fingerprint=patch.base_fingerprint,
     )
 
 

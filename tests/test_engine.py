@@ -46,6 +46,8 @@ def test_add_task_predict_evaluate_and_versions(store):
     rec2 = engine.add_task((x, y), name="a", quiet=True, train=TrainConfig(epochs=1, seed=1))
     assert rec2.version == 2
     assert [v.version for v in engine.versions("a")] == [1, 2]
+    assert engine.versions("a")[0].config["image_size"] == 16
+    assert engine.image_size("a", version=1) == 16
     assert torch.equal(engine.predict("a", x, logits=True, version=1), logits)
     assert engine.remove_task("a", version=2) == [2]
     assert torch.equal(engine.predict("a", x, logits=True), logits)
@@ -162,3 +164,17 @@ def test_tracking_logs_one_mlflow_run_per_task(store, tmp_path):
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "patch_summary.json" in artifacts and "gates" in artifacts
+
+
+def test_predict_uses_the_input_size_the_version_was_trained_at(store):
+    engine = tiny_engine(store)  # base input size 16
+    x, y = tiny_images(24, 3, size=20)
+    engine.add_task((x, y), name="big", train=TrainConfig(epochs=1, batch_size=8, image_size=24))
+    assert engine.image_size("big") == 24
+    assert engine.preprocess(x, "big").shape[-1] == 24
+    merged = engine.model("big")
+    with torch.no_grad():
+        expected = merged(engine.preprocess(x, "big"))
+    assert (engine.predict("big", x, logits=True) - expected).abs().max() <= 1e-5
+    fresh = tiny_engine(store)
+    assert torch.equal(fresh.predict("big", x, logits=True), engine.predict("big", x, logits=True))

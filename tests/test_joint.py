@@ -117,6 +117,7 @@ def test_engine_add_tasks_joint_keeps_base_and_commits(store):
     version = engine.versions("t2")[0]
     assert version.config["joint"]["sampling"]["ratios"] == {"t2": 2.0}
     assert version.metrics["joint_steps"] == 6
+    assert version.config["layer_order"] == ["conv1", "conv2"]  # gate pictures keep model order
     assert version.metrics["joint_examples"] == 6 * (8 + 8 + 16)
     reopened = tiny_engine(store)
     for name, (x, _) in tasks.items():
