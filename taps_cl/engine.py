@@ -19,7 +19,7 @@ from torch import nn
 from taps_cl.bases import Base, fingerprint, load_base
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import TaskData, prepare, preprocess
-from taps_cl.errors import BaseMismatchError, UnknownTaskError
+from taps_cl.errors import BaseMismatchError, UnknownBaseError, UnknownTaskError
 from taps_cl.runtime import resolve_device
 from taps_cl.storage import TaskStore, read_patch_file
 from taps_cl.taps.model import TAPSModel
@@ -70,9 +70,7 @@ class Engine:
         self.base.module.requires_grad_(False).eval()
         self.fingerprint = fingerprint(self.base.module)
         self.store = store if isinstance(store, TaskStore) else TaskStore(store)
-        self.store.register_base(
-            self.fingerprint, self.base.name, self.base.source, self.base.num_parameters
-        )
+        self._register_base()
         self.tracking = tracking
         self.experiment = experiment
         self.device = resolve_device(device)
@@ -82,6 +80,18 @@ class Engine:
         self._serving: TAPSModel | None = None
         # task -> (version loaded into the serving model, input size it was trained at)
         self._loaded: dict[str, tuple[int, int]] = {}
+
+    def _register_base(self) -> None:
+        """Name the base in the store once; opening an engine on a known base writes nothing
+        (no write lock per CLI call, and read-only database users can still predict)."""
+        try:
+            known = self.store.base(self.fingerprint)
+        except UnknownBaseError:
+            known = None
+        if known is None or known.name == f"base-{self.fingerprint[:12]}":  # placeholder name
+            self.store.register_base(
+                self.fingerprint, self.base.name, self.base.source, self.base.num_parameters
+            )
 
     # -- inspection -------------------------------------------------------------------------
 

@@ -178,3 +178,12 @@ def test_predict_uses_the_input_size_the_version_was_trained_at(store):
     assert (engine.predict("big", x, logits=True) - expected).abs().max() <= 1e-5
     fresh = tiny_engine(store)
     assert torch.equal(fresh.predict("big", x, logits=True), engine.predict("big", x, logits=True))
+
+
+def test_opening_an_engine_on_a_known_base_keeps_its_record(store):
+    first = tiny_engine(store)
+    assert first.store.base(first.fingerprint).name == "tiny"
+    relabelled = Base(tiny_cnn(), "renamed", "elsewhere", Preprocessing(input_size=16))
+    again = Engine(relabelled, store=store)
+    assert again.fingerprint == first.fingerprint
+    assert again.store.base(again.fingerprint).name == "tiny"  # no write on open
