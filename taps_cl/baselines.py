@@ -20,8 +20,8 @@ from torch import nn
 
 from taps_cl.config import TrainConfig
 from taps_cl.runtime import Runtime, seed_everything
-from taps_cl.taps.model import _set_child, find_head
-from taps_cl.train import _loader, _schedule
+from taps_cl.taps.model import find_head, set_child
+from taps_cl.train import make_loader, make_schedule
 
 MODES = ("linear", "finetune")
 
@@ -57,14 +57,14 @@ def fit_baseline(
     for p in trainable:
         p.requires_grad_(True)
     model.to(runtime.device)
-    loader = _loader(train_data, config, runtime, shuffle=True, gen=gen)
+    loader = make_loader(train_data, config, runtime, shuffle=True, gen=gen)
     groups = [{"params": trainable, "lr": config.lr, "weight_decay": config.weight_decay}]
     opt = (
         torch.optim.SGD(groups, momentum=0.9)
         if config.optimizer == "sgd"
         else torch.optim.AdamW(groups)
     )
-    sched = _schedule(opt, config, len(loader) * config.epochs)
+    sched = make_schedule(opt, config, len(loader) * config.epochs)
     start = time.perf_counter()
     for _ in range(config.epochs):
         model.train(mode == "finetune")  # a feature extractor keeps the base's BN statistics
@@ -91,7 +91,7 @@ def _with_new_head(base: nn.Module, num_classes: int, head: str | None, seed: in
     old = model.get_submodule(name)
     torch.manual_seed(seed)
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    _set_child(model, name, new)
+    set_child(model, name, new)
     return model, new
 
 
@@ -102,7 +102,7 @@ def accuracy_of(model: nn.Module, data: Any, config: TrainConfig | None = None) 
     runtime = Runtime.create(config.device, config.amp, config.amp_cpu)
     model.eval()
     correct = total = 0
-    for x, y in _loader(data, config, runtime, shuffle=False):
+    for x, y in make_loader(data, config, runtime, shuffle=False):
         with runtime.autocast():
             pred = model(runtime.to_device(x)).argmax(1).cpu()
         correct += int((pred == y).sum())

@@ -55,9 +55,11 @@ def auto_score_lr(taps: TAPSConfig, train: TrainConfig, steps: int, num_layers: 
     return lr
 
 
-def _loader(
+def make_loader(
     data: Any, config: TrainConfig, runtime: Runtime, shuffle: bool, gen=None
 ) -> DataLoader:
+    """The DataLoader every training loop here uses (TAPS, baselines, joint), so that a
+    comparison differs only in what is trained, not in batching or data order."""
     dataset: Dataset = getattr(data, "dataset", data)
     drop_last = (
         shuffle and len(dataset) > config.batch_size and len(dataset) % config.batch_size == 1
@@ -90,7 +92,8 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int):
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int):
+    """Per-step learning-rate schedule over ``total`` steps (cosine or constant)."""
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
@@ -108,7 +111,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
-    for x, y in _loader(data, config, runtime, shuffle=False):
+    for x, y in make_loader(data, config, runtime, shuffle=False):
         x, y = runtime.to_device(x), y.to(runtime.device)
         with runtime.autocast():
             logits = model(x, task=name)
@@ -143,7 +146,7 @@ def fit_task(
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = _loader(train_data, config, runtime, shuffle=True, gen=gen)
+    loader = make_loader(train_data, config, runtime, shuffle=True, gen=gen)
     if len(loader) == 0:
         raise ValueError("training data is empty")
     total = len(loader) * config.epochs
@@ -152,7 +155,7 @@ def fit_task(
         model.config, config, total - warmup, model.num_layers
     )
     optimizer = build_optimizer(model, name, config, score_lr)
-    scheduler = _schedule(optimizer, config, total)
+    scheduler = make_schedule(optimizer, config, total)
     result = FitResult(name=name, num_layers=model.num_layers, score_lr=score_lr)
     start = time.perf_counter()
     bar = tqdm(total=total, desc=f"task {name}", disable=quiet or not sys.stderr.isatty())

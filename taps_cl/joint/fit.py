@@ -20,7 +20,7 @@ from taps_cl.joint.distributed import broadcast_state, world
 from taps_cl.joint.sampling import JointConfig, TaskStream, epoch_steps, task_batch_sizes
 from taps_cl.runtime import Runtime, seed_everything
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import FitResult, _schedule, auto_score_lr, build_optimizer, evaluate
+from taps_cl.train import FitResult, auto_score_lr, build_optimizer, evaluate, make_schedule
 
 
 @dataclass
@@ -154,7 +154,7 @@ def fit_joint(
     for p in base:
         p.requires_grad_(True)
     optimizer = _optimizer(model, names, config, score_lr, base, joint.base_lr or config.lr)
-    loop = _Loop(model, runtime, optimizer, _schedule(optimizer, config, total), config)
+    loop = _Loop(model, runtime, optimizer, make_schedule(optimizer, config, total), config)
     loop.wrap(world_size)
     result = JointResult(
         fits={n: FitResult(n, num_layers=model.num_layers, score_lr=score_lr) for n in names},

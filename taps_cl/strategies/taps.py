@@ -15,7 +15,6 @@ is :class:`~taps_cl.strategies.router.TAPSRouter`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
 from taps_cl.strategies.router import TAPSRouter, experience_num_classes, experience_task_labels
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
-from taps_cl.train import auto_score_lr, build_optimizer
+from taps_cl.train import auto_score_lr, build_optimizer, make_schedule
 
 
 class TAPS(SupervisedTemplate):
@@ -151,7 +150,7 @@ class TAPS(SupervisedTemplate):
             taps.config, self.train_config, total - warmup, taps.num_layers
         )
         self.optimizer = build_optimizer(taps, name, self.train_config, self.score_lr)
-        self._scheduler = _lr_schedule(self.optimizer, self.train_config.schedule, total)
+        self._scheduler = make_schedule(self.optimizer, self.train_config, total)
 
     def optimizer_step(self) -> None:
         max_norm = self.train_config.max_grad_norm
@@ -220,14 +219,3 @@ def _as_router(
     overrides = {k: v for k, v in (("lam", lam), ("tau", tau)) if v is not None}
     config = dataclasses.replace(config, **overrides)  # re-validated in __post_init__
     return TAPSRouter(TAPSModel(model, config, head=head), task_names)
-
-
-def _lr_schedule(
-    optimizer: torch.optim.Optimizer, kind: str, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay over the experience's steps (or constant), as the trainer schedules."""
-    if kind == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
-    )

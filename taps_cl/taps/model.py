@@ -55,7 +55,7 @@ def find_head(model: nn.Module, head: str | None = None) -> str:
     )
 
 
-def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_child(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, child, module)
@@ -78,7 +78,7 @@ class TAPSModel(nn.Module):
         self.head_name = find_head(base, head)
         self.base = base
         self.heads = TaskHeads(base.get_submodule(self.head_name))
-        _set_child(base, self.head_name, self.heads)
+        set_child(base, self.head_name, self.heads)
         self.layer_names: list[str] = []
         self.norm_names: list[str] = []
         self._inject()
@@ -96,10 +96,10 @@ class TAPSModel(nn.Module):
             if any(name.startswith(s + ".") for s in skip):
                 continue
             if gateable_weight_attr(module) is not None:
-                _set_child(self.base, name, TaskAdaptiveLayer(module, self.config.tau))
+                set_child(self.base, name, TaskAdaptiveLayer(module, self.config.tau))
                 self.layer_names.append(name)
             elif self.config.task_norms and is_norm(module):
-                _set_child(self.base, name, TaskNorm(module))
+                set_child(self.base, name, TaskNorm(module))
                 self.norm_names.append(name)
         if not self.layer_names:
             raise ValueError(f"{type(self.base).__name__} has no gateable layers (Conv/Linear)")
