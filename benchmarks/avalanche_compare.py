@@ -52,7 +52,7 @@ from taps_cl.scenarios.avalanche import (  # noqa: E402
 )
 from taps_cl.scenarios.suite import offline_suite, split_fashion_mnist  # noqa: E402
 from taps_cl.strategies import TAPS  # noqa: E402
-from taps_cl.strategies.baselines import BASELINES, build_baseline  # noqa: E402
+from taps_cl.strategies.multihead import BASELINES, build_baseline  # noqa: E402
 
 STRATEGIES = ("taps", *BASELINES)
 SETTINGS = {

@@ -10,11 +10,10 @@ Defaults come from ``TAPS_CL_BASE``, ``TAPS_CL_STORE`` and ``MLFLOW_TRACKING_URI
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.config import TAPSConfig, TrainConfig, environment
 from taps_cl.errors import (
     BaseMismatchError,
     StoreIntegrityError,
@@ -59,9 +58,9 @@ def default_engine() -> Engine:
         if _engine is None:
             s = dict(_settings)
             _engine = Engine(
-                s.pop("base", None) or os.environ.get("TAPS_CL_BASE") or None,
+                s.pop("base", None),
                 store=s.pop("store", None),
-                tracking=s.pop("tracking", None) or os.environ.get("MLFLOW_TRACKING_URI"),
+                tracking=s.pop("tracking", None) or environment().tracking,
                 device=s.pop("device", None) or "auto",
                 **s,
             )

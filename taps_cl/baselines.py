@@ -3,8 +3,10 @@
 - ``"linear"`` (feature extractor): frozen base, new head only. Cheapest, no forgetting, weakest.
 - ``"finetune"``: every weight trainable, new head. One full model copy per task.
 
-Same optimizer, schedule, epochs, batch size and data order as TAPS (``TrainConfig``), so a
-comparison differs only in *what* is trained.
+The same objective without the penalty (:func:`~taps_cl.train.task_loss`), the same optimizer,
+clipping and schedule (:class:`~taps_cl.train.Stepper`), the same batching and data order
+(:class:`~taps_cl.batching.TaskStream`) and epochs as TAPS (``TrainConfig``), so a comparison
+differs only in *what* is trained.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from taps_cl.batching import TaskStream, make_loader
 from taps_cl.config import TrainConfig
 from taps_cl.runtime import Runtime, seed_everything
 from taps_cl.taps.model import find_head, set_child
-from taps_cl.train import make_loader, make_schedule
+from taps_cl.train import Stepper, make_optimizer, make_schedule, task_loss
 
 MODES = ("linear", "finetune")
 
@@ -49,33 +51,27 @@ def fit_baseline(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     config = config or TrainConfig()
-    runtime = Runtime.create(config.device, config.amp, config.amp_cpu)
-    gen = seed_everything(config.seed)
+    runtime = Runtime.of(config)
+    seed_everything(config.seed)
     model, head_module = _with_new_head(base, num_classes, head, config.seed)
     trainable = list(head_module.parameters()) if mode == "linear" else list(model.parameters())
     model.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     model.to(runtime.device)
-    loader = make_loader(train_data, config, runtime, shuffle=True, gen=gen)
+    stream = TaskStream(train_data, config.batch_size, config.seed, config, runtime)
     groups = [{"params": trainable, "lr": config.lr, "weight_decay": config.weight_decay}]
-    opt = (
-        torch.optim.SGD(groups, momentum=0.9)
-        if config.optimizer == "sgd"
-        else torch.optim.AdamW(groups)
-    )
-    sched = make_schedule(opt, config, len(loader) * config.epochs)
+    opt = make_optimizer(groups, config)
+    total = len(stream) * config.epochs
+    stepper = Stepper(opt, make_schedule(opt, config, total), config, runtime, what=mode)
     start = time.perf_counter()
     for _ in range(config.epochs):
         model.train(mode == "finetune")  # a feature extractor keeps the base's BN statistics
-        for x, y in loader:
-            x, y = runtime.to_device(x), y.to(runtime.device)
+        for _ in range(len(stream)):
+            x, y = stream.next()
             with runtime.autocast():
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+                logits = model(runtime.to_device(x))
+            stepper.step(task_loss(logits, y.to(runtime.device)))
     seconds = time.perf_counter() - start
     model.eval()
     accuracy = accuracy_of(model, eval_data, config) if eval_data is not None else None
@@ -99,10 +95,10 @@ def _with_new_head(base: nn.Module, num_classes: int, head: str | None, seed: in
 def accuracy_of(model: nn.Module, data: Any, config: TrainConfig | None = None) -> float:
     """Top-1 accuracy of a plain classifier on preprocessed ``(x, y)`` data."""
     config = config or TrainConfig()
-    runtime = Runtime.create(config.device, config.amp, config.amp_cpu)
+    runtime = Runtime.of(config)
     model.eval()
     correct = total = 0
-    for x, y in make_loader(data, config, runtime, shuffle=False):
+    for x, y in make_loader(data, config, runtime):
         with runtime.autocast():
             pred = model(runtime.to_device(x)).argmax(1).cpu()
         correct += int((pred == y).sum())

@@ -6,12 +6,11 @@ Bad input exits with code 2 and a one-line message (no traceback).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from taps_cl.config import TAPSConfig
+from taps_cl.config import DEFAULT_BASE, TAPSConfig, environment
 from taps_cl.errors import TAPSError
 from taps_cl.report import fmt_bytes, fmt_pct, table
 
@@ -20,9 +19,9 @@ def _engine(args: argparse.Namespace, **kw):
     from taps_cl.engine import Engine
 
     return Engine(
-        args.base or os.environ.get("TAPS_CL_BASE") or None,
+        args.base,
         store=args.store,
-        tracking=getattr(args, "tracking", None) or os.environ.get("MLFLOW_TRACKING_URI"),
+        tracking=getattr(args, "tracking", None) or environment().tracking,
         device=args.device,
         **kw,
     )
@@ -35,7 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.store or "taps_cl_demo.db",
         image_size=args.image_size,
         scale=args.scale,
-        base=args.base or "efficientnet_lite0",
+        base=args.base or DEFAULT_BASE,
         fresh=not args.keep,
         quiet=args.quiet,
     )

@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+DEFAULT_BASE = "efficientnet_lite0"  # the base an Engine uses when none is named
 PENALTIES = ("uniform", "weighted")
+AMP_DTYPES = ("bfloat16", "float16")
+EPOCH_LENGTHS = ("max", "min")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
@@ -83,6 +89,7 @@ class TrainConfig(_JSONConfig):
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     amp: bool = True  # mixed precision (bf16 autocast) on CUDA; ignored on CPU unless amp_cpu
     amp_cpu: bool = False  # also use bf16 autocast on CPU (slower on most CPUs; for testing)
+    amp_dtype: str = "bfloat16"  # autocast dtype: "bfloat16" or "float16" (with loss scaling)
     num_workers: int = 0  # DataLoader worker processes
     max_grad_norm: float | None = 5.0  # gradient clipping; None disables
 
@@ -106,3 +113,53 @@ class TrainConfig(_JSONConfig):
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be {DEVICES_HINT}, got {self.device!r}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
+
+
+@dataclass
+class JointConfig(_JSONConfig):
+    """How a joint run samples its tasks (training itself is set by :class:`TrainConfig`)."""
+
+    epoch_length: int | str = "max"  # steps per epoch: "max"/"min" over the tasks' batches, or N
+    ratios: dict[str, float] | None = None  # task -> multiple of batch_size per step (default 1)
+    base_lr: float | None = None  # lr of the shared base weights (train_base); None = lr
+
+    def __post_init__(self) -> None:
+        e = self.epoch_length
+        if isinstance(e, bool) or not (e in EPOCH_LENGTHS or (isinstance(e, int) and e >= 1)):
+            raise ValueError(f"epoch_length must be 'max', 'min' or an int >= 1, got {e!r}")
+        if self.ratios is not None:
+            if not isinstance(self.ratios, Mapping):
+                raise TypeError(f"ratios must be a dict task -> float, got {type(self.ratios)}")
+            bad = {k: v for k, v in self.ratios.items() if not float(v) > 0}
+            if bad:
+                raise ValueError(f"ratios must be > 0, got {bad}")
+            self.ratios = {str(k): float(v) for k, v in self.ratios.items()}
+        if self.base_lr is not None and not self.base_lr > 0:
+            raise ValueError(f"base_lr must be None or > 0, got {self.base_lr}")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Every environment variable taps_cl reads, read in this one place (:func:`environment`)."""
+
+    base: str  # TAPS_CL_BASE: the base an Engine uses when none is named (else DEFAULT_BASE)
+    store: str | None  # TAPS_CL_STORE: store URL or SQLite path (None: the default file)
+    tracking: str | None  # MLFLOW_TRACKING_URI: MLflow tracking for the default engine and CLI
+    data_home: Path  # XDG_DATA_HOME (default ~/.local/share): holds taps_cl/tasks.db
+    world_size: int  # WORLD_SIZE set by torchrun (1 outside it)
+    local_rank: int  # LOCAL_RANK set by torchrun: this rank's GPU
+
+
+def environment() -> Environment:
+    """The environment as it is now (read on each call, so tests and users may change it)."""
+    env = os.environ
+    return Environment(
+        base=env.get("TAPS_CL_BASE") or DEFAULT_BASE,
+        store=env.get("TAPS_CL_STORE") or None,
+        tracking=env.get("MLFLOW_TRACKING_URI") or None,
+        data_home=Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"),
+        world_size=int(env.get("WORLD_SIZE") or 1),
+        local_rank=int(env.get("LOCAL_RANK") or 0),
+    )

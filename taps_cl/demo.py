@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from taps_cl.config import TrainConfig
+from taps_cl.config import DEFAULT_BASE, TrainConfig
 from taps_cl.engine import Engine
 from taps_cl.report import fmt_bytes, fmt_pct, table
 from taps_cl.scenarios import get_task
@@ -39,7 +39,7 @@ def run_demo(
     *,
     image_size: int = 64,
     scale: float = 1.0,
-    base: str = "efficientnet_lite0",
+    base: str = DEFAULT_BASE,
     fresh: bool = True,
     quiet: bool = False,
     tracking: str | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +16,27 @@ import torch
 from torch import nn
 
 from taps_cl.bases import Base, fingerprint, load_base
-from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.config import JointConfig, TAPSConfig, TrainConfig, environment
 from taps_cl.data import TaskData, prepare, preprocess
-from taps_cl.errors import BaseMismatchError, UnknownBaseError, UnknownTaskError
-from taps_cl.runtime import resolve_device
+from taps_cl.errors import BaseMismatchError, UnknownBaseError
+from taps_cl.runs import (
+    TaskRecord,
+    commit_run,
+    finalize_run,
+    patch_summary,
+    prepare_all,
+    run_config,
+    task_metrics,
+    task_record,
+)
+from taps_cl.runtime import resolve_device, world
+from taps_cl.serving import TaskServer
 from taps_cl.storage import TaskStore, read_patch_file
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
-from taps_cl.train import FitResult, evaluate, fit_task
+from taps_cl.train import RunResult
 
-DEFAULT_BASE = "efficientnet_lite0"
-
-
-@dataclass
-class TaskRecord:
-    """What ``add_task`` produced: one committed version of one task."""
-
-    name: str
-    version: int
-    accuracy: float | None  # on eval_dataset (None without one)
-    active_layers: list[str]  # layers the task adapts
-    num_layers: int  # gated layers in the base
-    task_parameters: int  # task-specific parameters stored (deltas, scores, norms, head)
-    parameter_share: float  # task_parameters / base parameters
-    nbytes: int  # bytes of the stored patch
-    train_seconds: float
-    num_classes: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    base_fingerprint: str | None = None  # the base the task belongs to (new one after train_base)
-
-    @property
-    def layers_adapted(self) -> str:
-        return f"{len(self.active_layers)}/{self.num_layers}"
+__all__ = ["Engine", "TaskRecord"]
 
 
 class Engine:
@@ -66,7 +54,7 @@ class Engine:
         train: TrainConfig | None = None,
         experiment: str = "taps_cl",
     ) -> None:
-        self.base = load_base(base if base is not None else DEFAULT_BASE)
+        self.base = load_base(base if base is not None else environment().base)
         self.base.module.requires_grad_(False).eval()
         self.fingerprint = fingerprint(self.base.module)
         self.store = store if isinstance(store, TaskStore) else TaskStore(store)
@@ -77,9 +65,7 @@ class Engine:
         self.head = head
         self.config = config or TAPSConfig()
         self.train_config = train or TrainConfig()
-        self._serving: TAPSModel | None = None
-        # task -> (version loaded into the serving model, input size it was trained at)
-        self._loaded: dict[str, tuple[int, int]] = {}
+        self.server = TaskServer(self, lambda: self._new_model(self.config))
 
     def _register_base(self) -> None:
         """Name the base in the store once; opening an engine on a known base writes nothing
@@ -148,32 +134,18 @@ class Engine:
         """Train a task on ``dataset`` and commit it as a new version (never overwrites).
 
         The data is validated before any training; invalid data raises ``ValueError`` or
-        ``TypeError`` and nothing is trained or stored.
+        ``TypeError`` and nothing is trained or stored. This is the one-task case of
+        :meth:`add_tasks`: the same loop, the same commit, the same record.
         """
         name = validate_task_name(name or _default_name(dataset, self))
-        config = config or self.config
-        if not isinstance(config, TAPSConfig):
-            raise TypeError(f"config must be a TAPSConfig, got {type(config).__name__}")
         train = self._train_config(train)
         data = self.prepare(dataset, train, num_classes=num_classes, class_names=class_names)
-        eval_data = None
+        evals = {}
         if eval_dataset is not None:
-            eval_data = self.prepare(
+            evals[name] = self.prepare(
                 eval_dataset, train, num_classes=data.num_classes, class_names=data.class_names
             )
-        model = self._new_model(config)
-        model.add_task(name, data.num_classes, data.class_names, seed=train.seed)
-        fit = fit_task(model, name, data, eval_data, train, quiet=quiet)
-        patch = model.finalize_task(name)
-        record_config = self._record_config(config, train, model)
-        metrics = _metrics(fit, len(data), len(eval_data) if eval_data is not None else 0)
-        version = self.store.commit(patch, metrics=metrics, config=record_config)
-        patch.version = version
-        self._unload(name)
-        record = _record(patch, fit, self.base.num_parameters)
-        if self.tracking:
-            self._track(patch, fit, record_config, metrics, model)
-        return record
+        return self._train_and_commit({name: data}, evals, config, train, quiet=quiet)[0]
 
     def add_tasks(
         self,
@@ -184,7 +156,7 @@ class Engine:
         config: TAPSConfig | None = None,
         train: TrainConfig | None = None,
         eval_datasets: dict[str, Any] | None = None,
-        sampling: Any = None,
+        sampling: JointConfig | None = None,
         quiet: bool = False,
     ) -> list[TaskRecord]:
         """Train several tasks (name -> dataset). ``joint=True`` trains them together (see
@@ -193,44 +165,64 @@ class Engine:
         weights into a NEW base, stored with its own fingerprint (open it with
         :meth:`open_stored_base`); this engine's base and tasks stay untouched. Every dataset
         is validated before anything trains. Under torchrun only rank 0 writes."""
-        from taps_cl import joint as jm
-
-        config, train = config or self.config, self._train_config(train)
-        data, evals = jm.prepare_all(
+        train = self._train_config(train)
+        data, evals = prepare_all(
             datasets, eval_datasets, lambda d, **kw: self.prepare(d, train, **kw)
         )
         if not joint:
             if train_base:
                 raise ValueError("train_base=True needs joint=True")
-            kw = dict(config=config, train=train, quiet=quiet)
             return [
-                self.add_task(d, name=n, eval_dataset=evals.get(n), **kw) for n, d in data.items()
-            ]
-        jm.init_distributed()
+                self._train_and_commit({n: d}, {n: evals[n]} if n in evals else {}, config, train,
+                                       quiet=quiet)[0]
+                for n, d in data.items()
+            ]  # fmt: skip
+        return self._train_and_commit(
+            data, evals, config, train, sampling=sampling, train_base=train_base, quiet=quiet
+        )
+
+    def _train_and_commit(
+        self,
+        data: dict[str, TaskData],
+        evals: dict[str, TaskData],
+        config: TAPSConfig | None,
+        train: TrainConfig,
+        *,
+        sampling: JointConfig | None = None,
+        train_base: bool = False,
+        quiet: bool = False,
+    ) -> list[TaskRecord]:
+        """Train ``data`` in one run on a private copy of the base, then commit every task in
+        one transaction; only then are stale serving copies dropped."""
+        from taps_cl.joint import fit_joint, init_distributed, new_base_label
+
+        config = config or self.config
+        if not isinstance(config, TAPSConfig):
+            raise TypeError(f"config must be a TAPSConfig, got {type(config).__name__}")
+        init_distributed()
         model = self._new_model(config)
         for name, d in data.items():
             model.add_task(name, d.num_classes, d.class_names, seed=train.seed)
-        fit = jm.fit_joint(
+        fit = fit_joint(
             model, data, train, joint=sampling, train_base=train_base, eval_data=evals, quiet=quiet
         )
-        patches, new_base = jm.export_joint(model, list(data), self.base.module, train_base)
-        rec_config = {**self._record_config(config, train, model), **jm.run_config(fit, sampling)}
+        patches, new_base = finalize_run(model, list(data), self.base.module, train_base)
+        rec_config = {**self._record_config(config, train, model), **run_config(fit, sampling)}
         metrics = {
-            n: {**_metrics(f, len(data[n]), len(evals.get(n) or ())), **jm.run_metrics(fit)}
-            for n, f in fit.fits.items()
+            n: task_metrics(fit, n, len(data[n]), len(evals[n]) if n in evals else 0) for n in data
         }
-        label = jm.new_base_label(self.base, self.fingerprint, list(data))
-        versions = jm.commit_joint(
+        label = new_base_label(self.base, self.fingerprint, list(data))
+        versions = commit_run(
             self.store, patches, metrics=metrics, config=rec_config,
             new_base=(new_base, *label) if new_base is not None else None,
         )  # fmt: skip
         records = []
         for patch, version in zip(patches, versions, strict=True):
             patch.version = version
-            self._unload(patch.name)
-            records.append(_record(patch, fit.fits[patch.name], self.base.num_parameters))
-            if self.tracking and jm.world()[0] == 0:
-                self._track(patch, fit.fits[patch.name], rec_config, metrics[patch.name], model)
+            self.server.unload(patch.name)
+            records.append(task_record(patch, fit.fits[patch.name], self.base.num_parameters))
+            if self.tracking and world()[0] == 0:
+                self._track(patch, fit, rec_config, metrics[patch.name], model)
         return records
 
     def open_stored_base(self, fingerprint: str) -> Engine:
@@ -263,7 +255,7 @@ class Engine:
             "layer_order": list(model.layer_names),
         }
 
-    def _track(self, patch, fit, record_config, metrics, model) -> None:
+    def _track(self, patch: TaskPatch, fit: RunResult, record_config, metrics, model) -> None:
         from taps_cl.tracking import log_task_run
 
         log_task_run(
@@ -273,59 +265,22 @@ class Engine:
             config=record_config,
             base=self.base.name,
             dataset_sizes={"train": metrics["train_size"], "eval": metrics["eval_size"]},
-            history=fit.history,
+            history=fit.fits[patch.name].history,
             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             gates=model.gates(patch.name),
             scores=model.scores(patch.name),
-            patch_summary=_summary(patch),
+            patch_summary=patch_summary(patch),
         )
 
     # -- serving ----------------------------------------------------------------------------
 
-    def _serving_model(self) -> TAPSModel:
-        if self._serving is None:
-            self._serving = self._new_model(self.config).to(self.device).eval()
-        return self._serving
-
-    def _unload(self, name: str) -> None:
-        if self._serving is not None and name in self._serving.tasks:
-            self._serving.remove_task(name)
-        self._loaded.pop(name, None)
-
     def load_patch(self, name: str, version: int | None = None) -> TaskPatch:
         """The stored patch (verified against its sha256s and this engine's base)."""
-        patch = self.store.load(name, version, base=self.fingerprint)
-        if patch.base_fingerprint != self.fingerprint:
-            raise BaseMismatchError(f"task {name!r} belongs to another base")
-        return patch
-
-    def _ensure(self, name: str, version: int | None = None) -> tuple[TAPSModel, int]:
-        """The serving model with ``name`` at ``version`` (default: current) loaded, and the
-        input size that version was trained at; both come from the same stored version."""
-        model = self._serving_model()
-        want = version or self._current_version(name)
-        loaded = self._loaded.get(name)
-        if loaded is None or loaded[0] != want:
-            patch = self.load_patch(name, want)
-            self._unload(name)
-            model.load_patch(patch)
-            model.to(self.device).eval()
-            size = int(patch.config.get("image_size") or self.base.preprocessing.input_size)
-            loaded = self._loaded[name] = (want, size)
-        return model, loaded[1]
-
-    def _current_version(self, name: str) -> int:
-        validate_task_name(name)
-        records = self.tasks()
-        for rec in records:
-            if rec.name == name:
-                return rec.current_version
-        known = [r.name for r in records]
-        raise UnknownTaskError(f"no task {name!r} in {self.store.url}; known: {known or 'none'}")
+        return self.server.load_patch(name, version)
 
     def image_size(self, name: str, version: int | None = None) -> int:
         """The input side the task was trained at (what ``predict`` resizes to)."""
-        return self._ensure(name, version)[1]
+        return self.server.ensure(name, version)[1]
 
     def preprocess(self, inputs: Any, name: str | None = None) -> torch.Tensor:
         """Raw images (tensors, arrays, PIL, paths) -> model input, exactly as training saw them."""
@@ -334,42 +289,31 @@ class Engine:
 
     def model(self, name: str, version: int | None = None) -> nn.Module:
         """The task as a plain merged ``nn.Module`` (eval mode; expects preprocessed input)."""
-        return self._ensure(name, version)[0].merged(name)
+        return self.server.merged(name, version)
 
     def class_names(self, name: str, version: int | None = None) -> list[str] | None:
-        return self._ensure(name, version)[0].class_names(name)
+        return self.server.ensure(name, version)[0].class_names(name)
 
-    @torch.no_grad()
     def predict(
         self, name: str, inputs: Any, logits: bool = False, version: int | None = None
     ) -> torch.Tensor:
         """Class indices (or logits with ``logits=True``) for raw ``inputs``."""
-        model, size = self._ensure(name, version)
-        x = preprocess(inputs, self.base.preprocessing, size)
-        outs = [model(chunk.to(self.device), task=name).float().cpu() for chunk in x.split(256)]
-        out = torch.cat(outs)
+        out = self.server.predict(name, inputs, version)
         return out if logits else out.argmax(1)
 
     def evaluate(self, name: str, dataset: Any, version: int | None = None) -> dict[str, float]:
         """Accuracy and loss of the stored task on ``dataset``."""
-        model, size = self._ensure(name, version)
-        data = prepare(
-            dataset,
-            preprocessing=self.base.preprocessing,
-            image_size=size,
-            num_classes=model.num_classes(name),
-        )
-        return evaluate(model, name, data, TrainConfig(device=str(self.device)))
+        return self.server.evaluate(name, dataset, version)
 
     # -- housekeeping -----------------------------------------------------------------------
 
     def remove_task(self, name: str, version: int | None = None) -> list[int]:
-        self._current_version(name)
-        self._unload(name)
+        self.server.current_version(name)
+        self.server.unload(name)
         return self.store.delete(name, version, base=self.fingerprint)
 
     def export_task(self, name: str, path: str | os.PathLike, version: int | None = None) -> Path:
-        self._current_version(name)
+        self.server.current_version(name)
         return self.store.export(name, path, version, base=self.fingerprint)
 
     def import_task(self, path: str | os.PathLike):
@@ -383,7 +327,7 @@ class Engine:
                 f"({self.base.name}); open an Engine on that base"
             )
         record = self.store.import_file(path)
-        self._unload(patch.name)
+        self.server.unload(patch.name)
         return record
 
 
@@ -397,46 +341,3 @@ def _default_name(dataset: Any, engine: Engine) -> str:
     while f"task{i}" in existing:
         i += 1
     return f"task{i}"
-
-
-def _metrics(fit: FitResult, n_train: int, n_eval: int) -> dict[str, Any]:
-    return {
-        "accuracy": fit.accuracy,
-        "train_seconds": fit.seconds,
-        "steps": fit.steps,
-        "score_lr": fit.score_lr,
-        "train_size": n_train,
-        "eval_size": n_eval,
-        "history": fit.history,
-    }
-
-
-def _record(patch: TaskPatch, fit: FitResult, base_params: int) -> TaskRecord:
-    return TaskRecord(
-        name=patch.name,
-        version=int(patch.version or 0),
-        accuracy=fit.accuracy,
-        active_layers=list(patch.active_layers),
-        num_layers=patch.num_layers,
-        task_parameters=patch.num_parameters,
-        parameter_share=patch.num_parameters / max(1, base_params),
-        nbytes=patch.nbytes,
-        train_seconds=fit.seconds,
-        num_classes=patch.num_classes,
-        history=fit.history,
-        base_fingerprint=patch.base_fingerprint,
-    )
-
-
-def _summary(patch: TaskPatch) -> dict[str, Any]:
-    return {
-        "name": patch.name,
-        "version": patch.version,
-        "num_classes": patch.num_classes,
-        "class_names": patch.class_names,
-        "active_layers": patch.active_layers,
-        "num_layers": patch.num_layers,
-        "num_parameters": patch.num_parameters,
-        "nbytes": patch.nbytes,
-        "base_fingerprint": patch.base_fingerprint,
-    }

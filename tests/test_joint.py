@@ -16,7 +16,8 @@ from taps_cl.bases import fingerprint
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import prepare
 from taps_cl.errors import TrainingDivergedError
-from taps_cl.joint import JointConfig, export_joint, fit_joint, task_batch_sizes
+from taps_cl.joint import JointConfig, fit_joint, task_batch_sizes
+from taps_cl.runs import finalize_run
 from taps_cl.taps.model import TAPSModel
 from tests.test_engine import tiny_engine
 from tests.tiny import tiny_cnn, tiny_images
@@ -63,7 +64,7 @@ def test_fit_joint_patches_reload_exactly(train_base):
     # "min": the smallest task (16 examples, batch 8) sets 2 steps per epoch.
     assert result.steps == 4 and result.examples == 4 * 3 * 8
     x = torch.rand(5, 3, 16, 16)
-    patches, new_base = export_joint(model, list(data), base, train_base)
+    patches, new_base = finalize_run(model, list(data), base, train_base)
     if train_base:
         assert new_base is not None and fingerprint(new_base) != fingerprint(base)
         assert all(p.base_fingerprint == fingerprint(new_base) for p in patches)
@@ -118,7 +119,8 @@ def test_engine_add_tasks_joint_keeps_base_and_commits(store):
     assert version.config["joint"]["sampling"]["ratios"] == {"t2": 2.0}
     assert version.metrics["joint_steps"] == 6
     assert version.config["layer_order"] == ["conv1", "conv2"]  # gate pictures keep model order
-    assert version.metrics["joint_examples"] == 6 * (8 + 8 + 16)
+    # t2's 40 samples in minibatches of 16: passes of 16, 16, 8 (a partial batch is kept)
+    assert version.metrics["joint_examples"] == 6 * (8 + 8) + 2 * (16 + 16 + 8)
     reopened = tiny_engine(store)
     for name, (x, _) in tasks.items():
         assert torch.equal(reopened.predict(name, x, logits=True), engine.predict(name, x, True))
@@ -207,13 +209,13 @@ rank = int(os.environ["RANK"])
 torch.set_num_threads(1)
 engine = tiny_engine(store if rank == 0 else "sqlite://")  # only rank 0 writes to the store
 captured = {}
-import taps_cl.joint as jm
-export = jm.export_joint
+import taps_cl.engine as je
+export = je.finalize_run
 def spy(model, names, template, train_base):
     patches, base = export(model, names, template, train_base)
     captured["patches"], captured["base"] = patches, base
     return patches, base
-jm.export_joint = spy
+je.finalize_run = spy
 import taps_cl.joint.fit as jf
 sync = jf.broadcast_state
 def params_before_sync(model, world_size):

@@ -14,7 +14,7 @@ from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.errors import UnknownTaskError
 from taps_cl.scenarios.avalanche import benchmark_from_tensors, task_classes
 from taps_cl.strategies import TAPS, TAPSRouter
-from taps_cl.strategies.baselines import build_baseline
+from taps_cl.strategies.multihead import build_baseline
 from taps_cl.strategies.router import PAD_LOGIT
 from taps_cl.taps.model import TAPSModel
 from taps_cl.train import auto_score_lr

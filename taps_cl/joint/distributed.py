@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from taps_cl.config import environment
+from taps_cl.runtime import world
 
 
 def init_distributed() -> bool:
     """Initialise the process group from torchrun's env (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ...) when it says ``WORLD_SIZE`` > 1; return whether this call created it.
     On CUDA each rank takes GPU ``LOCAL_RANK``, so ``"cuda"`` means that rank's own device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+    if environment().world_size <= 1 or not dist.is_available():
         return False
     if dist.is_initialized():
         return False
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(environment().local_rank)
     dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
     return True
 

@@ -5,7 +5,7 @@ Tables: ``bases``, ``tasks``, ``task_versions``, ``blobs`` (content-addressed te
 """
 
 from taps_cl.storage.database import ENV_VAR, default_store_path, resolve_url
-from taps_cl.storage.records import BaseRecord, StoreStats, TaskRecord, VersionRecord
+from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
 from taps_cl.storage.serialize import read_patch_file
 from taps_cl.storage.store import TaskStore
 
@@ -13,7 +13,7 @@ __all__ = [
     "ENV_VAR",
     "BaseRecord",
     "StoreStats",
-    "TaskRecord",
+    "StoredTask",
     "TaskStore",
     "VersionRecord",
     "default_store_path",

@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy import Engine, StaticPool, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 
+from taps_cl.config import environment
 from taps_cl.errors import StoreVersionError
 
 ENV_VAR = "TAPS_CL_STORE"
@@ -29,8 +30,7 @@ def default_store_path() -> Path:
 
     A data directory, not a cache: trained tasks are not something to regenerate on a whim.
     """
-    root = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(root) / "taps_cl" / "tasks.db"
+    return environment().data_home / "taps_cl" / "tasks.db"
 
 
 def resolve_url(url: str | os.PathLike | URL | None) -> URL:
@@ -39,7 +39,7 @@ def resolve_url(url: str | os.PathLike | URL | None) -> URL:
     A plain path (no ``://``) means an SQLite file; ``postgresql://`` means psycopg 3.
     """
     if url is None:
-        url = os.environ.get(ENV_VAR) or default_store_path()
+        url = environment().store or default_store_path()
     if isinstance(url, os.PathLike) or (isinstance(url, str) and "://" not in url):
         url = f"sqlite:///{Path(url).expanduser().absolute()}"
     if not isinstance(url, str | URL):

@@ -13,7 +13,7 @@ from taps_cl.storage.models import (
     VersionRow,
     VersionTensorRow,
 )
-from taps_cl.storage.records import BaseRecord, StoreStats, TaskRecord, VersionRecord, as_utc
+from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord, as_utc
 
 
 def base_record(session: Session, row: BaseRow) -> BaseRecord:
@@ -27,8 +27,8 @@ def base_record(session: Session, row: BaseRow) -> BaseRecord:
     )
 
 
-def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> TaskRecord:
-    return TaskRecord(
+def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> StoredTask:
+    return StoredTask(
         name=task.name,
         base_fingerprint=task.base_fingerprint,
         base_name=base_name,
@@ -60,7 +60,7 @@ def _version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
     )
 
 
-def task_records(session: Session, base: str | None) -> list[TaskRecord]:
+def task_records(session: Session, base: str | None) -> list[StoredTask]:
     """Every task (optionally of one base) with its current version, by name."""
     counts = (
         select(VersionRow.task_id, func.count().label("n")).group_by(VersionRow.task_id).subquery()

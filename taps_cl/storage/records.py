@@ -23,7 +23,7 @@ class BaseRecord:
 
 
 @dataclass(frozen=True)
-class TaskRecord:
+class StoredTask:
     name: str  # task name
     base_fingerprint: str  # base the task was trained on
     base_name: str  # that base's human name

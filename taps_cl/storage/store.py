@@ -23,7 +23,7 @@ from taps_cl.storage.models import (
     BaseRow,
     VersionRow,
 )
-from taps_cl.storage.records import BaseRecord, StoreStats, TaskRecord, VersionRecord
+from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
 from taps_cl.storage.serialize import (
     json_dict,
     read_patch_file,
@@ -280,7 +280,7 @@ class TaskStore:
             version=row.version,
         )
 
-    def list_tasks(self, *, base: str | None = None) -> list[TaskRecord]:
+    def list_tasks(self, *, base: str | None = None) -> list[StoredTask]:
         """Every task (optionally of one base), by name."""
         if base is not None:
             validate_fingerprint(base)

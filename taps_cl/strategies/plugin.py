@@ -1,8 +1,8 @@
 """The TAPS training loss as an Avalanche criterion plugin.
 
 ``loss = cross_entropy + lam * TAPSModel.penalty(task)``, with the penalty off during the warm-up
-(``TAPSConfig.warmup_epochs``). The penalty is the core's own function, the one ``taps_cl.train``
-calls, so a task trained through Avalanche is optimised for exactly the same objective.
+(``TAPSConfig.warmup_epochs``): :func:`taps_cl.train.task_loss`, the trainer's own objective, so a
+task trained through Avalanche is optimised for exactly the same objective.
 
 The plugin *returns* the loss (Avalanche calls the criterion as ``criterion(output, target)``
 and, because the criterion is a plugin, also gives it the training callbacks it needs to count
@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
 from taps_cl.strategies.router import TAPSRouter
+from taps_cl.train import task_loss
 
 
 class TAPSLossPlugin(SupervisedPlugin):
@@ -33,20 +33,11 @@ class TAPSLossPlugin(SupervisedPlugin):
 
     @property
     def penalty_on(self) -> bool:
-        lam = self.router.taps.config.lam
-        return (
-            self.task is not None
-            and not self._evaluating
-            and lam > 0
-            and (self.steps >= self.warmup_steps)
-        )
+        """Training a task, past its warm-up (``task_loss`` itself skips ``lam == 0``)."""
+        return self.task is not None and not self._evaluating and self.steps >= self.warmup_steps
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(output.float(), target)
-        if self.penalty_on:
-            taps = self.router.taps
-            loss = loss + taps.config.lam * taps.penalty(self.task)
-        return loss
+        return task_loss(output, target, self.router.taps, self.task, self.penalty_on)
 
     # -- callbacks -----------------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ lose their delta) and, given a store, commits the patch. Nothing an earlier task
 trained again, so accuracy on earlier experiences cannot change.
 
 The method lives in :mod:`taps_cl.taps`; this file is the glue: which task is trained when, its
-optimizer (the same :func:`taps_cl.train.build_optimizer` and score-rate rule as the trainer), and
-the commit. The loss is :class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label
-is :class:`~taps_cl.strategies.router.TAPSRouter`.
+optimizer (the same :func:`taps_cl.train.build_optimizer` and score-rate rule as the trainer), the
+step (the trainer's own :class:`taps_cl.train.Stepper`: divergence check, clipping, schedule), the
+batching rule (:func:`taps_cl.batching.drop_last`), and the commit. The loss is
+:class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label is
+:class:`~taps_cl.strategies.router.TAPSRouter`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from taps_cl.batching import drop_last
 from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.runtime import Runtime
 from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
 from taps_cl.strategies.router import TAPSRouter, experience_num_classes, experience_task_labels
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
-from taps_cl.train import auto_score_lr, build_optimizer, make_schedule
+from taps_cl.train import Stepper, auto_score_lr, build_optimizer, make_schedule
 
 
 class TAPS(SupervisedTemplate):
@@ -95,7 +99,7 @@ class TAPS(SupervisedTemplate):
         self.patches: dict[int, TaskPatch] = {}  # task label -> finalised patch
         self.versions: dict[int, int] = {}  # task label -> store version (when a store is given)
         self.score_lr: float | None = None  # score learning rate of the current/last task
-        self._scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._stepper: Stepper | None = None
         super().__init__(
             model=router,
             optimizer=None,  # built per experience over that task's parameters only
@@ -116,9 +120,8 @@ class TAPS(SupervisedTemplate):
     # -- per-experience setup ----------------------------------------------------------------
 
     def make_train_dataloader(self, **kwargs: Any) -> None:
-        # A last batch of one sample breaks BatchNorm in train mode (the task's own norms).
-        n = len(self.adapted_dataset)
-        if n > self.train_mb_size and n % self.train_mb_size == 1:
+        # The trainer's batching rule: drop a last minibatch of one sample (train-mode BN).
+        if drop_last(len(self.adapted_dataset), self.train_mb_size):
             kwargs.setdefault("drop_last", True)
         super().make_train_dataloader(**kwargs)
 
@@ -150,16 +153,18 @@ class TAPS(SupervisedTemplate):
             taps.config, self.train_config, total - warmup, taps.num_layers
         )
         self.optimizer = build_optimizer(taps, name, self.train_config, self.score_lr)
-        self._scheduler = make_schedule(self.optimizer, self.train_config, total)
+        schedule = make_schedule(self.optimizer, self.train_config, total)
+        runtime = Runtime.create(str(self.device), amp=False)
+        self._stepper = Stepper(self.optimizer, schedule, self.train_config, runtime, what=name)
+
+    def backward(self) -> None:
+        """The trainer's backward: divergence check, then backward (Avalanche's plugins run
+        before and after it as usual)."""
+        self._stepper.backward(self.loss)
 
     def optimizer_step(self) -> None:
-        max_norm = self.train_config.max_grad_norm
-        if max_norm is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        super().optimizer_step()
-        if self._scheduler is not None:
-            self._scheduler.step()
+        """The trainer's update: per-task clipping, optimizer step, schedule step."""
+        self._stepper.update()
 
     # -- after an experience -----------------------------------------------------------------
 
@@ -177,7 +182,7 @@ class TAPS(SupervisedTemplate):
         self.patches[label] = patch
         self.router.training_label = None
         self.optimizer = None
-        self._scheduler = None
+        self._stepper = None
         if self.store is not None:
             metrics = {
                 "train_loss": float(self.loss.detach().sum()),

@@ -1,4 +1,5 @@
-"""Avalanche baselines on the same base as TAPS, multi-head, for task-incremental comparisons.
+"""Avalanche's own strategies (Naive, EWC, LwF, PackNet, Replay, Cumulative) on the same base
+as TAPS, multi-head, for task-incremental comparisons.
 
 Every baseline shares the base's feature extractor across tasks and gives each task its own
 linear head, all created up front (no head appears mid-run, none is invented for an unseen task).
