@@ -27,37 +27,10 @@ from taps_cl.storage import TaskStore, ops
 from taps_cl.storage.database import VERSION_TABLE
 from taps_cl.storage.models import BlobRow, Model, VersionTensorRow
 from taps_cl.taps.model import TAPSModel
-from tests._pg import PgCluster, find_pg_bindir
 from tests._store_child import BASE, make_patch
 from tests.tiny import tiny_cnn, tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def pg_cluster():
-    bindir = find_pg_bindir()
-    if bindir is None:
-        reason = "PostgreSQL server binaries (initdb/pg_ctl) not found: apt-get install postgresql"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
-    cluster = PgCluster(bindir).start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'tasks.db'}"
-    return request.getfixturevalue("pg_cluster").new_store_url()
-
-
-@pytest.fixture
-def store(store_url):
-    with TaskStore(store_url) as s:
-        yield s
 
 
 def _same(a: dict, b: dict) -> bool:

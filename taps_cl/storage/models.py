@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -71,7 +73,8 @@ class TaskRow(Model):
 
 
 class VersionRow(Model):
-    """One trained state of a task. Immutable once committed."""
+    """One trained state of a task. Immutable once committed, except that route statistics
+    may be added later (``TaskStore.add_route_stats``): they describe data, not the patch."""
 
     __tablename__ = "task_versions"
     __table_args__ = (UniqueConstraint("task_id", "version"),)
@@ -89,6 +92,8 @@ class VersionRow(Model):
     num_tensors: Mapped[int] = mapped_column(Integer)  # detects lost version_tensors rows
     nbytes: Mapped[int] = mapped_column(BigInteger)  # bytes of all its tensors
     added_bytes: Mapped[int] = mapped_column(BigInteger)  # bytes of blobs it added (not deduped)
+    # carries route.* statistics (task-free routing); rows from before revision 0002 do not
+    routable: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -21,6 +21,7 @@ from taps_cl.storage.models import (
 )
 from taps_cl.storage.serialize import sha256, tensor_from_bytes, tensor_to_bytes
 from taps_cl.taps.patch import TaskPatch
+from taps_cl.taps.routestats import ROUTE_PREFIX, RouteStats
 
 _CHUNK = 500  # keeps IN (...) lists well below every driver's parameter limit
 
@@ -49,6 +50,22 @@ class PreparedVersion:
     metrics: dict[str, Any]
     config: dict[str, Any]
     encoded: Encoded
+    routable: bool = False  # the patch carries valid route statistics
+
+
+def check_route_tensors(tensors: dict[str, torch.Tensor], num_classes: int) -> bool:
+    """Whether ``tensors`` carry route statistics; ``ValueError`` if they carry broken ones
+    or ones for another number of classes (a store never holds statistics it cannot use)."""
+    if not RouteStats.has_stats(tensors):
+        return False
+    stats = RouteStats.from_tensors(tensors)
+    if stats.num_classes != num_classes:
+        raise ValueError(
+            f"route statistics are for {stats.num_classes} classes, the task has {num_classes}"
+        )
+    if stats.total == 0:
+        raise ValueError("route statistics hold no samples")
+    return True
 
 
 # -- writes ----------------------------------------------------------------------------------
@@ -127,6 +144,7 @@ def insert_version(session: Session, prep: PreparedVersion) -> int:
         num_tensors=len(prep.encoded.refs),
         nbytes=patch.nbytes,
         added_bytes=added,
+        routable=prep.routable,
     )
     session.add(row)
     session.flush()
@@ -134,6 +152,42 @@ def insert_version(session: Session, prep: PreparedVersion) -> int:
     task.current_version = task.last_version = version
     task.num_classes, task.class_names = patch.num_classes, patch.class_names
     return version
+
+
+def lock_task(session: Session, task: TaskRow) -> TaskRow:
+    """Re-read ``task`` with a row lock (PostgreSQL ``FOR UPDATE``; SQLite holds its write lock)."""
+    return session.scalars(select(TaskRow).where(TaskRow.id == task.id).with_for_update()).one()
+
+
+def add_route_tensors(
+    session: Session, row: VersionRow, encoded: Encoded, nbytes: int, replace: bool
+) -> None:
+    """Attach ``route.*`` tensors to an existing version; its other tensors stay as they are.
+
+    Existing route tensors are an error unless ``replace``; replaced blobs nobody else uses go.
+    """
+    route = VersionTensorRow.name.like(f"{ROUTE_PREFIX}%")
+    mine = (VersionTensorRow.version_id == row.id) & route
+    old = list(
+        session.execute(
+            select(VersionTensorRow.blob_sha256, BlobRow.size)
+            .join(BlobRow, BlobRow.sha256 == VersionTensorRow.blob_sha256)
+            .where(mine)
+        )
+    )
+    if old and not replace:
+        raise ValueError(
+            f"version {row.version} already has route statistics; pass replace=True to replace"
+        )
+    session.execute(delete(VersionTensorRow).where(mine))
+    added = put_blobs(session, encoded.blobs)
+    insert_tensor_rows(session, row.id, encoded)
+    row.num_tensors += len(encoded.refs) - len(old)
+    row.nbytes += nbytes - sum(size for _, size in old)
+    row.added_bytes += added
+    row.routable = True
+    session.flush()
+    gc_blobs(session, {sha for sha, _ in old} - set(encoded.blobs))
 
 
 def delete_versions(session: Session, task: TaskRow, rows: list[VersionRow]) -> None:
@@ -261,6 +315,17 @@ def read_version_tensors(session: Session, row: VersionRow, where: str) -> dict:
     )
     if len(rows) != row.num_tensors:
         raise StoreIntegrityError(f"{where}: {len(rows)} tensors found, {row.num_tensors} written")
+    return {r.name: _decode(r, where) for r in rows}
+
+
+def read_route_tensors(session: Session, row: VersionRow, where: str) -> dict:
+    """Only the ``route.*`` tensors of a version (the router needs nothing else)."""
+    rows = _tensor_rows(
+        session,
+        VersionTensorRow,
+        (VersionTensorRow.version_id == row.id) & VersionTensorRow.name.like(f"{ROUTE_PREFIX}%"),
+        VersionTensorRow.name,
+    )
     return {r.name: _decode(r, where) for r in rows}
 
 

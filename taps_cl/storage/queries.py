@@ -40,10 +40,11 @@ def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> Stor
         nbytes=row.nbytes,
         created_at=as_utc(task.created_at),
         updated_at=as_utc(row.created_at),
+        routable=bool(row.routable),
     )
 
 
-def _version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
+def version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
     return VersionRecord(
         name=task.name,
         version=row.version,
@@ -57,6 +58,7 @@ def _version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
         metrics=dict(row.metrics),
         config=dict(row.config),
         created_at=as_utc(row.created_at),
+        routable=bool(row.routable),
     )
 
 
@@ -82,7 +84,7 @@ def version_records(session: Session, task: TaskRow) -> list[VersionRecord]:
     rows = session.scalars(
         select(VersionRow).where(VersionRow.task_id == task.id).order_by(VersionRow.version)
     )
-    return [_version_record(task, row) for row in rows]
+    return [version_record(task, row) for row in rows]
 
 
 def _count(session: Session, column: object) -> int:

@@ -35,6 +35,7 @@ class StoredTask:
     nbytes: int  # bytes of the current version's tensors
     created_at: datetime  # when the task was first committed
     updated_at: datetime  # when the current version was committed
+    routable: bool = False  # the current version carries route statistics (task-free routing)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class VersionRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     created_at: datetime | None = None
+    routable: bool = False  # carries route statistics (task-free routing)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,7 @@ from taps_cl.bases import state_fingerprint
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError
 from taps_cl.storage import ops, queries
 from taps_cl.storage.database import create_engines, ensure_schema, resolve_url
-from taps_cl.storage.models import (
-    BaseRow,
-    VersionRow,
-)
+from taps_cl.storage.models import BaseRow, VersionRow
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
 from taps_cl.storage.serialize import (
     json_dict,
@@ -31,6 +28,7 @@ from taps_cl.storage.serialize import (
     write_patch_file,
 )
 from taps_cl.taps.patch import TaskPatch, validate_task_name
+from taps_cl.taps.routestats import RouteStats
 
 T = TypeVar("T")
 _RETRIES = 12
@@ -198,8 +196,9 @@ class TaskStore:
         validate_task_name(patch.name)
         validate_fingerprint(patch.base_fingerprint)
         merged = {**json_dict(patch.config, "patch.config"), **json_dict(config, "config")}
+        routable = ops.check_route_tensors(patch.tensors, patch.num_classes)
         return ops.PreparedVersion(
-            patch, json_dict(metrics, "metrics"), merged, ops.Encoded.of(patch.tensors)
+            patch, json_dict(metrics, "metrics"), merged, ops.Encoded.of(patch.tensors), routable
         )
 
     def commit(
@@ -279,6 +278,55 @@ class TaskStore:
             config=dict(row.config),
             version=row.version,
         )
+
+    def add_route_stats(
+        self,
+        name: str,
+        stats: RouteStats,
+        version: int | None = None,
+        *,
+        base: str | None = None,
+        replace: bool = False,
+    ) -> VersionRecord:
+        """Attach route statistics to an existing version (default: current), e.g. computed
+        later from data for a version trained before routing existed; its other tensors do not
+        change. One transaction; existing statistics are an error unless ``replace``."""
+        validate_task_name(name)
+        version = _check_version(version)
+        if not isinstance(stats, RouteStats):
+            raise TypeError(f"stats must be RouteStats, got {type(stats).__name__}")
+        tensors = stats.to_tensors()
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        encoded = ops.Encoded.of(tensors)
+
+        def work(session: Session) -> VersionRecord:
+            task = ops.lock_task(session, ops.find_task(session, name, base, self.url))
+            row = ops.find_version(session, task, version)
+            ops.check_route_tensors(tensors, row.num_classes)
+            ops.add_route_tensors(session, row, encoded, nbytes, replace)
+            return queries.version_record(task, row)
+
+        return self._write(work)
+
+    def route_stats(
+        self, name: str, version: int | None = None, *, base: str | None = None
+    ) -> RouteStats:
+        """The route statistics of a version (default: current), read without its patch."""
+        validate_task_name(name)
+        version = _check_version(version)
+        with self._reader() as session:
+            task = ops.find_task(session, name, base, self.url)
+            row = ops.find_version(session, task, version)
+            where = f"task {name!r} version {row.version}"
+            if not row.routable:
+                raise ValueError(f"{where} has no route statistics (add_route_stats adds them)")
+            tensors = ops.read_route_tensors(session, row, where)
+        try:
+            return RouteStats.from_tensors(tensors)
+        except ValueError as err:
+            raise StoreIntegrityError(
+                f"{where}: stored route statistics are invalid: {err}"
+            ) from err
 
     def list_tasks(self, *, base: str | None = None) -> list[StoredTask]:
         """Every task (optionally of one base), by name."""

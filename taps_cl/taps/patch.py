@@ -6,18 +6,22 @@ Tensor names follow one scheme so that storage, export and loading need no other
 - ``score.<layer>``: the gate score of every gated layer (0-d; kept for pictures and audits)
 - ``norm.<module>.<name>``: the task's own normalisation parameters and buffers
 - ``head.<name>``: the task's classifier head (``weight``, ``bias``)
+- ``route.<name>``: optional statistics of the base features of the task's data, used to route
+  inputs to tasks without a task name (see :mod:`taps_cl.taps.routing`); not parameters
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
-TENSOR_KINDS = ("delta", "score", "norm", "head")
+TENSOR_KINDS = ("delta", "score", "norm", "head", "route")
+# Kinds that are the task's trained parameters; "route" holds data statistics, not parameters.
+PARAMETER_KINDS = ("delta", "score", "norm", "head")
 
 
 def validate_task_name(name: object) -> str:
@@ -69,10 +73,24 @@ class TaskPatch:
         prefix = kind + "."
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
+    def without(self, kind: str) -> TaskPatch:
+        """A shallow copy without the tensors of one kind (e.g. ``without("route")`` gives the
+        patch as code that predates routing statistics expects it)."""
+        if kind not in TENSOR_KINDS:
+            raise ValueError(f"unknown tensor kind {kind!r}; kinds: {TENSOR_KINDS}")
+        prefix = kind + "."
+        kept = {k: v for k, v in self.tensors.items() if not k.startswith(prefix)}
+        return replace(self, tensors=kept)
+
     @property
     def num_parameters(self) -> int:
-        """Task-specific parameter count (floating-point tensors; norm counters excluded)."""
-        return sum(t.numel() for t in self.tensors.values() if t.is_floating_point())
+        """Task-specific parameter count (floating-point tensors of the parameter kinds; norm
+        counters and routing statistics excluded: users pay parameters for what is trained)."""
+        return sum(
+            t.numel()
+            for k, t in self.tensors.items()
+            if t.is_floating_point() and k.split(".", 1)[0] in PARAMETER_KINDS
+        )
 
     @property
     def nbytes(self) -> int:
