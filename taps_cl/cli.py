@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from taps_cl.config import DEFAULT_BASE, TAPSConfig, environment
+from taps_cl.cli_options import add_training_options, joint_config, taps_config, train_config
+from taps_cl.config import DEFAULT_BASE, environment
 from taps_cl.errors import TAPSError
 from taps_cl.report import fmt_bytes, fmt_pct, table
 
@@ -57,25 +58,20 @@ def _data(spec: str, part: str, args: argparse.Namespace):
 
 
 def cmd_add_task(args: argparse.Namespace) -> int:
-    from taps_cl.config import TAPSConfig, TrainConfig
-
     train_data, class_names = _data(args.data, "train", args)
     eval_data = None
     if args.eval_data:
         eval_data, _ = _data(args.eval_data, "test", args)
     elif args.data in _builtin_names():
         eval_data, _ = _data(args.data, "test", args)
-    train = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr
-    )
     engine = _engine(args)
     rec = engine.add_task(
         train_data,
         name=args.name,
         eval_dataset=eval_data,
         class_names=class_names,
-        config=TAPSConfig(lam=args.lam),
-        train=train,
+        config=taps_config(args),
+        train=train_config(args),
         quiet=args.quiet,
     )
     from taps_cl.demo import task_table
@@ -112,17 +108,12 @@ def _task_sources(args: argparse.Namespace) -> tuple[dict, dict]:
 def cmd_add_tasks(args: argparse.Namespace) -> int:
     """Several tasks at once; with --joint trained together (under torchrun: DDP, and only
     rank 0 writes to the store or prints)."""
-    from taps_cl.config import TAPSConfig, TrainConfig
-    from taps_cl.joint import JointConfig, distributed_session
+    from taps_cl.joint import distributed_session
 
     ratios = dict(_ratio(r) for r in args.ratio or [])
-    sampling = JointConfig(
-        epoch_length=_epoch_length(args.epoch_length), ratios=ratios or None, base_lr=args.base_lr
-    )
+    sampling = joint_config(args, ratios or None)
     datasets, evals = _task_sources(args)
-    train = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr
-    )
+    train = train_config(args)
     with distributed_session() as (rank, _):
         if rank != 0:
             args.store, args.tracking = "sqlite://", None  # only rank 0 writes anywhere
@@ -131,7 +122,7 @@ def cmd_add_tasks(args: argparse.Namespace) -> int:
             datasets,
             joint=args.joint,
             train_base=args.train_base,
-            config=TAPSConfig(lam=args.lam),
+            config=taps_config(args),
             train=train,
             eval_datasets=evals,
             sampling=sampling,
@@ -154,10 +145,6 @@ def _ratio(text: str) -> tuple[str, float]:
     except ValueError:
         pass
     raise ValueError(f"--ratio {text!r}: use TASK=FACTOR, e.g. digits=2")
-
-
-def _epoch_length(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
 
 
 def _builtin_names() -> list[str]:
@@ -301,11 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--data", required=True, help="builtin task name or ImageFolder path")
     s.add_argument("--eval-data", help="builtin or ImageFolder path for evaluation")
-    s.add_argument("--epochs", type=int, default=3)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--image-size", type=int, default=None)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--lam", type=float, default=TAPSConfig.lam, help="sparsity penalty weight")
+    add_training_options(s)
     s.add_argument("--max-train", type=int, default=None)
     s.add_argument("--max-test", type=int, default=None)
     s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
@@ -334,13 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="also train the shared base weights into a new stored base",
         )
-        s.add_argument("--epochs", type=int, default=3)
-        s.add_argument("--batch-size", type=int, default=32, help="per task and step")
-        s.add_argument("--image-size", type=int, default=None)
-        s.add_argument("--lr", type=float, default=1e-3)
-        s.add_argument("--base-lr", type=float, default=None, help="with --train-base")
-        s.add_argument("--lam", type=float, default=TAPSConfig.lam, help="sparsity penalty weight")
-        s.add_argument("--epoch-length", default="max", help="max, min or a number of steps")
+        add_training_options(s, joint=True)
         s.add_argument("--ratio", action="append", help="TASK=FACTOR: that task's batch share")
         s.add_argument("--max-train", type=int, default=None)
         s.add_argument("--max-test", type=int, default=None)

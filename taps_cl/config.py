@@ -6,8 +6,10 @@ One comment per field is the single source of documentation for that field.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,14 @@ T = TypeVar("T", bound="_JSONConfig")
 
 class _JSONConfig:
     """JSON round-trip shared by the config dataclasses (unknown keys are an error, not ignored)."""
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Field name -> its one-line comment in the class body (the field's only documentation,
+        reused by the CLI's ``--help``)."""
+        source = inspect.getsource(cls)
+        pattern = re.compile(r"^\s+(\w+): [^=\n]+ = [^#\n]+#\s*(.+)$", re.M)
+        return {m.group(1): m.group(2).strip() for m in pattern.finditer(source)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

@@ -93,3 +93,32 @@ def test_entry_point_runs_as_a_process(tmp_path):
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "taps-cl: error:" in done.stderr
+
+
+def test_training_options_come_from_the_config_dataclasses(tmp_path):
+    import dataclasses
+
+    from taps_cl.cli import build_parser
+    from taps_cl.cli_options import JOINT_FIELDS, TAPS_FIELDS, TRAIN_FIELDS
+    from taps_cl.config import JointConfig, TAPSConfig, TrainConfig
+
+    sub = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    for command in ("add-task", "add-tasks", "joint"):
+        helps = {a.dest: a.help for a in sub[command]._actions}  # noqa: SLF001
+        tables = [(TrainConfig, TRAIN_FIELDS), (TAPSConfig, TAPS_FIELDS)]
+        if command != "add-task":
+            tables.append((JointConfig, JOINT_FIELDS))
+        for cls, names in tables:
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+            for name in names:
+                assert helps[name].endswith(f"(default: {defaults[name]})"), (command, name)
+    store = str(tmp_path / "s.db")
+    data = _folder(tmp_path / "imgs")
+    argv = ["add-task", "t", "--data", str(data), "--epochs", "1", "--image-size", "24"]
+    assert run(*argv, "--lam", "0.25", "--seed", "3", "--max-grad-norm", "none",
+               "--store", store, *BASE) == 0  # fmt: skip
+    config = TaskStore(store).versions("t")[0].config
+    assert config["taps"]["lam"] == 0.25 and config["taps"]["tau"] == TAPSConfig.tau
+    assert config["train"]["seed"] == 3 and config["train"]["max_grad_norm"] is None
+    assert config["train"]["batch_size"] == TrainConfig.batch_size  # not given: the default
+    assert run(*argv, "--optimizer", "adam", "--store", store, *BASE) == 2  # validated
