@@ -139,7 +139,7 @@ def fit_task(
     base and frozen tasks stay in eval mode. A NaN/inf loss raises ``TrainingDivergedError``.
     """
     config = config or TrainConfig()
-    if model._info(name)["frozen"]:
+    if model.is_frozen(name):
         raise ValueError(f"task {name!r} is finalised; add a new task (or version) to retrain")
     runtime = Runtime.create(config.device, config.amp, config.amp_cpu)
     gen = seed_everything(config.seed)
