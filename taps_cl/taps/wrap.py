@@ -61,8 +61,10 @@ class Transparent(nn.Module):
 
     _wrapped_type: type | None = None
 
-    def __new__(cls, module: object = None, *args: object, **kwargs: object) -> Transparent:
-        if isinstance(module, nn.Module) and cls._wrapped_type is None:
+    def __new__(cls, *args: object, **kwargs: object) -> Transparent:
+        # The wrapped module is the constructor's first argument (positional or keyword).
+        module = next((a for a in (*args, *kwargs.values()) if isinstance(a, nn.Module)), None)
+        if module is not None and cls._wrapped_type is None:
             cls = transparent_class(cls, type(module))
         return nn.Module.__new__(cls)
 
