@@ -13,6 +13,7 @@ from taps_cl.taps.gate import hard_gate
 from taps_cl.taps.layer import TaskAdaptiveLayer, register_gateable
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.penalty import sparsity_penalty, uniform_l1, weighted_l1
+from taps_cl.taps.task import TaskInfo
 from taps_cl.train import auto_score_lr, evaluate, fit_task
 from tests.tiny import tiny_cnn, tiny_images
 
@@ -28,8 +29,8 @@ def test_hard_gate_value_and_straight_through_gradient(score, expected):
 
 def test_score_gradient_is_inner_product_of_weight_grad_and_delta():
     torch.manual_seed(0)
-    layer = TaskAdaptiveLayer(nn.Linear(4, 3), tau=0.1)
-    layer.add_task("a", 0.15)
+    layer = TaskAdaptiveLayer(nn.Linear(4, 3), tau=0.1, score_init=0.15)
+    layer.add_task(TaskInfo("a", 3))
     with torch.no_grad():
         layer.delta["a"].normal_()
     layer.active_task = "a"
@@ -43,8 +44,8 @@ def test_score_gradient_is_inner_product_of_weight_grad_and_delta():
 
 
 def test_closed_gate_gives_delta_no_gradient():
-    layer = TaskAdaptiveLayer(nn.Linear(4, 3), tau=0.1)
-    layer.add_task("a", 0.05)
+    layer = TaskAdaptiveLayer(nn.Linear(4, 3), tau=0.1, score_init=0.05)
+    layer.add_task(TaskInfo("a", 3))
     layer.active_task = "a"
     layer(torch.randn(2, 4)).sum().backward()
     assert torch.count_nonzero(layer.delta["a"].grad) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import timm
@@ -12,7 +13,11 @@ from torch import nn
 
 from taps_cl.config import TAPSConfig
 from taps_cl.errors import BaseMismatchError, DuplicateTaskError, UnknownTaskError
+from taps_cl.taps.attention import TaskAdaptiveAttention
+from taps_cl.taps.layer import TaskAdaptiveLayer
 from taps_cl.taps.model import TAPSModel
+from taps_cl.taps.modules import TaskNorm
+from taps_cl.taps.wrap import Transparent
 from tests.tiny import tiny_cnn
 
 
@@ -48,6 +53,53 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+class WithMHA(nn.Module):
+    """A bare ``nn.MultiheadAttention`` (cross-attention sizes optional: q/k/v_proj_weight)."""
+
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3 * 4, 8)
+        self.kv = nn.Linear(3 * 4, kdim or 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.unfold(2, 2, 2).unfold(3, 2, 2).flatten(2, 3).flatten(3).transpose(1, 2)
+        tokens = tokens.reshape(x.shape[0], -1, 3 * 4)
+        h, kv = self.embed(tokens), self.kv(tokens)
+        return self.fc(self.attn(h, kv, kv, need_weights=False)[0].mean(1))
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder`` (batch_first, even heads: the eval fast path is taken)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, kernel_size=4, stride=4)
+        layer = nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+class EncoderDecoder(nn.Module):
+    """``nn.Transformer`` (encoder and decoder layers, self- and cross-attention)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, kernel_size=4, stride=4)
+        self.query = nn.Parameter(torch.randn(1, 2, dim))
+        self.transformer = nn.Transformer(dim, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src = self.patch(x).flatten(2).transpose(1, 2)
+        out = self.transformer(src, self.query.expand(x.shape[0], -1, -1))
+        return self.head(out.mean(1))
+
+
 def _seeded(factory):
     def build():
         torch.manual_seed(0)
@@ -68,7 +120,12 @@ CASES = [
         32,
     ),
     ("tiny_transformer_ln", _seeded(TinyTransformer), 8),
+    ("mha", _seeded(WithMHA), 8),
+    ("mha_kdim", _seeded(lambda: WithMHA(kdim=6)), 8),
+    ("transformer_encoder", _seeded(Encoder), 8),
+    ("transformer", _seeded(EncoderDecoder), 8),
 ]
+ATTENTION = {"mha", "mha_kdim", "transformer_encoder", "transformer"}
 IDS = [c[0] for c in CASES]
 
 
@@ -92,7 +149,9 @@ def _perturb(model: TAPSModel, name: str, seed: int, off: int = 1) -> None:
 @pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
 def test_fresh_wrap_is_identity(name, factory, size):
     base = factory()
-    reference = copy.deepcopy(base)
+    # The reference is frozen like the wrapped base: torch's MultiheadAttention takes another
+    # kernel (last-bit differences) when its weights require grad, even under no_grad.
+    reference = copy.deepcopy(base).requires_grad_(False)
     model = TAPSModel(base)
     x = _x(size)
     with torch.no_grad():
@@ -198,28 +257,6 @@ def test_head_detection_and_explicit_head():
     assert "classifier" in model.layer_names  # not the head any more, so it is gated
 
 
-def test_multihead_attention_projections_are_not_gated():
-    class WithMHA(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Linear(4, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 3)
-
-        def forward(self, x):
-            h = self.embed(x)
-            return self.fc(self.attn(h, h, h)[0].mean(1))
-
-    torch.manual_seed(0)
-    base = WithMHA().eval()
-    reference = copy.deepcopy(base)
-    model = TAPSModel(base)
-    assert model.layer_names == ["embed"]  # attn.out_proj is read as a weight, never called
-    x = torch.randn(2, 5, 4)
-    with torch.no_grad():
-        assert torch.equal(model(x), reference(x))
-
-
 def test_config_validation_and_json_round_trip():
     cfg = TAPSConfig(lam=0.5, penalty="weighted", warmup_epochs=0.5)
     assert TAPSConfig.from_json(cfg.to_json()) == cfg
@@ -256,3 +293,146 @@ def test_shared_norms_never_move_without_task_norms():
     assert not base.bn1.training
     model(_x(16), task="a").sum().backward()
     assert torch.equal(base.bn1.running_mean, stats)
+
+
+ATTENTION_CASES = [c for c in CASES if c[0] in ATTENTION]
+# Attributes code reads from layers, norms and attention modules instead of calling them.
+ATTRS = (
+    "eps", "normalized_shape", "num_features", "elementwise_affine", "momentum", "in_features",
+    "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding", "weight",
+    "bias", "running_mean", "running_var", "embed_dim", "num_heads", "head_dim", "batch_first",
+    "_qkv_same_embed_dim", "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+    "v_proj_weight", "bias_k", "dropout",
+)  # fmt: skip
+
+
+def _wrappers(model: TAPSModel) -> dict[str, nn.Module]:
+    """Wrapped modules by their path in the unwrapped base (``.base_layer`` dropped)."""
+    return {
+        path.replace(".base_layer", ""): module
+        for path, module in model.base.named_modules()
+        if isinstance(module, Transparent) and path != model.head_name
+    }
+
+
+def _task_value(wrapper: nn.Module, attr: str, task: str, original: object) -> object:
+    """What ``wrapper.<attr>`` must answer while ``task`` is active."""
+    if isinstance(wrapper, TaskAdaptiveLayer) and attr == wrapper.weight_attr:
+        return wrapper.effective_weight(task)
+    if isinstance(wrapper, TaskAdaptiveAttention) and attr in wrapper.projections:
+        return wrapper.projections[attr].effective_weight(task)
+    if isinstance(wrapper, TaskNorm):
+        return getattr(wrapper.tasks[task], attr)
+    return original
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("name,factory,size", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+def test_attention_projections_are_gated(name, factory, size):
+    model = TAPSModel(factory())
+    attention = [n for n, m in model.base.named_modules() if isinstance(m, TaskAdaptiveAttention)]
+    assert attention
+    for path in attention:
+        mha = model.base.get_submodule(path)
+        assert isinstance(mha, nn.MultiheadAttention)  # isinstance checks keep holding
+        inputs = ["in_proj_weight"] if mha._qkv_same_embed_dim else ["q_proj_weight"]
+        for layer in (*inputs, "out_proj"):
+            assert f"{path}.{layer}" in model.layer_names
+    model.add_task("a", 3)
+    x = _x(size)
+    with torch.no_grad():
+        before = model(x, task="a")
+    for lname, layer in model.layers():
+        if not lname.startswith(tuple(attention)):
+            continue
+        with torch.no_grad():
+            layer.delta["a"].normal_(0, 0.1)
+            assert not torch.allclose(model(x, task="a"), before, atol=1e-4), lname
+            layer.delta["a"].zero_()
+
+
+@pytest.mark.parametrize(
+    "name,factory,size",
+    [c for c in CASES if c[0] in ATTENTION | {"tiny_cnn_bn", "tiny_transformer_ln"}],
+)
+def test_wrappers_answer_like_the_wrapped_module(name, factory, size):
+    base = factory()
+    reference = copy.deepcopy(base)
+    model = TAPSModel(base)
+    model.add_task("a", 3)
+    _perturb(model, "a", seed=3, off=0)
+    wrappers = _wrappers(model)
+    assert wrappers
+    for path, wrapper in wrappers.items():
+        original = reference.get_submodule(path)
+        assert isinstance(wrapper, type(original)), path
+        attrs = [a for a in ATTRS if hasattr(original, a)]
+        for attr in attrs:
+            assert _same(getattr(wrapper, attr), getattr(original, attr)), (path, attr)
+        with model.using("a"), torch.no_grad():
+            for attr in attrs:
+                expected = _task_value(wrapper, attr, "a", getattr(original, attr))
+                assert _same(getattr(wrapper, attr), expected), (path, attr)
+            if isinstance(wrapper, TaskAdaptiveLayer):  # the deltas are visible, not the base
+                assert not torch.equal(wrapper.weight, original.weight), path
+    heads = model.heads
+    with model.using("a"):
+        assert heads.out_features == 3 and heads.weight is heads.tasks["a"].weight
+    assert heads.out_features == reference.get_submodule(model.head_name).out_features
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_encoder_fast_path_sees_the_active_task(context, monkeypatch):
+    model = TAPSModel(_seeded(Encoder)())
+    model.add_task("a", 3)
+    _perturb(model, "a", seed=5, off=0)
+    x = _x(8)
+    calls = []
+    fused = torch._transformer_encoder_layer_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
+    slow = model(x, task="a")  # grad enabled and deltas require grad: the slow path
+    assert not calls
+    with context():
+        fast = model(x, task="a")
+    assert len(calls) == 2  # both encoder layers took the fused kernel
+    assert (fast - slow.detach()).abs().max() <= 1e-5
+    with torch.no_grad():
+        for _, layer in model.layers():
+            layer.delta["a"].zero_()
+        without_deltas = model(x, task="a")
+    assert (fast - without_deltas).abs().max() > 1e-3  # the fast path computed with the deltas
+
+
+def test_patch_names_of_ordinary_models_are_unchanged():
+    model = TAPSModel(tiny_cnn())
+    model.add_task("a", 3)
+    names = set(model.finalize_task("a").tensors)
+    norm = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    expected = {f"{k}.{n}" for k in ("delta", "score") for n in ("conv1", "conv2")}
+    expected |= {f"norm.{bn}.{key}" for bn in ("bn1", "bn2") for key in norm}
+    assert names == expected | {"head.weight", "head.bias"}
+
+
+def test_wrapped_model_pickles_and_deep_copies():
+    model = TAPSModel(_seeded(Encoder)())
+    model.add_task("a", 3)
+    _perturb(model, "a", seed=6)
+    model.finalize_task("a")
+    x = _x(8)
+    with torch.no_grad():
+        expected = model(x, task="a")
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        attn = clone.base.encoder.layers[0].self_attn
+        assert attn.projections["in_proj_weight"].base_weight is attn.base_layer.in_proj_weight
+        with torch.no_grad():
+            assert torch.equal(clone(x, task="a"), expected)

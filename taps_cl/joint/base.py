@@ -27,21 +27,11 @@ def base_parameters(model: TAPSModel) -> list[nn.Parameter]:
 
 def trained_base(model: TAPSModel, template: nn.Module) -> nn.Module:
     """A plain copy of ``template`` (the original base architecture) holding ``model``'s
-    current base weights: wrapped layers' ``base_layer``, the base norms and the original head
-    (which training leaves alone), and every non-wrapped module. CPU, eval mode, frozen."""
-    prefixes = [(f"{n}.base_layer.", f"{n}.") for n in model.layer_names]
-    prefixes += [(f"{n}.base.", f"{n}.") for n in (*model.norm_names, model.head_name)]
-    task_keys = [f"{n}.{k}." for n in model.layer_names for k in ("delta", "score")]
-    task_keys += [f"{n}.tasks." for n in (*model.norm_names, model.head_name)]
-    state = {}
-    for key, value in model.base.state_dict().items():
-        if any(key.startswith(p) for p in task_keys):
-            continue
-        for wrapped, plain in prefixes:
-            if key.startswith(wrapped):
-                key = plain + key[len(wrapped) :]
-                break
-        state[key] = value.detach().to("cpu").contiguous()
+    current base weights: wrapped layers' base weights, the base norms and the original head
+    (which training leaves alone), and every non-wrapped module. CPU, eval mode, frozen.
+    The unwrapping is the model's own (``merged(None)``), not a guess from state_dict keys."""
+    plain = model.merged(None).state_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in plain.items()}
     new = copy.deepcopy(template).cpu()
     new.load_state_dict(state, strict=True)
     return new.requires_grad_(False).eval()

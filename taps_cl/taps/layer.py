@@ -1,20 +1,26 @@
-"""TaskAdaptiveLayer: one frozen base layer plus, per task, a weight delta and a gate score.
+"""Gated weights: per task a weight delta and a gate score, ``w = w_base + I_tau(s) * dw``.
 
-The wrapped layer's *own* forward runs with the effective weight
-``w = w_base + I_tau(s) * dw`` via ``torch.func.functional_call``, so subclasses that do their
+:class:`GatedWeight` holds the per-task ``delta`` / ``score`` of one weight tensor and is one
+"layer" of TAPS (one score, one entry of ``TAPSModel.layer_names``). :class:`TaskAdaptiveLayer`
+is a gated weight that also wraps the layer owning the weight: it runs the wrapped layer's *own*
+forward with the effective weight via ``torch.func.functional_call``, so subclasses that do their
 own work in ``forward`` (timm's ``Conv2dSame`` with TF "same" padding, weight-standardised
-convolutions, ...) keep behaving exactly as they do in the base.
+convolutions, ...) keep behaving exactly as they do in the base. It is transparent: reading
+``layer.weight`` gives the active task's effective weight (see :mod:`taps_cl.taps.wrap`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from taps_cl.taps.gate import gate_is_on, hard_gate
+from taps_cl.taps.task import TaskInfo, TaskModule, copy_checked
+from taps_cl.taps.wrap import Transparent
 
 # Module types whose ``weight`` TAPS may specialise (subclasses included). Extend with
 # ``register_gateable``. Values name the parameter that gets a delta.
@@ -47,7 +53,10 @@ def register_gateable(
 
 
 def gateable_weight_attr(module: nn.Module) -> str | None:
-    """The name of the parameter TAPS would gate in ``module``, or None if it is not gateable."""
+    """The name of the parameter TAPS would gate in ``module``, or None if it is not gateable
+    (or is already a TAPS wrapper, which also passes ``isinstance`` checks of its base type)."""
+    if isinstance(module, (TaskModule, Transparent)):
+        return None
     for cls in type(module).__mro__:
         attr = _GATEABLE.get(cls)
         if attr is not None:
@@ -55,51 +64,39 @@ def gateable_weight_attr(module: nn.Module) -> str | None:
     return None
 
 
-class TaskAdaptiveLayer(nn.Module):
-    """Wraps one base layer; holds per-task ``delta`` and ``score`` keyed by task name."""
+class GatedWeight(TaskModule):
+    """Per-task ``delta`` and ``score`` of one weight tensor (one TAPS layer).
 
-    def __init__(self, base_layer: nn.Module, tau: float) -> None:
+    Subclasses say where the base weight lives (:attr:`base_weight`). A frozen task's kept delta
+    applies unconditionally (``w_base + dw``), so its outputs never depend on this model's tau.
+    """
+
+    def __init__(self, tau: float, score_init: float) -> None:
         super().__init__()
-        attr = gateable_weight_attr(base_layer)
-        if attr is None:
-            raise TypeError(f"{type(base_layer).__name__} is not a registered gateable layer")
-        self.base_layer = base_layer
-        self.weight_attr = attr
         self.tau = tau
+        self.score_init = score_init
         self.delta = nn.ParameterDict()  # only tasks whose gate is on keep a delta after pruning
         self.score = nn.ParameterDict()  # every task keeps its score (0-d)
-        self.active_task: str | None = None
-        # Finalised tasks: their kept deltas apply unconditionally (w = w_base + dw), so a
-        # frozen task's outputs never depend on this model's tau.
-        self.frozen: set[str] = set()
 
     @property
     def base_weight(self) -> torch.Tensor:
-        return getattr(self.base_layer, self.weight_attr)
+        raise NotImplementedError
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, for code that reads ``layer.weight`` (e.g. init or shape checks)."""
-        return self.base_weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-    def add_task(self, name: str, score_init: float) -> None:
+    def add_task(self, info: TaskInfo) -> None:
+        super().add_task(info)
         w = self.base_weight
-        self.delta[name] = nn.Parameter(torch.zeros_like(w))
-        self.score[name] = nn.Parameter(torch.tensor(float(score_init), device=w.device))
+        self.delta[info.name] = nn.Parameter(torch.zeros_like(w))
+        self.score[info.name] = nn.Parameter(torch.tensor(float(self.score_init), device=w.device))
 
     def remove_task(self, name: str) -> None:
-        self.frozen.discard(name)
+        super().remove_task(name)
         for store in (self.delta, self.score):
             if name in store:
                 del store[name]
 
     def prune(self, name: str) -> bool:
         """Drop the task's delta if its gate is off; return whether the layer stays adapted."""
-        if name in self.frozen:
+        if self.is_frozen(name):
             return name in self.delta
         on = gate_is_on(self.score[name], self.tau)
         if not on and name in self.delta:
@@ -107,28 +104,90 @@ class TaskAdaptiveLayer(nn.Module):
         return on
 
     def freeze(self, name: str) -> None:
-        """Prune, then fix the task: its delta (if kept) now always applies."""
+        """Prune a closed gate (unless the task is already final, e.g. loaded), stop gradients."""
         self.prune(name)
-        self.frozen.add(name)
+        for store in (self.delta, self.score):
+            if name in store:
+                store[name].requires_grad_(False)
 
     def is_active(self, name: str) -> bool:
-        if name in self.frozen:
+        if self.is_frozen(name):
             return name in self.delta
         return name in self.delta and gate_is_on(self.score[name], self.tau)
 
     def effective_weight(self, name: str) -> torch.Tensor:
         """``w_base + I_tau(s) * dw`` with the straight-through gate (``w_base + dw`` once the
         task is frozen; bitwise the same value, since the gate of a kept layer is exactly 1)."""
-        if name in self.frozen:
+        if self.is_frozen(name):
             return self.base_weight + self.delta[name]
         return self.base_weight + hard_gate(self.score[name], self.tau) * self.delta[name]
 
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        task = self.active_task
-        if task is None or task not in self.delta:
-            return self.base_layer(x, *args, **kwargs)
-        weight = {self.weight_attr: self.effective_weight(task)}
-        return functional_call(self.base_layer, weight, (x, *args), kwargs)
+    def applies(self) -> bool:
+        """Whether the active task has a delta here (else the base weight is used as it is)."""
+        return self.active_task is not None and self.active_task in self.delta
+
+    def active_weight(self) -> torch.Tensor:
+        """The weight the active task computes with (the base weight without a task)."""
+        return self.effective_weight(self.active_task) if self.applies() else self.base_weight
+
+    def export_task(self, name: str) -> dict[str, torch.Tensor]:
+        out = {"score": self.score[name]}
+        if self.is_active(name):
+            out["delta"] = self.delta[name]
+        return out
+
+    def load_task(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        if "score" not in tensors:
+            raise ValueError(f"no score for task {name!r}; a patch holds one for every layer")
+        copy_checked(self.score[name], tensors["score"].reshape(()), "score")
+        if "delta" in tensors:
+            copy_checked(self.delta[name], tensors["delta"], "delta")
+        elif name in self.delta:
+            del self.delta[name]  # a pruned layer: the task uses the base weight here
+
+    def task_keys(self, name: str) -> list[str]:
+        return ["delta", "score"]
+
+    def patch_key(self, where: str, key: str) -> str:
+        return f"{key}.{where}"  # delta.<layer>, score.<layer>
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, tasks={list(self.score.keys())}"
+
+
+class TaskAdaptiveLayer(Transparent, GatedWeight):
+    """Wraps one base layer; holds per-task ``delta`` and ``score`` keyed by task name."""
+
+    def __init__(self, base_layer: nn.Module, tau: float, score_init: float = 0.15) -> None:
+        attr = gateable_weight_attr(base_layer)
+        if attr is None:
+            raise TypeError(f"{type(base_layer).__name__} is not a registered gateable layer")
+        super().__init__(tau, score_init)
+        self.base_layer = base_layer
+        self.weight_attr = attr
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return getattr(self.base_layer, self.weight_attr)
+
+    def _passthrough_target(self) -> nn.Module:
+        return self._modules["base_layer"]
+
+    def _passthrough(self, name: str) -> object:
+        if name == self.__dict__.get("weight_attr"):
+            return self.active_weight()
+        return getattr(self._passthrough_target(), name)
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if not self.applies():
+            return self.base_layer(x, *args, **kwargs)
+        weight = {self.weight_attr: self.effective_weight(self.active_task)}
+        return functional_call(self.base_layer, weight, (x, *args), kwargs)
+
+    def plain(self, name: str | None) -> nn.Module:
+        plain = copy.deepcopy(self.base_layer)
+        if name is not None and self.is_active(name):
+            with torch.no_grad():
+                weight = self.effective_weight(name).detach().clone()
+            setattr(plain, self.weight_attr, nn.Parameter(weight))
+        return plain

@@ -1,8 +1,10 @@
 """TAPSModel: inject task-adaptive layers into any ``nn.Module`` and manage tasks on it.
 
 The base is frozen and wrapped in place: every gateable layer becomes a
-:class:`TaskAdaptiveLayer`, every norm a :class:`TaskNorm`, the classifier a
-:class:`TaskHeads`. With no active task the model computes exactly what the base computes.
+:class:`TaskAdaptiveLayer`, every ``nn.MultiheadAttention`` a :class:`TaskAdaptiveAttention`,
+every norm a :class:`TaskNorm`, the classifier a :class:`TaskHeads`. With no active task the
+model computes exactly what the base computes. Everything that holds per-task state is a
+:class:`TaskModule`; adding, freezing, exporting and loading a task are loops over them.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from torch import nn
 from taps_cl.bases import fingerprint
 from taps_cl.config import TAPSConfig
 from taps_cl.errors import BaseMismatchError, DuplicateTaskError, UnknownTaskError
-from taps_cl.taps.layer import TaskAdaptiveLayer, gateable_weight_attr
+from taps_cl.taps.attention import TaskAdaptiveAttention
+from taps_cl.taps.layer import GatedWeight, TaskAdaptiveLayer, gateable_weight_attr
 from taps_cl.taps.modules import TaskHeads, TaskNorm, is_norm
-from taps_cl.taps.patch import TaskPatch, validate_task_name
+from taps_cl.taps.patch import PARAMETER_KINDS, TaskPatch, validate_task_name
 from taps_cl.taps.penalty import sparsity_penalty
+from taps_cl.taps.task import TaskInfo, TaskModule
+from taps_cl.taps.wrap import Transparent
 
 
 def find_head(model: nn.Module, head: str | None = None) -> str:
@@ -79,64 +84,76 @@ class TAPSModel(nn.Module):
         self.base = base
         self.heads = TaskHeads(base.get_submodule(self.head_name))
         set_child(base, self.head_name, self.heads)
-        self.layer_names: list[str] = []
+        self._layer_paths: dict[str, str] = {}  # layer name -> path of its GatedWeight
         self.norm_names: list[str] = []
         self._inject()
-        self._task_info: dict[str, dict] = {}
+        self.layer_names: list[str] = list(self._layer_paths)
+        self._tasks: dict[str, TaskInfo] = {}
         self.base.eval()
 
     def _inject(self) -> None:
-        skip = tuple(
-            n for n, m in self.base.named_modules() if isinstance(m, nn.MultiheadAttention)
-        )
+        tau, score_init = self.config.tau, self.config.score_init
+        done = [self.head_name]  # wrapped subtrees: their insides are the wrapper's business
         for name, module in list(self.base.named_modules()):
-            if not name or module is self.heads or name.startswith(self.head_name + "."):
+            if not name or any(name == d or name.startswith(d + ".") for d in done):
                 continue
-            # nn.MultiheadAttention reads its projections' weights directly, not via forward.
-            if any(name.startswith(s + ".") for s in skip):
-                continue
-            if gateable_weight_attr(module) is not None:
-                set_child(self.base, name, TaskAdaptiveLayer(module, self.config.tau))
-                self.layer_names.append(name)
+            if isinstance(module, nn.MultiheadAttention):
+                attn = TaskAdaptiveAttention(module, tau, score_init)
+                for local, path in attn.gated_layers().items():
+                    self._layer_paths[f"{name}.{local}"] = f"{name}.{path}"
+                wrapper: nn.Module = attn
+            elif gateable_weight_attr(module) is not None:
+                wrapper = TaskAdaptiveLayer(module, tau, score_init)
+                self._layer_paths[name] = name
             elif self.config.task_norms and is_norm(module):
-                set_child(self.base, name, TaskNorm(module))
+                wrapper = TaskNorm(module)
                 self.norm_names.append(name)
-        if not self.layer_names:
+            else:
+                continue
+            set_child(self.base, name, wrapper)
+            done.append(name)
+        if not self._layer_paths:
             raise ValueError(f"{type(self.base).__name__} has no gateable layers (Conv/Linear)")
 
     # -- structure ---------------------------------------------------------------------------
 
-    def layers(self) -> Iterator[tuple[str, TaskAdaptiveLayer]]:
+    def layers(self) -> Iterator[tuple[str, GatedWeight]]:
+        """Gated layers (one score each) by layer name, in model order."""
         for name in self.layer_names:
-            yield name, self.base.get_submodule(name)
+            yield name, self.base.get_submodule(self._layer_paths[name])
 
     def norms(self) -> Iterator[tuple[str, TaskNorm]]:
         for name in self.norm_names:
             yield name, self.base.get_submodule(name)
 
-    def _per_task_modules(self) -> Iterator[nn.Module]:
-        yield self.heads
-        yield from (m for _, m in self.layers())
-        yield from (m for _, m in self.norms())
+    def task_modules(self) -> Iterator[tuple[str, TaskModule]]:
+        """Every module holding per-task state, with the name its patch tensors use."""
+        yield self.head_name, self.heads
+        yield from self.layers()
+        yield from self.norms()
 
     @property
     def tasks(self) -> list[str]:
-        return list(self._task_info)
+        return list(self._tasks)
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_names)
 
     def num_classes(self, name: str) -> int:
-        return self._info(name)["num_classes"]
+        return self.task_info(name).num_classes
 
     def class_names(self, name: str) -> list[str] | None:
-        return self._info(name)["class_names"]
+        return self.task_info(name).class_names
 
-    def _info(self, name: str) -> dict:
-        if name not in self._task_info:
+    def task_info(self, name: str) -> TaskInfo:
+        """The task's :class:`TaskInfo` (the one object every module of the task shares)."""
+        if name not in self._tasks:
             raise UnknownTaskError(f"unknown task {name!r}; known tasks: {self.tasks or 'none'}")
-        return self._task_info[name]
+        return self._tasks[name]
+
+    def is_frozen(self, name: str) -> bool:
+        return self.task_info(name).frozen
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -145,34 +162,29 @@ class TAPSModel(nn.Module):
     ) -> None:
         """Create the task's zero deltas, scores, norm copies and a new head."""
         validate_task_name(name)
-        if name in self._task_info:
+        if name in self._tasks:
             raise DuplicateTaskError(f"task {name!r} already exists; remove it or pick a new name")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        for _, layer in self.layers():
-            layer.add_task(name, self.config.score_init)
-        for _, norm in self.norms():
-            norm.add_task(name)
-        self.heads.add_head(name, num_classes, seed=seed)
-        self._task_info[name] = {
-            "num_classes": num_classes,
-            "class_names": list(class_names) if class_names else None,
-            "frozen": False,
-        }
+        info = TaskInfo(name, num_classes, class_names, seed)
+        try:
+            for _, module in self.task_modules():
+                module.add_task(info)
+        except Exception:
+            for _, module in self.task_modules():
+                module.remove_task(name)
+            raise
+        self._tasks[name] = info
 
     def remove_task(self, name: str) -> None:
-        self._info(name)
-        for module in self._per_task_modules():
+        self.task_info(name)
+        for _, module in self.task_modules():
             module.remove_task(name)
-        del self._task_info[name]
+        del self._tasks[name]
 
     def set_task(self, name: str | None) -> None:
         """Route every following forward through task ``name`` (None = the plain base)."""
         if name is not None:
-            self._info(name)
-        for module in self._per_task_modules():
+            self.task_info(name)
+        for _, module in self.task_modules():
             module.active_task = name
 
     @property
@@ -210,7 +222,7 @@ class TAPSModel(nn.Module):
 
     def param_groups(self, name: str) -> dict[str, list[nn.Parameter]]:
         """The task's trainable parameters by kind: ``delta``, ``score``, ``norm``, ``head``."""
-        self._info(name)
+        self.task_info(name)
         groups: dict[str, list[nn.Parameter]] = {"delta": [], "score": [], "norm": [], "head": []}
         for _, layer in self.layers():
             if name in layer.delta:
@@ -226,7 +238,7 @@ class TAPSModel(nn.Module):
 
     def penalty(self, name: str) -> torch.Tensor:
         """The task's sparsity penalty (kind from ``config.penalty``), differentiable in scores."""
-        self._info(name)
+        self.task_info(name)
         scores, sizes = [], []
         for _, layer in self.layers():
             scores.append(layer.score[name])
@@ -235,56 +247,40 @@ class TAPSModel(nn.Module):
 
     def gates(self, name: str) -> dict[str, bool]:
         """Layer name -> whether the task adapts that layer (gate on and delta kept)."""
-        self._info(name)
+        self.task_info(name)
         return {n: layer.is_active(name) for n, layer in self.layers()}
 
     def scores(self, name: str) -> dict[str, float]:
-        self._info(name)
+        self.task_info(name)
         return {n: float(layer.score[name].detach()) for n, layer in self.layers()}
 
     # -- patches -----------------------------------------------------------------------------
 
     def finalize_task(self, name: str) -> TaskPatch:
         """Prune the deltas of layers whose gate is off, freeze the task, return its patch."""
-        self._info(name)
-        for _, layer in self.layers():
-            layer.freeze(name)
-        for p in self.trainable_parameters(name):
-            p.requires_grad_(False)
-        for module in self._per_task_modules():
-            if hasattr(module, "freeze_task"):
-                module.freeze_task(name)
-        self._task_info[name]["frozen"] = True
+        info = self.task_info(name)
+        for _, module in self.task_modules():
+            module.freeze(name)  # gated weights prune closed gates first (unless already final)
+        info.frozen = True
         return self.export_patch(name)
 
     def export_patch(self, name: str) -> TaskPatch:
         """The task's state as a :class:`TaskPatch` (deltas only for layers whose gate is on)."""
-        info = self._info(name)
+        info = self.task_info(name)
         tensors: dict[str, torch.Tensor] = {}
-        active = []
-        for lname, layer in self.layers():
-            tensors[f"score.{lname}"] = _export(layer.score[name])
-            if layer.is_active(name):
-                active.append(lname)
-                tensors[f"delta.{lname}"] = _export(layer.delta[name])
-        for nname, norm in self.norms():
-            for key, value in norm.tasks[name].state_dict().items():
-                tensors[f"norm.{nname}.{key}"] = _export(value)
-        for key, value in self.heads.tasks[name].state_dict().items():
-            tensors[f"head.{key}"] = _export(value)
+        for where, module in self.task_modules():
+            for key, value in module.export_task(name).items():
+                tensors[module.patch_key(where, key)] = _export(value)
         return TaskPatch(
             name=name,
-            num_classes=info["num_classes"],
-            class_names=info["class_names"],
+            num_classes=info.num_classes,
+            class_names=info.class_names,
             tensors=tensors,
-            active_layers=active,
+            active_layers=[n for n, on in self.gates(name).items() if on],
             num_layers=self.num_layers,
             base_fingerprint=self.base_fingerprint,
             config=self.config.to_dict(),
         )
-
-    def is_frozen(self, name: str) -> bool:
-        return bool(self._info(name)["frozen"])
 
     def load_patch(self, patch: TaskPatch, name: str | None = None) -> None:
         """Add a frozen task from ``patch`` (optionally under another name). The patch's kept
@@ -298,33 +294,30 @@ class TAPSModel(nn.Module):
             raise ValueError(
                 f"patch has {patch.num_layers} gated layers, model has {self.num_layers}"
             )
-        _check_patch_keys(self, patch)
+        _check_patch_layers(self, patch)
         name = name or patch.name
         self.add_task(name, patch.num_classes, patch.class_names)
         try:
             _fill_task(self, name, patch)
-            for _, layer in self.layers():
-                layer.frozen.add(name)  # keep exactly the patch's deltas, whatever our tau
         except Exception:
             self.remove_task(name)
             raise
-        self.finalize_task(name)
+        self._tasks[name].frozen = True  # before freeze(): keep exactly the patch's deltas
+        for _, module in self.task_modules():
+            module.freeze(name)
 
-    def merged(self, name: str) -> nn.Module:
+    def merged(self, name: str | None) -> nn.Module:
         """A standalone copy of the base for task ``name``: deltas folded into the weights, the
-        task's norms and head in place; its forward contains no TAPS code. Eval mode, frozen."""
-        self._info(name)
+        task's norms and head in place; its forward contains no TAPS code. Eval mode, frozen.
+        ``name=None`` gives the plain base (its current weights, norms and original head)."""
+        if name is not None:
+            self.task_info(name)
         memo: dict[int, object] = {}
-        for _, layer in self.layers():
-            plain = copy.deepcopy(layer.base_layer)
-            if layer.is_active(name):
-                with torch.no_grad():
-                    weight = layer.effective_weight(name).detach().clone()
-                setattr(plain, layer.weight_attr, nn.Parameter(weight))
-            memo[id(layer)] = plain
-        for _, norm in self.norms():
-            memo[id(norm)] = copy.deepcopy(norm.tasks[name])
-        memo[id(self.heads)] = copy.deepcopy(self.heads.tasks[name])
+        done: list[str] = []
+        for path, module in self.base.named_modules():
+            if isinstance(module, Transparent) and not any(path.startswith(d) for d in done):
+                memo[id(module)] = module.plain(name)
+                done.append(path + ".")
         out = copy.deepcopy(self.base, memo)
         return out.requires_grad_(False).eval()
 
@@ -333,7 +326,7 @@ def _export(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
-def _check_patch_keys(model: TAPSModel, patch: TaskPatch) -> None:
+def _check_patch_layers(model: TAPSModel, patch: TaskPatch) -> None:
     layers = set(model.layer_names)
     unknown = [k for k in patch.kind("delta") if k not in layers]
     unknown += [k for k in patch.kind("score") if k not in layers]
@@ -345,23 +338,18 @@ def _check_patch_keys(model: TAPSModel, patch: TaskPatch) -> None:
 
 
 def _fill_task(model: TAPSModel, name: str, patch: TaskPatch) -> None:
-    deltas, scores = patch.kind("delta"), patch.kind("score")
-    with torch.no_grad():
-        for lname, layer in model.layers():
-            layer.score[name].copy_(scores[lname].reshape(()))
-            if lname in deltas:
-                _copy_checked(layer.delta[name], deltas[lname], f"delta.{lname}")
-            else:
-                del layer.delta[name]
-    norm_state = patch.kind("norm")
-    for nname, norm in model.norms():
-        prefix = nname + "."
-        state = {k[len(prefix) :]: v for k, v in norm_state.items() if k.startswith(prefix)}
-        norm.tasks[name].load_state_dict(state, strict=True)
-    model.heads.tasks[name].load_state_dict(patch.kind("head"), strict=True)
-
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"{key}: patch shape {tuple(src.shape)} != model {tuple(dst.shape)}")
-    dst.copy_(src)
+    """Hand each module the patch tensors it owns; refuse model tensors no module owns (other
+    kinds, such as the task's ``route.*`` statistics, are the router's, not the model's)."""
+    used: set[str] = set()
+    for where, module in model.task_modules():
+        own = {}
+        for key in module.task_keys(name):
+            patch_key = module.patch_key(where, key)
+            if patch_key in patch.tensors:
+                own[key] = patch.tensors[patch_key]
+                used.add(patch_key)
+        module.load_task(name, own)
+    model_keys = {k for k in patch.tensors if k.split(".", 1)[0] in PARAMETER_KINDS}
+    unused = sorted(model_keys - used)
+    if unused:
+        raise ValueError(f"patch {patch.name!r} holds tensors this model lacks: {unused[:5]}")

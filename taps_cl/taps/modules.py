@@ -1,52 +1,67 @@
 """Per-task copies of the cheap parts of a network: normalisation layers and the classifier head.
 
 Both dispatch on ``active_task`` and fall back to the frozen base module when no task (or a task
-without its own copy) is active, so the wrapped model without a task is the base itself.
+without its own copy) is active, so the wrapped model without a task is the base itself. Both are
+transparent (:mod:`taps_cl.taps.wrap`): ``norm.weight``, ``norm.running_mean``, ``norm.eps``,
+``head.out_features`` ... are those of the module the active task computes with.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from taps_cl.taps.task import TaskInfo, TaskModule
+from taps_cl.taps.wrap import Transparent
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES)
+    """A norm TAPS would copy per task (not one it already wrapped)."""
+    return isinstance(module, NORM_TYPES) and not isinstance(module, Transparent)
 
 
-class _PerTask(nn.Module):
+class _PerTask(Transparent, TaskModule):
     """A frozen base module plus one trainable copy per task, chosen by ``active_task``."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.tasks = nn.ModuleDict()
-        self.active_task: str | None = None
-        self.training_tasks: set[str] = set()  # tasks whose copy follows .train(); others stay eval
 
-    def _make_copy(self, name: str) -> nn.Module:
+    def _make_copy(self, info: TaskInfo) -> nn.Module:
         raise NotImplementedError
 
-    def add_task(self, name: str) -> None:
-        self.tasks[name] = self._make_copy(name)
-        self.training_tasks.add(name)
+    def add_task(self, info: TaskInfo) -> None:
+        super().add_task(info)
+        self.tasks[info.name] = self._make_copy(info)
         self.train(self.training)
 
-    def freeze_task(self, name: str) -> None:
-        self.training_tasks.discard(name)
-        if name in self.tasks:
-            self.tasks[name].requires_grad_(False)
-            self.tasks[name].eval()
-
     def remove_task(self, name: str) -> None:
-        self.training_tasks.discard(name)
+        super().remove_task(name)
         if name in self.tasks:
             del self.tasks[name]
+
+    def freeze(self, name: str) -> None:
+        self.tasks[name].requires_grad_(False)
+        self.tasks[name].eval()
+
+    def export_task(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.tasks[name].state_dict())
+
+    def load_task(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        try:
+            self.tasks[name].load_state_dict(dict(tensors), strict=True)
+        except RuntimeError as err:  # missing/unexpected keys or shapes: a patch for another model
+            raise ValueError(f"patch does not fit {type(self).__name__}: {err}") from err
+
+    def task_keys(self, name: str) -> list[str]:
+        return list(self.tasks[name].state_dict())
 
     def train(self, mode: bool = True) -> _PerTask:
         # The base and frozen tasks never leave eval mode: a BatchNorm in train mode would
@@ -54,48 +69,52 @@ class _PerTask(nn.Module):
         self.training = mode
         self.base.eval()
         for name, module in self.tasks.items():
-            module.train(mode and name in self.training_tasks)
+            module.train(mode and not self.is_frozen(name))
         return self
 
     def current(self) -> nn.Module:
         task = self.active_task
         return self.tasks[task] if task is not None and task in self.tasks else self.base
 
+    def _passthrough_target(self) -> nn.Module:
+        return self.current()
+
+    def plain(self, name: str | None) -> nn.Module:
+        return copy.deepcopy(self.base if name is None else self.tasks[name])
+
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         return self.current()(x, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks.keys())}"
 
 
 class TaskNorm(_PerTask):
     """A normalisation layer with a per-task copy (BN affine + running stats, LN/GN affine)."""
 
-    def _make_copy(self, name: str) -> nn.Module:
+    def _make_copy(self, info: TaskInfo) -> nn.Module:
         norm = copy.deepcopy(self.base)
         norm.requires_grad_(True)
         return norm
+
+    def patch_key(self, where: str, key: str) -> str:
+        return f"norm.{where}.{key}"
 
 
 class TaskHeads(_PerTask):
     """The base classifier (kept for the no-task path) plus a new ``nn.Linear`` per task."""
 
-    def __init__(self, base: nn.Linear) -> None:
-        super().__init__(base)
-        self.in_features = base.in_features
-        self._num_classes: dict[str, int] = {}
-        self._seed = 0
-
-    def add_head(self, name: str, num_classes: int, seed: int = 0) -> None:
-        self._num_classes[name] = num_classes
-        self._seed = seed
-        self.add_task(name)
-
-    def _make_copy(self, name: str) -> nn.Module:
+    def _make_copy(self, info: TaskInfo) -> nn.Module:
         base = self.base
-        head = nn.Linear(self.in_features, self._num_classes[name], bias=base.bias is not None)
+        head = nn.Linear(base.in_features, info.num_classes, bias=base.bias is not None)
         # Seeded init so the same task trains the same way in any process.
-        gen = torch.Generator().manual_seed(self._seed)
-        bound = 1.0 / self.in_features**0.5
+        gen = torch.Generator().manual_seed(info.seed)
+        bound = 1.0 / base.in_features**0.5
         with torch.no_grad():
             head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=gen))
             if head.bias is not None:
                 head.bias.zero_()
         return head.to(device=base.weight.device, dtype=base.weight.dtype)
+
+    def patch_key(self, where: str, key: str) -> str:
+        return f"head.{key}"
