@@ -9,6 +9,12 @@ Part 2 runs the same joint step (3 tasks, same global batch) under ``torchrun`` 
 processes (gloo, CPU) and reports images/s of the last epoch, so start-up is not counted. The
 hardware budget is fixed: 1 process x 2 threads vs 2 processes x 1 thread (and 1 x 1 for scale).
 
+Part 0 (``--split-only`` runs just this) is the same-budget check of joint against incremental:
+the 1,797 digits split into two tasks (classes 0-4 and 5-9) at 32 px, 3 epochs, trained one
+after another and then together, with the same seed and configs. Both go through the same loop
+(:func:`taps_cl.train.fit_tasks`); tasks share no trainable parameter and each task clips its own
+gradient, so only the data order of tasks of different lengths can differ.
+
 Run: ``python benchmarks/joint.py [--max-train 400 --size 48 --epochs 2]`` (a few minutes on 2
 cores). Prints tables and writes ``benchmarks/results/joint.json``.
 """
@@ -69,6 +75,44 @@ def run_mode(mode: str, suite: list, args: argparse.Namespace, tmp: Path) -> dic
             for r in recs
         },
     }
+
+
+def digits_split(args: argparse.Namespace, tmp: Path) -> dict:
+    """Joint vs incremental on digits split in two tasks, at the same epochs and seed."""
+    from taps_cl.config import TAPSConfig, TrainConfig
+    from taps_cl.engine import Engine
+    from taps_cl.scenarios import get_task
+
+    spec = get_task("digits")
+    tasks, evals = {}, {}
+    for name, classes in (("digits_lo", range(0, 5)), ("digits_hi", range(5, 10))):
+        parts = []
+        for ds in (spec.train, spec.test):
+            x, y = ds.tensors
+            keep = torch.isin(y, torch.tensor(list(classes)))
+            parts.append((x[keep], y[keep] - classes.start))
+        tasks[name], evals[name] = parts
+    train = TrainConfig(epochs=3, batch_size=32, image_size=32, device="cpu")
+    out = {}
+    for mode in ("incremental", "joint"):
+        engine = Engine(
+            "efficientnet_lite0",
+            store=f"sqlite:///{tmp / f'split_{mode}.db'}",
+            train=train,
+            config=TAPSConfig(),
+        )
+        start = time.perf_counter()
+        recs = engine.add_tasks(tasks, eval_datasets=evals, joint=mode == "joint", quiet=True)
+        out[mode] = {
+            "accuracy": {r.name: r.accuracy for r in recs},
+            "mean_accuracy": sum(r.accuracy for r in recs) / len(recs),
+            "wall_seconds": time.perf_counter() - start,
+        }
+    out["settings"] = {"image_size": 32, "epochs": 3, "batch_size": 32, "tasks": list(tasks)}
+    out["joint_minus_incremental"] = (
+        out["joint"]["mean_accuracy"] - out["incremental"]["mean_accuracy"]
+    )
+    return out
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -133,6 +177,24 @@ def _print(modes: list[dict], tput: list[dict]) -> None:
     print(table(["processes", "threads each", "images/s"], rows))
 
 
+def _print_split(split: dict) -> None:
+    from taps_cl.report import fmt_pct, table
+
+    names = split["settings"]["tasks"]
+    rows = [
+        (m, *(fmt_pct(split[m]["accuracy"][n]) for n in names), fmt_pct(split[m]["mean_accuracy"]))
+        for m in ("incremental", "joint")
+    ]
+    print(table(["digits split, 32 px, 3 epochs", *names, "mean"], rows))
+    print(f"joint - incremental (mean): {100 * split['joint_minus_incremental']:+.2f} points")
+
+
+def _merge_json(path: Path, update: dict) -> None:
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**old, **update}, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-train", type=int, default=400)
@@ -147,6 +209,7 @@ def main() -> None:
     p.add_argument("--tp-steps", type=int, default=6, help="steps per epoch (throughput)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--split-only", action="store_true", help="only the digits-split check")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/joint.json"))
@@ -160,12 +223,18 @@ def main() -> None:
     modes = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        split = digits_split(args, tmp)
+        _print_split(split)
+        if args.split_only:
+            _merge_json(Path(args.out), {"digits_split": split})
+            return
         if not args.skip_accuracy:
             suite = offline_suite(max_train=args.max_train, max_test=args.max_test)
             modes = [run_mode(m, suite, args, tmp) for m in ("incremental", "joint", "joint+base")]
         tput = throughput(args, tmp)
     by = {(t["processes"], t["threads"]): t["images_per_second"] for t in tput}
     result = {
+        "digits_split": split,
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
         "modes": modes,
         "throughput": tput,

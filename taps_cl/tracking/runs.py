@@ -145,12 +145,7 @@ def log_task_run(
         raise ValueError(f"gates without scores: {sorted(set(gates) - set(scores))[:5]}")
     series = _history_metrics(history)
     last = max((s for _, _, s in series), default=0)
-    numbers, _ = _numbers_and_rest(metrics)
-    numbers.setdefault(names.ACTIVE_LAYERS, float(sum(bool(v) for v in gates.values())))
-    numbers.setdefault(names.NUM_LAYERS, float(len(scores)))
-    for key, source in ((names.TASK_PARAMETERS, "num_parameters"), (names.TASK_BYTES, "nbytes")):
-        if is_number(patch_summary.get(source)):
-            numbers.setdefault(key, float(patch_summary[source]))
+    numbers = _final_numbers(metrics, gates, scores, patch_summary)
     client, run_id = _start(tracking_uri, experiment, task, "task")
     status = "FAILED"
     try:
@@ -168,6 +163,17 @@ def log_task_run(
     finally:
         client.set_terminated(run_id, status)
     return run_id
+
+
+def _final_numbers(metrics, gates, scores, patch_summary) -> dict[str, float]:
+    """The run's last-step metrics: ``metrics``, then what gates and patch summary imply."""
+    numbers, _ = _numbers_and_rest(metrics)
+    numbers.setdefault(names.ACTIVE_LAYERS, float(sum(bool(v) for v in gates.values())))
+    numbers.setdefault(names.NUM_LAYERS, float(len(scores)))
+    for key, source in ((names.TASK_PARAMETERS, "num_parameters"), (names.TASK_BYTES, "nbytes")):
+        if is_number(patch_summary.get(source)):
+            numbers.setdefault(key, float(patch_summary[source]))
+    return numbers
 
 
 def _log_gate_artifacts(client, run_id, task, gates, scores, tau) -> None:
