@@ -28,7 +28,7 @@ TAPS_FIELDS = ("lam", "tau", "penalty", "warmup_epochs")
 JOINT_FIELDS = ("epoch_length", "base_lr")
 
 
-def _none_or(kind: type) -> Any:
+def _none_or(kind: Any) -> Any:
     def parse(text: str) -> Any:
         return None if text.lower() == "none" else kind(text)
 
@@ -47,6 +47,7 @@ _TYPES: dict[str, Any] = {
     "int | None": _none_or(int),
     "float | None": _none_or(float),
     "int | str": _int_or_str,
+    "int | str | None": _none_or(_int_or_str),
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 DEFAULT_BASE = "efficientnet_lite0"  # the base an Engine uses when none is named
 PENALTIES = ("uniform", "weighted")
 AMP_DTYPES = ("bfloat16", "float16")
-EPOCH_LENGTHS = ("max", "min")
+EPOCH_LENGTHS = ("own", "max", "min")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
@@ -31,11 +31,21 @@ class _JSONConfig:
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
-        """Field name -> its one-line comment in the class body (the field's only documentation,
-        reused by the CLI's ``--help``)."""
-        source = inspect.getsource(cls)
-        pattern = re.compile(r"^\s+(\w+): [^=\n]+ = [^#\n]+#\s*(.+)$", re.M)
-        return {m.group(1): m.group(2).strip() for m in pattern.finditer(source)}
+        """Field name -> its comment in the class body, trailing or on the lines just above (the
+        field's only documentation, reused by the CLI's ``--help``)."""
+        field_re = re.compile(r"^\s+(\w+): [^=\n]+ = [^#\n]+(?:#\s*(.+))?$")
+        docs: dict[str, str] = {}
+        above: list[str] = []
+        for line in inspect.getsource(cls).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            match = field_re.match(line)
+            if match:
+                docs[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+            above = []
+        return docs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -131,14 +141,17 @@ class TrainConfig(_JSONConfig):
 class JointConfig(_JSONConfig):
     """How a joint run samples its tasks (training itself is set by :class:`TrainConfig`)."""
 
-    epoch_length: int | str = "max"  # steps per epoch: "max"/"min" over the tasks' batches, or N
+    # None: "own" (each task makes its own passes, exactly as alone), "max" with train_base;
+    # "max"/"min": every task steps each step, epochs of the longest/shortest task; or N steps
+    epoch_length: int | str | None = None
     ratios: dict[str, float] | None = None  # task -> multiple of batch_size per step (default 1)
     base_lr: float | None = None  # lr of the shared base weights (train_base); None = lr
 
     def __post_init__(self) -> None:
         e = self.epoch_length
-        if isinstance(e, bool) or not (e in EPOCH_LENGTHS or (isinstance(e, int) and e >= 1)):
-            raise ValueError(f"epoch_length must be 'max', 'min' or an int >= 1, got {e!r}")
+        ok = e is None or e in EPOCH_LENGTHS or (isinstance(e, int) and e >= 1)
+        if isinstance(e, bool) or not ok:
+            raise ValueError(f"epoch_length must be None, {EPOCH_LENGTHS} or an int >= 1: {e!r}")
         if self.ratios is not None:
             if not isinstance(self.ratios, Mapping):
                 raise TypeError(f"ratios must be a dict task -> float, got {type(self.ratios)}")

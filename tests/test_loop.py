@@ -17,7 +17,7 @@ from taps_cl.data import prepare
 from taps_cl.joint import fit_joint
 from taps_cl.runtime import Runtime
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import Stepper, fit_task, fit_tasks, task_loss
+from taps_cl.train import Stepper, fit_task, task_loss
 from tests.test_engine import tiny_engine
 from tests.tiny import tiny_cnn, tiny_images
 
@@ -67,17 +67,31 @@ def test_fit_task_is_the_one_task_case_of_fit_joint():
 
 
 def test_tasks_trained_together_follow_their_lone_trajectories():
-    """Tasks share no trainable parameter, clipping is per task and each task draws the same
-    minibatches alone or together: a joint run equals incremental runs bit for bit (for models
-    without random layers such as dropout, and tasks with the same number of batches)."""
-    a, b = _data(24, 3, seed=1), _data(24, 2, seed=2)
+    """Tasks share no trainable parameter, each keeps its own length, warm-up, score lr and
+    schedule, clips its own gradient and draws the same minibatches alone or together: a joint
+    run equals incremental runs bit for bit (for models without random layers such as dropout),
+    even for tasks of different sizes."""
+    a, b = _data(24, 3, seed=1), _data(41, 2, seed=2)
     cfg = TrainConfig(epochs=2, batch_size=8, lr=5e-2, max_grad_norm=0.05)  # clipping active
     joint = _model({"a": 3, "b": 2})
-    fit_tasks(joint, {"a": a, "b": b}, cfg, quiet=True)
+    result = fit_joint(joint, {"a": a, "b": b}, cfg, quiet=True)
+    # b: 41 samples in minibatches of 8 is 5 steps (a last batch of one is dropped)
+    assert result.steps == 2 * 5 and result.fits["a"].steps == 2 * 3
     for name, data, classes in (("a", a, 3), ("b", b, 2)):
         lone = _model({name: classes})
-        fit_task(lone, name, data, None, cfg, quiet=True)
+        fit = fit_task(lone, name, data, None, cfg, quiet=True)
         _assert_same(_task_tensors(joint, name), _task_tensors(lone, name))
+        assert fit.score_lr == result.fits[name].score_lr
+        assert [h["loss"] for h in fit.history] == [h["loss"] for h in result.fits[name].history]
+
+
+def test_every_task_every_step_when_asked():
+    a, b = _data(24, 3, seed=1), _data(40, 2, seed=2)
+    model = _model({"a": 3, "b": 2})
+    result = fit_joint(model, {"a": a, "b": b}, FAST, joint=JointConfig(epoch_length="max"))
+    assert result.fits["a"].steps == result.fits["b"].steps == 2 * 5  # a cycles
+    with pytest.raises(ValueError, match="train_base"):
+        fit_joint(_model({"a": 3}), {"a": a}, FAST, joint=JointConfig("own"), train_base=True)
 
 
 def test_stepper_clips_each_group_on_its_own():

@@ -42,6 +42,12 @@ def fit_joint(
             f"train_base=True would change the base under tasks {others}; train on a model "
             "holding only the joint run's tasks"
         )
+    length = joint.epoch_length or ("max" if train_base else "own")
+    if train_base and length == "own":
+        raise ValueError(
+            "train_base=True needs every task in every step (a task that stopped early would "
+            "hold deltas for a base that kept moving): use epoch_length 'max', 'min' or N"
+        )
     world_size = world()[1]
     sizes = task_batch_sizes(names, config, joint, world_size)
     base = base_parameters(model) if train_base else []
@@ -56,7 +62,7 @@ def fit_joint(
             tasks,
             config,
             batch_sizes=sizes,
-            epoch_length=joint.epoch_length,
+            epoch_length=length,
             extra_groups=extra if base else (),
             eval_data=eval_data,
             quiet=quiet,
