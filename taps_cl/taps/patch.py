@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+TASK_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")  # used with fullmatch: no "\n"
 TENSOR_KINDS = ("delta", "score", "norm", "head", "route")
 # Kinds that are the task's trained parameters; "route" holds data statistics, not parameters.
 PARAMETER_KINDS = ("delta", "score", "norm", "head")
@@ -32,7 +32,7 @@ def validate_task_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise TypeError(f"task name must be a str, got {type(name).__name__}")
-    if not TASK_NAME_RE.match(name):
+    if not TASK_NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid task name {name!r}: use a letter followed by up to 63 letters, digits, "
             "'_' or '-' (e.g. 'flowers' or 'cub_200')"
