@@ -70,6 +70,7 @@ def test_add_list_show_predict_export_import_remove(tmp_path, capsys):
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     store = str(tmp_path / "s.db")
+    TaskStore(store).close()  # an empty store: read commands refuse a missing one (own test)
     assert run(*argv, "--store", store, *(BASE if argv[0] == "add-task" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("taps-cl: error:") and message in err and "\n" not in err

@@ -23,7 +23,7 @@ from taps_cl.storage.layout import validate_layout
 from taps_cl.storage.models import BaseRow, VersionRow
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
 from taps_cl.storage.serialize import json_dict, validate_fingerprint  # noqa: F401
-from taps_cl.taps.patch import TaskPatch, validate_task_name
+from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
 from taps_cl.taps.routestats import RouteStats
 
 
@@ -232,7 +232,7 @@ class TaskStore(StoreConnection):
         ``base`` (a fingerprint) is only needed when the name exists for several bases.
         """
         validate_task_name(name)
-        version = _check_version(version)
+        version = validate_version(version)
         with self._read() as session:
             task = ops.find_task(session, name, base, self.url)
             row = ops.find_version(session, task, version)
@@ -263,7 +263,7 @@ class TaskStore(StoreConnection):
         later from data for a version trained before routing existed; its other tensors do not
         change. One transaction; existing statistics are an error unless ``replace``."""
         validate_task_name(name)
-        version = _check_version(version)
+        version = validate_version(version)
         if not isinstance(stats, RouteStats):
             raise TypeError(f"stats must be RouteStats, got {type(stats).__name__}")
         tensors = stats.to_tensors()
@@ -284,7 +284,7 @@ class TaskStore(StoreConnection):
     ) -> RouteStats:
         """The route statistics of a version (default: current), read without its patch."""
         validate_task_name(name)
-        version = _check_version(version)
+        version = validate_version(version)
         with self._read() as session:
             task = ops.find_task(session, name, base, self.url)
             row = ops.find_version(session, task, version)
@@ -320,7 +320,7 @@ class TaskStore(StoreConnection):
         version numbers. Blobs no other version or base uses are removed too. Numbers of
         deleted versions are not reused while the task exists."""
         validate_task_name(name)
-        version = _check_version(version)
+        version = validate_version(version)
 
         def work(session: Session) -> list[int]:
             task = ops.find_task(session, name, base, self.url)
@@ -398,9 +398,3 @@ class TaskStore(StoreConnection):
         """Counts and bytes; ``dedup_saved_bytes`` is what content addressing saved."""
         with self._read() as session:
             return queries.store_stats(session)
-
-
-def _check_version(version: object) -> int | None:
-    if version is not None and (type(version) is not int or version < 1):
-        raise ValueError(f"version must be an int >= 1 or None, got {version!r}")
-    return version

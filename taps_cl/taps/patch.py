@@ -40,6 +40,14 @@ def validate_task_name(name: object) -> str:
     return name
 
 
+def validate_version(version: object) -> int | None:
+    """``version`` if it is None (the current version) or an int >= 1, else ``ValueError``
+    (``0`` or ``False`` must not silently mean "current")."""
+    if version is not None and (type(version) is not int or version < 1):
+        raise ValueError(f"version must be an int >= 1 or None (current), got {version!r}")
+    return version
+
+
 @dataclass
 class TaskPatch:
     """The task-specific state of one task: gated deltas, scores, norms and head."""
@@ -56,6 +64,9 @@ class TaskPatch:
 
     def __post_init__(self) -> None:
         validate_task_name(self.name)
+        for what in ("num_classes", "num_layers"):
+            if type(getattr(self, what)) is not int:
+                raise TypeError(f"{what} must be an int, got {getattr(self, what)!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
