@@ -46,6 +46,11 @@ def test_add_list_show_predict_export_import_remove(tmp_path, capsys):
     assert run("predict", "shapes", *files, *common) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split("\t")[1] in ("class0", "class1")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert run("predict", "shapes", str(broken), *common) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.png" in err and "not a readable image" in err and "\n" not in err
     out = tmp_path / "shapes.safetensors"
     assert run("export", "shapes", str(out), "--store", store) == 0
     other = str(tmp_path / "other.db")
