@@ -34,7 +34,12 @@ class TaskStore(StoreConnection):
     path for SQLite. When omitted, env ``TAPS_CL_STORE`` is used (URL or path), else the SQLite
     file ``$XDG_DATA_HOME/taps_cl/tasks.db`` (``~/.local/share/taps_cl/tasks.db``).
     Opening creates or upgrades the schema; a store from a newer taps_cl raises
-    :class:`~taps_cl.errors.StoreVersionError`.
+    :class:`~taps_cl.errors.StoreVersionError`. ``create=False`` refuses an SQLite file that
+    does not exist (instead of creating it and its directory); ``readonly=True`` opens the
+    store without ever writing (SQLite ``mode=ro``, ``immutable`` where the directory is not
+    writable; writes raise :class:`~taps_cl.errors.StoreReadOnlyError`), ``readonly=None``
+    does so only where SQLite could not write beside the file. Every failure to open, read or
+    write is a :class:`~taps_cl.errors.StoreError` saying what to fix.
 
     Every write is one transaction: a version is visible only once all its rows are
     committed, and an error or a killed process leaves no trace. Concurrent writers are
