@@ -15,13 +15,25 @@ from taps_cl.config import DEFAULT_BASE, environment
 from taps_cl.errors import TAPSError
 from taps_cl.report import fmt_bytes, fmt_pct, table
 
+# Commands that only read the store: they never create one, and open it read-only when
+# SQLite could not write beside the file (a read-only file or directory).
+READ_COMMANDS = frozenset({"tasks", "show", "predict", "export", "gates", "route-stats"})
+
+
+def _store(args: argparse.Namespace):
+    from taps_cl.storage import TaskStore
+
+    if args.command in READ_COMMANDS:
+        return TaskStore(args.store, create=False, readonly=None)
+    return TaskStore(args.store)
+
 
 def _engine(args: argparse.Namespace, **kw):
     from taps_cl.engine import Engine
 
     return Engine(
         args.base,
-        store=args.store,
+        store=_store(args),
         tracking=getattr(args, "tracking", None) or environment().tracking,
         device=args.device,
         **kw,
@@ -154,9 +166,7 @@ def _builtin_names() -> list[str]:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from taps_cl.storage import TaskStore
-
-    store = TaskStore(args.store)
+    store = _store(args)
     rows = [
         (
             r.name,
@@ -179,9 +189,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from taps_cl.storage import TaskStore
-
-    versions = TaskStore(args.store).versions(args.name)
+    versions = _store(args).versions(args.name)
     rows = [
         (
             f"v{v.version}",
@@ -217,17 +225,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from taps_cl.storage import TaskStore
-
-    removed = TaskStore(args.store).delete(args.name, args.version)
+    removed = _store(args).delete(args.name, args.version)
     print(f"removed {args.name!r} versions {removed}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from taps_cl.storage import TaskStore
-
-    path = TaskStore(args.store).export(args.name, args.path, args.version)
+    store = _store(args)
+    path = store.export(args.name, args.path, args.version, allow_symlink=args.follow_symlinks)
     print(f"wrote {path}")
     return 0
 
@@ -235,9 +240,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     if not Path(args.path).is_file():
         raise ValueError(f"no such file: {args.path}")
-    from taps_cl.storage import TaskStore
-
-    rec = TaskStore(args.store).import_file(args.path, allow_new_base=args.allow_new_base)
+    rec = _store(args).import_file(args.path, allow_new_base=args.allow_new_base)
     print(f"imported {rec.name!r} as version {rec.version}")
     return 0
 
@@ -254,10 +257,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_gates(args: argparse.Namespace) -> int:
-    from taps_cl.storage import TaskStore
     from taps_cl.tracking import gates_figure
 
-    png, text = gates_figure(TaskStore(args.store), args.out)
+    png, text = gates_figure(_store(args), args.out)
     print(text)
     print(f"figure: {png}")
     return 0
@@ -332,18 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="classify image files with a task")
     s.add_argument("name")
     s.add_argument("files", nargs="+")
-    s.add_argument("--version", type=int)
+    s.add_argument("--version", type=_version)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("remove", help="delete a task (or one version)")
     s.add_argument("name")
-    s.add_argument("--version", type=int)
+    s.add_argument("--version", type=_version)
     s.set_defaults(func=cmd_remove)
 
     s = sub.add_parser("export", help="write a task version to one .safetensors file")
     s.add_argument("name")
     s.add_argument("path")
-    s.add_argument("--version", type=int)
+    s.add_argument("--version", type=_version)
+    s.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="if PATH is a symlink, replace the file it points to (default: refuse)",
+    )
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", help="import a task file into the store")
@@ -363,17 +370,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version(text: str) -> int:
+    """``--version N``: a version number >= 1 (0 must not mean "current")."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"version must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _fail(err: BaseException) -> int:
+    text = str(err).strip()
+    message = text.splitlines()[0] if text else type(err).__name__
+    print(f"taps-cl: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every taps_cl error, bad input and OS error (no permission, no space,
+    missing file) is one line on stderr and exit 2; Ctrl-C is one line and exit 130."""
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, TAPSError, FileNotFoundError, KeyError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"taps-cl: error: {message}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # e.g. `taps-cl gates | head`
-        sys.stderr.close()
-        return 0
+    except (TAPSError, OSError, ValueError, TypeError, KeyError) as err:
+        if isinstance(err, BrokenPipeError):  # e.g. `taps-cl gates | head`
+            sys.stderr.close()
+            return 0
+        return _fail(err)
     except KeyboardInterrupt:
         print("taps-cl: interrupted; nothing was committed for an unfinished task", file=sys.stderr)
         return 130

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -47,6 +49,28 @@ class _JSONConfig:
             above = []
         return docs
 
+    def _check_types(self) -> None:
+        """Numbers must be real numbers (not bools, NaN or inf), flags must be bools: a NaN
+        ``lam`` would otherwise pass every comparison and fail only after training."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            if kinds == ["bool"]:
+                if not isinstance(value, bool):
+                    raise TypeError(f"{f.name} must be True or False, got {value!r}")
+                continue
+            if "int" in kinds or "float" in kinds:
+                if isinstance(value, str) and "str" in kinds:
+                    continue
+                integral = "float" not in kinds
+                number = numbers.Integral if integral else numbers.Real
+                if isinstance(value, bool) or not isinstance(value, number):
+                    want = "an int" if integral else "a number"
+                    raise TypeError(f"{f.name} must be {want}, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be finite, got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -78,6 +102,7 @@ class TAPSConfig(_JSONConfig):
     task_norms: bool = True  # each task owns its norm layers (BN affine + stats, LN/GN affine)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.tau < 0:
@@ -114,6 +139,7 @@ class TrainConfig(_JSONConfig):
     max_grad_norm: float | None = 5.0  # gradient clipping; None disables
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -148,6 +174,7 @@ class JointConfig(_JSONConfig):
     base_lr: float | None = None  # lr of the shared base weights (train_base); None = lr
 
     def __post_init__(self) -> None:
+        self._check_types()
         e = self.epoch_length
         ok = e is None or e in EPOCH_LENGTHS or (isinstance(e, int) and e >= 1)
         if isinstance(e, bool) or not ok:
@@ -155,9 +182,13 @@ class JointConfig(_JSONConfig):
         if self.ratios is not None:
             if not isinstance(self.ratios, Mapping):
                 raise TypeError(f"ratios must be a dict task -> float, got {type(self.ratios)}")
-            bad = {k: v for k, v in self.ratios.items() if not float(v) > 0}
+            bad = {
+                k: v
+                for k, v in self.ratios.items()
+                if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf
+            }
             if bad:
-                raise ValueError(f"ratios must be > 0, got {bad}")
+                raise ValueError(f"ratios must be finite numbers > 0, got {bad}")
             self.ratios = {str(k): float(v) for k, v in self.ratios.items()}
         if self.base_lr is not None and not self.base_lr > 0:
             raise ValueError(f"base_lr must be None or > 0, got {self.base_lr}")

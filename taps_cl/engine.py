@@ -33,7 +33,7 @@ from taps_cl.runtime import resolve_device, world
 from taps_cl.serving import TaskServer
 from taps_cl.storage import TaskStore, read_patch_file
 from taps_cl.taps.model import TAPSModel
-from taps_cl.taps.patch import TaskPatch, validate_task_name
+from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
 from taps_cl.train import RunResult
 
 __all__ = ["Engine", "TaskRecord"]
@@ -58,11 +58,11 @@ class Engine:
         self.base.module.requires_grad_(False).eval()
         self.fingerprint = fingerprint(self.base.module)
         self.store = store if isinstance(store, TaskStore) else TaskStore(store)
+        self.head = head
         self._register_base()
         self.tracking = tracking
         self.experiment = experiment
         self.device = resolve_device(device)
-        self.head = head
         self.config = config or TAPSConfig()
         self.train_config = train or TrainConfig()
         self.server = TaskServer(self, lambda: self._new_model(self.config))
@@ -70,14 +70,29 @@ class Engine:
     def _register_base(self) -> None:
         """Name the base in the store once; opening an engine on a known base writes nothing
         (no write lock per CLI call, and read-only database users can still predict)."""
+        if self.store.readonly:
+            return  # serving from a read-only store: imports need a writable one anyway
         try:
             known = self.store.base(self.fingerprint)
         except UnknownBaseError:
             known = None
         if known is None or known.name == f"base-{self.fingerprint[:12]}":  # placeholder name
             self.store.register_base(
-                self.fingerprint, self.base.name, self.base.source, self.base.num_parameters
-            )
+                self.fingerprint, self.base.name, self.base.source, self.base.num_parameters,
+                layout=self.patch_layout(),
+            )  # fmt: skip
+        elif self.store.base_layout(self.fingerprint) is None:  # registered before layouts
+            self.store.set_base_layout(self.fingerprint, self.patch_layout())
+
+    def patch_layout(self) -> dict:
+        """What a patch of this base may hold (tensor names, dtypes, shapes), from a throwaway
+        model; the store keeps it so that imported files are checked against the base."""
+        if getattr(self, "_layout", None) is None:
+            from taps_cl.storage.layout import model_layout
+
+            base = copy.deepcopy(self.base.module)
+            self._layout = model_layout(TAPSModel(base, TAPSConfig(), head=self.head))
+        return self._layout
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -276,10 +291,12 @@ class Engine:
 
     def load_patch(self, name: str, version: int | None = None) -> TaskPatch:
         """The stored patch (verified against its sha256s and this engine's base)."""
+        validate_version(version)
         return self.server.load_patch(name, version)
 
     def image_size(self, name: str, version: int | None = None) -> int:
         """The input side the task was trained at (what ``predict`` resizes to)."""
+        validate_version(version)
         return self.server.ensure(name, version)[1]
 
     def preprocess(self, inputs: Any, name: str | None = None) -> torch.Tensor:
@@ -289,30 +306,36 @@ class Engine:
 
     def model(self, name: str, version: int | None = None) -> nn.Module:
         """The task as a plain merged ``nn.Module`` (eval mode; expects preprocessed input)."""
+        validate_version(version)
         return self.server.merged(name, version)
 
     def class_names(self, name: str, version: int | None = None) -> list[str] | None:
+        validate_version(version)
         return self.server.ensure(name, version)[0].class_names(name)
 
     def predict(
         self, name: str, inputs: Any, logits: bool = False, version: int | None = None
     ) -> torch.Tensor:
         """Class indices (or logits with ``logits=True``) for raw ``inputs``."""
+        validate_version(version)
         out = self.server.predict(name, inputs, version)
         return out if logits else out.argmax(1)
 
     def evaluate(self, name: str, dataset: Any, version: int | None = None) -> dict[str, float]:
         """Accuracy and loss of the stored task on ``dataset``."""
+        validate_version(version)
         return self.server.evaluate(name, dataset, version)
 
     # -- housekeeping -----------------------------------------------------------------------
 
     def remove_task(self, name: str, version: int | None = None) -> list[int]:
+        validate_version(version)
         self.server.current_version(name)
         self.server.unload(name)
         return self.store.delete(name, version, base=self.fingerprint)
 
     def export_task(self, name: str, path: str | os.PathLike, version: int | None = None) -> Path:
+        validate_version(version)
         self.server.current_version(name)
         return self.store.export(name, path, version, base=self.fingerprint)
 
@@ -326,7 +349,7 @@ class Engine:
                 f"({info.get('name', '?')}), this engine's base is {self.fingerprint[:12]} "
                 f"({self.base.name}); open an Engine on that base"
             )
-        record = self.store.import_file(path)
+        record = self.store.import_file(path, layout=self.patch_layout())  # the live model's
         self.server.unload(patch.name)
         return record
 

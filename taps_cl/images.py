@@ -40,8 +40,11 @@ def as_tensor(x: Any) -> torch.Tensor:
 
         if not Path(x).is_file():
             raise DataError(f"image file {str(x)!r} does not exist")
-        with Image.open(x) as img:
-            return _pil_to_tensor(img)
+        try:
+            with Image.open(x) as img:
+                return _pil_to_tensor(img)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # incl. unidentified
+            raise DataError(f"image file {str(x)!r} is not a readable image: {err}") from err
     if is_pil(x):
         return _pil_to_tensor(x)
     raise TypeError(
@@ -74,6 +77,8 @@ def to_nchw(t: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
     when the last dim is, else ``[N, H, W]`` (with ``batched=True`` it is always ``[N, H, W]``);
     4-D is ``[N, C, H, W]`` or channel-last ``[N, H, W, C]``.
     """
+    if t.numel() == 0:
+        raise DataError(f"got an empty image tensor of shape {tuple(t.shape)}: pass >= 1 image")
     nd = t.dim()
     if nd == 2 and not batched:
         return t[None, None]

@@ -46,6 +46,11 @@ def test_add_list_show_predict_export_import_remove(tmp_path, capsys):
     assert run("predict", "shapes", *files, *common) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split("\t")[1] in ("class0", "class1")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert run("predict", "shapes", str(broken), *common) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.png" in err and "not a readable image" in err and "\n" not in err
     out = tmp_path / "shapes.safetensors"
     assert run("export", "shapes", str(out), "--store", store) == 0
     other = str(tmp_path / "other.db")
@@ -70,6 +75,7 @@ def test_add_list_show_predict_export_import_remove(tmp_path, capsys):
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     store = str(tmp_path / "s.db")
+    TaskStore(store).close()  # an empty store: read commands refuse a missing one (own test)
     assert run(*argv, "--store", store, *(BASE if argv[0] == "add-task" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("taps-cl: error:") and message in err and "\n" not in err

@@ -187,3 +187,34 @@ def test_opening_an_engine_on_a_known_base_keeps_its_record(store):
     again = Engine(relabelled, store=store)
     assert again.fingerprint == first.fingerprint
     assert again.store.base(again.fingerprint).name == "tiny"  # no write on open
+
+
+def test_engine_records_its_base_layout_and_imports_check_the_live_model(store, tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from taps_cl.errors import InvalidPatchError
+    from taps_cl.storage import read_patch_file
+    from taps_cl.storage.serialize import write_patch_file
+
+    engine = tiny_engine(store)
+    x, y = tiny_images()
+    engine.add_task((x, y), name="shapes")
+    layout = engine.store.base_layout(engine.fingerprint)
+    assert (
+        layout == engine.patch_layout() and layout["num_layers"] == engine.server.model.num_layers
+    )
+    db = create_engine(store)
+    with db.begin() as conn:  # as a base registered before layouts existed
+        conn.execute(text("UPDATE bases SET layout = NULL"))
+    db.dispose()
+    assert tiny_engine(store).store.base_layout(engine.fingerprint) == layout  # filled in again
+    patch, meta = read_patch_file(engine.export_task("shapes", tmp_path / "s.safetensors"))
+    key = "head.weight"  # one in-feature too many: a head for another base
+    patch.tensors[key] = torch.zeros(patch.num_classes, patch.tensors[key].shape[1] + 1)
+    bad = write_patch_file(tmp_path / "bad.safetensors", patch, meta)
+    with pytest.raises(InvalidPatchError, match=key):
+        engine.import_task(bad)
+    assert [v.version for v in engine.versions("shapes")] == [1]
+    for version in (0, -2, False):
+        with pytest.raises(ValueError, match="version must be an int >= 1"):
+            engine.predict("shapes", x[:2], version=version)

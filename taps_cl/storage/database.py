@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Engine, StaticPool, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 
 from taps_cl.config import environment
-from taps_cl.errors import StoreVersionError
+from taps_cl.errors import StoreError, StoreUnavailableError, StoreVersionError
 
 ENV_VAR = "TAPS_CL_STORE"
 BUSY_TIMEOUT_S = 60.0
@@ -50,20 +51,62 @@ def resolve_url(url: str | os.PathLike | URL | None) -> URL:
     return parsed
 
 
-def create_engines(url: URL) -> tuple[Engine, Engine]:
+def create_engines(url: URL, *, readonly: bool = False) -> tuple[Engine, Engine]:
     """(read engine, write engine) sharing one connection pool."""
     if url.get_backend_name() == "sqlite":
-        return _sqlite_engines(url)
+        return _sqlite_engines(url, readonly)
     engine = create_engine(url, pool_pre_ping=True)
+    if readonly:
+        engine = engine.execution_options(postgresql_readonly=True)
     return engine.execution_options(isolation_level="REPEATABLE READ"), engine
 
 
-def _sqlite_engines(url: URL) -> tuple[Engine, Engine]:
-    memory = url.database in (None, "", ":memory:")
+def sqlite_path(url: URL) -> Path | None:
+    """The database file of an SQLite URL (None for in-memory databases and other backends)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+def writable(path: Path) -> bool:
+    """Whether SQLite may write ``path`` and its journal files beside it."""
+    parent_ok = os.access(path.parent, os.W_OK | os.X_OK)
+    return parent_ok and (not path.exists() or os.access(path, os.W_OK))
+
+
+def check_location(url: URL, *, create: bool) -> None:
+    """Refuse an SQLite path that is a directory, or that does not exist unless ``create``
+    (then its directory is made). A typo in ``--store`` must not create anything."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise StoreUnavailableError(f"store path {path} is a directory; give a database file")
+    if path.exists():
+        return
+    if not create:
+        where = "" if path.parent.is_dir() else f" (directory {path.parent} does not exist)"
+        raise StoreUnavailableError(
+            f"no task store at {path}{where}; check --store / TAPS_CL_STORE, or create one "
+            "with a command that writes (e.g. add-task)"
+        )
+    if path.parent.exists() and not path.parent.is_dir():
+        raise StoreUnavailableError(f"cannot create store {path}: {path.parent} is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_engines(url: URL, readonly: bool) -> tuple[Engine, Engine]:
+    memory = sqlite_path(url) is None
     if memory:
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    elif readonly:
+        # mode=ro writes nothing; in a directory nobody may write, SQLite could not even create
+        # the WAL index beside the file, so the file is opened as immutable (read as it is).
+        path = Path(url.database)
+        query = {"mode": "ro", "uri": "true"} | ({} if writable(path) else {"immutable": "1"})
+        ro = URL.create("sqlite", database=f"file:{quote(str(path))}", query=query)
+        engine = create_engine(ro, connect_args={"timeout": BUSY_TIMEOUT_S})
     else:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
@@ -71,11 +114,12 @@ def _sqlite_engines(url: URL) -> tuple[Engine, Engine]:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        if not memory:
+        if not memory and not readonly:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA secure_delete=ON")  # deleted blobs are zeroed, not left behind
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -102,7 +146,17 @@ def _current_heads(connection) -> tuple[str, ...]:  # noqa: ANN001
     return tuple(ctx.get_current_heads())
 
 
-def ensure_schema(read_engine: Engine, write_engine: Engine, where: str) -> str:
+def checkpoint(engine: Engine) -> None:
+    """Fold the SQLite WAL into the database and truncate it (after a delete: the WAL would
+    otherwise keep the deleted bytes until the next automatic checkpoint)."""
+    if engine.dialect.name == "sqlite" and sqlite_path(engine.url) is not None:
+        with engine.connect() as conn:  # on the raw connection: outside any transaction
+            conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def ensure_schema(
+    read_engine: Engine, write_engine: Engine, where: str, readonly: bool = False
+) -> str:
     """Create or upgrade the schema to this code's head revision; return that revision.
 
     Raises :class:`StoreVersionError` if the store carries a revision this code does not know
@@ -119,6 +173,13 @@ def ensure_schema(read_engine: Engine, write_engine: Engine, where: str) -> str:
     _check_known(current, known, head, where)
     if current == (head,):
         return head
+    if readonly:
+        state = f"schema revision {current[0]!r}" if current else "no taps_cl schema"
+        raise StoreError(
+            f"task store {where} has {state} and needs an upgrade to {head!r}, which a "
+            "read-only open cannot do; open it once with write access (e.g. taps-cl remove "
+            "or add-task), or ask its owner to"
+        )
     with write_engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})

@@ -54,6 +54,9 @@ class BaseRow(Model):
     source: Mapped[str] = mapped_column(Text)
     num_parameters: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # what a patch of this base may hold (storage/layout.py); None for bases from before 0003
+    # until an Engine on the base opens the store
+    layout: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class TaskRow(Model):
@@ -95,6 +98,9 @@ class VersionRow(Model):
     # carries route.* statistics (task-free routing); rows from before revision 0002 do not
     routable: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # sha256 over its tensor rows, classes, layers and config (storage/digest.py); checked on
+    # every read. Nullable only because SQLite cannot add a NOT NULL column to filled tables.
+    digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class BlobRow(Model):

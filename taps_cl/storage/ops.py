@@ -11,6 +11,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError, UnknownTaskError
+from taps_cl.storage.digest import version_digest
 from taps_cl.storage.models import (
     BaseRow,
     BaseTensorRow,
@@ -146,6 +147,7 @@ def insert_version(session: Session, prep: PreparedVersion) -> int:
         added_bytes=added,
         routable=prep.routable,
     )
+    row.digest = row_digest(row, prep.encoded.refs)
     session.add(row)
     session.flush()
     insert_tensor_rows(session, row.id, prep.encoded)
@@ -186,6 +188,7 @@ def add_route_tensors(
     row.nbytes += nbytes - sum(size for _, size in old)
     row.added_bytes += added
     row.routable = True
+    row.digest = row_digest(row, tensor_refs(session, row))  # same transaction as the rows
     session.flush()
     gc_blobs(session, {sha for sha, _ in old} - set(encoded.blobs))
 
@@ -285,6 +288,38 @@ def find_base(session: Session, fingerprint: str) -> BaseRow:
     return row
 
 
+def row_digest(row: VersionRow, refs: list) -> str:
+    """The digest of a version's rows; ``refs`` = (name, blob sha256, dtype, shape)."""
+    return version_digest(
+        num_classes=row.num_classes,
+        class_names=row.class_names,
+        num_layers=row.num_layers,
+        active_layers=row.active_layers,
+        config=row.config,
+        tensors=refs,
+    )
+
+
+def tensor_refs(session: Session, row: VersionRow) -> list:
+    t = VersionTensorRow
+    stmt = select(t.name, t.blob_sha256, t.dtype, t.shape).where(t.version_id == row.id)
+    return [tuple(r) for r in session.execute(stmt)]
+
+
+def check_digest(row: VersionRow, refs: list, where: str) -> None:
+    """``StoreIntegrityError`` unless the version's rows match the digest written with them."""
+    try:
+        actual = row_digest(row, refs)
+    except (TypeError, ValueError) as err:  # e.g. a shape edited into a string or a NaN
+        raise StoreIntegrityError(f"{where}: stored rows are unreadable ({err})") from err
+    if row.digest != actual:
+        raise StoreIntegrityError(
+            f"{where}: its stored rows (tensor dtypes, shapes or names, classes, layers or "
+            "config) do not match their digest; the database was edited or damaged: restore "
+            "it from a backup or re-import the task"
+        )
+
+
 def _decode(row: Any, where: str) -> torch.Tensor:
     if row.data is None:
         raise StoreIntegrityError(f"{where}, tensor {row.name!r}: blob {row.sha[:12]} is missing")
@@ -315,11 +350,13 @@ def read_version_tensors(session: Session, row: VersionRow, where: str) -> dict:
     )
     if len(rows) != row.num_tensors:
         raise StoreIntegrityError(f"{where}: {len(rows)} tensors found, {row.num_tensors} written")
+    check_digest(row, [(r.name, r.sha, r.dtype, r.shape) for r in rows], where)
     return {r.name: _decode(r, where) for r in rows}
 
 
 def read_route_tensors(session: Session, row: VersionRow, where: str) -> dict:
     """Only the ``route.*`` tensors of a version (the router needs nothing else)."""
+    check_digest(row, tensor_refs(session, row), where)
     rows = _tensor_rows(
         session,
         VersionTensorRow,

@@ -11,18 +11,20 @@ import json
 import math
 import os
 import re
+import stat
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from taps_cl.errors import StoreIntegrityError
+from taps_cl.errors import StoreIntegrityError, UnsafeTargetError
 from taps_cl.taps.patch import TaskPatch
 
 FORMAT = "taps_cl.patch"
 FORMAT_VERSION = 1
-FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (
@@ -43,7 +45,7 @@ _DTYPES = {
 
 
 def validate_fingerprint(fingerprint: object) -> str:
-    if not isinstance(fingerprint, str) or not FINGERPRINT_RE.match(fingerprint):
+    if not isinstance(fingerprint, str) or not FINGERPRINT_RE.fullmatch(fingerprint):
         raise ValueError(
             f"base fingerprint must be 64 lowercase hex digits (sha256), got {fingerprint!r}"
         )
@@ -94,21 +96,78 @@ def json_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
 # -- single-file export --------------------------------------------------------------------
 
 
-def write_patch_file(path: Path, patch: TaskPatch, meta: dict[str, Any]) -> Path:
-    """Write ``patch`` and ``meta`` to one ``.safetensors`` file, atomically (tmp + rename)."""
+def safe_target(path: Path, allow_symlink: bool = False) -> Path:
+    """The file an export may replace: ``path`` itself, or with ``allow_symlink`` what a
+    symlink there points to. Refuses anything but a regular file or a free name (devices,
+    FIFOs, sockets, directories, and symlinks unless allowed) and a missing directory."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        if not allow_symlink:
+            raise UnsafeTargetError(
+                f"{path} is a symlink; refusing to replace it (allow_symlink=True / "
+                "--follow-symlinks writes to the file it points to)"
+            )
+        return safe_target(path.resolve(), allow_symlink=False)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = _file_kind(st.st_mode)
+        raise UnsafeTargetError(f"{path} is {kind}; export only writes regular files")
+    if not path.parent.is_dir():
+        raise UnsafeTargetError(f"cannot write {path}: directory {path.parent} does not exist")
+    return path
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def write_patch_file(
+    path: Path, patch: TaskPatch, meta: dict[str, Any], *, allow_symlink: bool = False
+) -> Path:
+    """Write ``patch`` and ``meta`` to one ``.safetensors`` file: to a temporary file in the
+    target's directory, then renamed over the target (see :func:`safe_target`), mode 0644
+    less the umask."""
     from safetensors.torch import save_file
 
+    path = safe_target(Path(path), allow_symlink)
     tensors = {k: v.detach().cpu().contiguous() for k, v in patch.tensors.items()}
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
     meta["tensor_sha256"] = {k: sha256(tensor_to_bytes(v)[0]) for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        save_file(tensors, str(tmp), metadata={"taps_cl": json.dumps(meta)})
+        os.close(fd)
+        save_file(tensors, tmp, metadata={"taps_cl": json.dumps(meta)})
+        os.chmod(tmp, 0o644 & ~_umask())
+        path = safe_target(path)  # still a regular file or free (it may have changed meanwhile)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it,
+    which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_patch_file(path: str | os.PathLike) -> tuple[TaskPatch, dict[str, Any]]:

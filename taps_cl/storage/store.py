@@ -3,47 +3,43 @@
 from __future__ import annotations
 
 import os
-import random
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from sqlalchemy import select
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from taps_cl.bases import state_fingerprint
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError
-from taps_cl.storage import ops, queries
-from taps_cl.storage.database import create_engines, ensure_schema, resolve_url
+from taps_cl.storage import files, ops, queries
+from taps_cl.storage.connection import StoreConnection
+from taps_cl.storage.database import (
+    checkpoint,
+)
+from taps_cl.storage.failures import translated
+from taps_cl.storage.layout import validate_layout
 from taps_cl.storage.models import BaseRow, VersionRow
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
-from taps_cl.storage.serialize import (
-    json_dict,
-    read_patch_file,
-    validate_fingerprint,
-    write_patch_file,
-)
-from taps_cl.taps.patch import TaskPatch, validate_task_name
+from taps_cl.storage.serialize import json_dict, validate_fingerprint  # noqa: F401
+from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
 from taps_cl.taps.routestats import RouteStats
 
-T = TypeVar("T")
-_RETRIES = 12
-# PostgreSQL: serialization failure, deadlock, unique and foreign-key races between writers.
-_PG_TRANSIENT = {"40001", "40P01", "23505", "23503"}
 
-
-class TaskStore:
+class TaskStore(StoreConnection):
     """Versioned task patches in one SQL database (SQLite file or PostgreSQL).
 
     ``url`` is any SQLAlchemy URL (``postgresql://user@host/db`` uses psycopg 3) or a file
     path for SQLite. When omitted, env ``TAPS_CL_STORE`` is used (URL or path), else the SQLite
     file ``$XDG_DATA_HOME/taps_cl/tasks.db`` (``~/.local/share/taps_cl/tasks.db``).
     Opening creates or upgrades the schema; a store from a newer taps_cl raises
-    :class:`~taps_cl.errors.StoreVersionError`.
+    :class:`~taps_cl.errors.StoreVersionError`. ``create=False`` refuses an SQLite file that
+    does not exist (instead of creating it and its directory); ``readonly=True`` opens the
+    store without ever writing (SQLite ``mode=ro``, ``immutable`` where the directory is not
+    writable; writes raise :class:`~taps_cl.errors.StoreReadOnlyError`), ``readonly=None``
+    does so only where SQLite could not write beside the file. Every failure to open, read or
+    write is a :class:`~taps_cl.errors.StoreError` saying what to fix.
 
     Every write is one transaction: a version is visible only once all its rows are
     committed, and an error or a killed process leaves no trace. Concurrent writers are
@@ -51,60 +47,21 @@ class TaskStore:
     transient conflicts, so versions of a task are 1, 2, 3, ... with no gaps from races.
     """
 
-    def __init__(self, url: str | os.PathLike | URL | None = None) -> None:
-        self._url = resolve_url(url)
-        self._read_engine, self._write_engine = create_engines(self._url)
-        self._dialect = self._write_engine.dialect.name
-        self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
-        self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
-        try:
-            self.schema_revision = ensure_schema(self._read_engine, self._write_engine, self.url)
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def url(self) -> str:
-        """The store's URL with any password hidden."""
-        return self._url.render_as_string(hide_password=True)
-
-    def __repr__(self) -> str:
-        return f"TaskStore({self.url!r})"
-
-    def close(self) -> None:
-        self._write_engine.dispose()
-
-    def __enter__(self) -> TaskStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _write(self, work: Callable[[Session], T]) -> T:
-        """Run ``work`` in one write transaction; retry the whole of it on transient conflicts."""
-        for attempt in range(_RETRIES):
-            try:
-                with self._writer.begin() as session:
-                    return work(session)
-            except DBAPIError as err:
-                if attempt + 1 == _RETRIES or not self._transient(err):
-                    raise
-                time.sleep(min(0.02 * 2**attempt, 1.0) * random.uniform(0.5, 1.5))
-        raise AssertionError("unreachable")
-
-    def _transient(self, err: DBAPIError) -> bool:
-        if self._dialect == "sqlite":
-            text = str(err.orig).lower()
-            return "locked" in text or "busy" in text
-        return getattr(err.orig, "sqlstate", None) in _PG_TRANSIENT
-
     # -- bases -------------------------------------------------------------------------------
 
     def register_base(
-        self, fingerprint: str, name: str, source: str = "", num_parameters: int | None = None
+        self,
+        fingerprint: str,
+        name: str,
+        source: str = "",
+        num_parameters: int | None = None,
+        *,
+        layout: Mapping[str, Any] | None = None,
     ) -> BaseRecord:
-        """Record (or relabel) a base; patches trained on it can then be imported."""
+        """Record (or relabel) a base; patches trained on it can then be imported. ``layout``
+        (:func:`~taps_cl.storage.layout.model_layout`) lets imports be checked against it."""
         validate_fingerprint(fingerprint)
+        layout = validate_layout(json_dict(layout, "layout")) if layout is not None else None
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise ValueError(f"base name must be a non-empty str of <= 200 chars, got {name!r}")
         if not isinstance(source, str):
@@ -117,18 +74,37 @@ class TaskStore:
         def work(session: Session) -> None:
             row = ops.ensure_base(session, fingerprint)
             row.name, row.source, row.num_parameters = name, source, num_parameters
+            if layout is not None:
+                row.layout = layout
 
         self._write(work)
         return self.base(fingerprint)
 
+    def base_layout(self, fingerprint: str) -> dict[str, Any] | None:
+        """What a patch of the base may hold (None if it was registered without a layout)."""
+        validate_fingerprint(fingerprint)
+        with self._read() as session:
+            layout = ops.find_base(session, fingerprint).layout
+        return dict(layout) if layout is not None else None
+
+    def set_base_layout(self, fingerprint: str, layout: Mapping[str, Any]) -> None:
+        """Record the layout of a known base (e.g. one registered before layouts existed)."""
+        validate_fingerprint(fingerprint)
+        layout = validate_layout(json_dict(layout, "layout"))
+
+        def work(session: Session) -> None:
+            ops.find_base(session, fingerprint).layout = layout
+
+        self._write(work)
+
     def base(self, fingerprint: str) -> BaseRecord:
         """The record of one base (:class:`UnknownBaseError` if the store never saw it)."""
         validate_fingerprint(fingerprint)
-        with self._reader() as session:
+        with self._read() as session:
             return queries.base_record(session, ops.find_base(session, fingerprint))
 
     def list_bases(self) -> list[BaseRecord]:
-        with self._reader() as session:
+        with self._read() as session:
             rows = session.scalars(select(BaseRow).order_by(BaseRow.created_at))
             return [queries.base_record(session, row) for row in rows]
 
@@ -177,7 +153,7 @@ class TaskStore:
         """The state_dict stored by :meth:`save_base_weights`, in its original order, with
         every blob and the overall fingerprint verified."""
         validate_fingerprint(fingerprint)
-        with self._reader() as session:
+        with self._read() as session:
             ops.find_base(session, fingerprint)
             state = ops.read_base_tensors(session, fingerprint)
         if not state:
@@ -261,8 +237,8 @@ class TaskStore:
         ``base`` (a fingerprint) is only needed when the name exists for several bases.
         """
         validate_task_name(name)
-        version = _check_version(version)
-        with self._reader() as session:
+        version = validate_version(version)
+        with self._read() as session:
             task = ops.find_task(session, name, base, self.url)
             row = ops.find_version(session, task, version)
             where = f"task {name!r} version {row.version}"
@@ -292,7 +268,7 @@ class TaskStore:
         later from data for a version trained before routing existed; its other tensors do not
         change. One transaction; existing statistics are an error unless ``replace``."""
         validate_task_name(name)
-        version = _check_version(version)
+        version = validate_version(version)
         if not isinstance(stats, RouteStats):
             raise TypeError(f"stats must be RouteStats, got {type(stats).__name__}")
         tensors = stats.to_tensors()
@@ -313,8 +289,8 @@ class TaskStore:
     ) -> RouteStats:
         """The route statistics of a version (default: current), read without its patch."""
         validate_task_name(name)
-        version = _check_version(version)
-        with self._reader() as session:
+        version = validate_version(version)
+        with self._read() as session:
             task = ops.find_task(session, name, base, self.url)
             row = ops.find_version(session, task, version)
             where = f"task {name!r} version {row.version}"
@@ -332,13 +308,13 @@ class TaskStore:
         """Every task (optionally of one base), by name."""
         if base is not None:
             validate_fingerprint(base)
-        with self._reader() as session:
+        with self._read() as session:
             return queries.task_records(session, base)
 
     def versions(self, name: str, *, base: str | None = None) -> list[VersionRecord]:
         """Every stored version of ``name``, oldest first."""
         validate_task_name(name)
-        with self._reader() as session:
+        with self._read() as session:
             task = ops.find_task(session, name, base, self.url)
             return queries.version_records(session, task)
 
@@ -349,7 +325,7 @@ class TaskStore:
         version numbers. Blobs no other version or base uses are removed too. Numbers of
         deleted versions are not reused while the task exists."""
         validate_task_name(name)
-        version = _check_version(version)
+        version = validate_version(version)
 
         def work(session: Session) -> list[int]:
             task = ops.find_task(session, name, base, self.url)
@@ -362,7 +338,10 @@ class TaskStore:
             ops.delete_versions(session, task, rows)
             return sorted(r.version for r in rows)
 
-        return self._write(work)
+        deleted = self._write(work)
+        with translated(self.url):
+            checkpoint(self._write_engine)  # the WAL must not keep the deleted bytes around
+        return deleted
 
     # -- files -------------------------------------------------------------------------------
 
@@ -373,73 +352,54 @@ class TaskStore:
         version: int | None = None,
         *,
         base: str | None = None,
+        allow_symlink: bool = False,
     ) -> Path:
         """Write one version to a single ``.safetensors`` file; JSON metadata carries the base
-        (fingerprint, name, source), classes, config, metrics, version and gates."""
-        patch = self.load(name, version, base=base)
-        record = next(
-            v
-            for v in self.versions(name, base=patch.base_fingerprint)
-            if v.version == patch.version
-        )
-        base_rec = self.base(patch.base_fingerprint)
-        meta = {
-            "name": patch.name,
-            "version": patch.version,
-            "base_fingerprint": patch.base_fingerprint,
-            "base": {
-                "name": base_rec.name,
-                "source": base_rec.source,
-                "num_parameters": base_rec.num_parameters,
-            },
-            "num_classes": patch.num_classes,
-            "class_names": patch.class_names,
-            "num_layers": patch.num_layers,
-            "active_layers": patch.active_layers,
-            "config": patch.config,
-            "metrics": record.metrics,
-        }
-        return write_patch_file(Path(path), patch, meta)
+        (fingerprint, name, source), classes, config, metrics, version and gates.
+
+        The file is written beside the target and renamed over it: only a regular file (or
+        nothing) is ever replaced; devices, FIFOs, sockets and directories are refused, and a
+        symlink too unless ``allow_symlink`` (then the file it points to is replaced).
+        """
+        return files.export_version(self, name, path, version, base, allow_symlink)
 
     def import_file(
-        self, path: str | os.PathLike, *, allow_new_base: bool = False
+        self,
+        path: str | os.PathLike,
+        *,
+        allow_new_base: bool = False,
+        layout: Mapping[str, Any] | None = None,
     ) -> VersionRecord:
         """Commit the patch in a file made by :meth:`export` as the next version of its task.
 
         The file's base must be known to this store (it was committed to, registered, or
         imported with before); otherwise :class:`UnknownBaseError` names the base it needs.
         ``allow_new_base=True`` registers the base from the file's metadata instead.
+
+        Every tensor must be finite, and must fit the base the file names: its name, dtype and
+        shape are checked against ``layout`` (an Engine passes its live model's) or else the
+        layout stored with the base. A base without a stored layout (registered before
+        layouts existed, or new from the file) gets only the checks that need no model.
+        Refusals raise :class:`~taps_cl.errors.InvalidPatchError` and change nothing.
         """
-        patch, meta = read_patch_file(path)
-        fp = patch.base_fingerprint
-        with self._reader() as session:
-            known = session.get(BaseRow, fp) is not None
-        info = meta.get("base") if isinstance(meta.get("base"), dict) else {}
-        if not known and not allow_new_base:
-            label = f"{info.get('name', '?')} ({info.get('source') or 'unknown source'})"
-            raise UnknownBaseError(
-                f"{path} holds task {patch.name!r} for base {fp} = {label}, which this store has "
-                "never seen; register that base (TaskStore.register_base) or pass "
-                "allow_new_base=True"
-            )
-        if not known:
-            num = info.get("num_parameters")
-            self.register_base(
-                fp,
-                str(info.get("name") or f"base-{fp[:12]}"),
-                str(info.get("source") or f"imported from {Path(path).name}"),
-                num if isinstance(num, int) else None,
-            )
-        version = self.commit(patch, metrics=meta.get("metrics") or {})
-        return next(v for v in self.versions(patch.name, base=fp) if v.version == version)
+        return files.import_patch_file(self, path, allow_new_base, layout)
+
+    def _commit_imported(
+        self, patch: TaskPatch, metrics: Mapping | None, label: tuple[str, str, int | None]
+    ) -> int:
+        """Commit an imported patch; a base it introduces is registered with ``label`` (name,
+        source, parameters) in the same transaction."""
+        prep = self._prepare(patch, metrics, None)
+
+        def work(session: Session) -> int:
+            if session.get(BaseRow, patch.base_fingerprint) is None:
+                row = ops.ensure_base(session, patch.base_fingerprint)
+                row.name, row.source, row.num_parameters = label
+            return ops.insert_version(session, prep)
+
+        return self._write(work)
 
     def stats(self) -> StoreStats:
         """Counts and bytes; ``dedup_saved_bytes`` is what content addressing saved."""
-        with self._reader() as session:
+        with self._read() as session:
             return queries.store_stats(session)
-
-
-def _check_version(version: object) -> int | None:
-    if version is not None and (type(version) is not int or version < 1):
-        raise ValueError(f"version must be an int >= 1 or None, got {version!r}")
-    return version

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+TASK_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")  # used with fullmatch: no "\n"
 TENSOR_KINDS = ("delta", "score", "norm", "head", "route")
 # Kinds that are the task's trained parameters; "route" holds data statistics, not parameters.
 PARAMETER_KINDS = ("delta", "score", "norm", "head")
@@ -32,12 +32,20 @@ def validate_task_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise TypeError(f"task name must be a str, got {type(name).__name__}")
-    if not TASK_NAME_RE.match(name):
+    if not TASK_NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid task name {name!r}: use a letter followed by up to 63 letters, digits, "
             "'_' or '-' (e.g. 'flowers' or 'cub_200')"
         )
     return name
+
+
+def validate_version(version: object) -> int | None:
+    """``version`` if it is None (the current version) or an int >= 1, else ``ValueError``
+    (``0`` or ``False`` must not silently mean "current")."""
+    if version is not None and (type(version) is not int or version < 1):
+        raise ValueError(f"version must be an int >= 1 or None (current), got {version!r}")
+    return version
 
 
 @dataclass
@@ -56,6 +64,9 @@ class TaskPatch:
 
     def __post_init__(self) -> None:
         validate_task_name(self.name)
+        for what in ("num_classes", "num_layers"):
+            if type(getattr(self, what)) is not int:
+                raise TypeError(f"{what} must be an int, got {getattr(self, what)!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
