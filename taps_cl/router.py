@@ -142,13 +142,16 @@ class TaskRouting:
         method = method or DEFAULT_METHOD
         if method not in METHODS:
             raise ValueError(f"unknown routing method {method!r}; methods: {METHODS}")
+        if (
+            getattr(inputs, "ndim", 0) == 4
+            and inputs.shape[0] == 0
+            or (isinstance(inputs, list | tuple) and not inputs)
+        ):
+            raise ValueError("no inputs to route (got 0 images)")
         cand = self.candidates(tasks)
         server = self.engine.server
         prep = self.engine.base.preprocessing
         x = {s: preprocess(inputs, prep, s) for s in sorted(set(cand.sizes.values()))}
-        n = next(iter(x.values())).shape[0]
-        if n == 0:
-            raise ValueError("no inputs to route (got 0 images)")
         feats = {s: self._features(server.model, xs) for s, xs in x.items()}
         views = {name: feats[size] for name, size in cand.sizes.items()}
         logits: dict[str, torch.Tensor] = {}
