@@ -8,6 +8,10 @@ class) of lda / ncm / energy / combined, and the time of ``Engine.route`` agains
 
     python benchmarks/routing.py                     # the documented run (~3-5 min on 2 cores)
     python benchmarks/routing.py --sizes 48,48,64    # tasks trained at different input sizes
+    python benchmarks/routing.py --suite split       # harder: Fashion-MNIST split in 2 tasks
+
+Each run is stored in the JSON under its label (suite and sizes). From a source checkout run
+with ``PYTHONPATH=.`` so that this tree's ``taps_cl`` is the one imported.
 """
 
 from __future__ import annotations
@@ -24,18 +28,21 @@ import torch
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.engine import Engine
 from taps_cl.report import fmt_pct, table
-from taps_cl.scenarios import get_task
+from taps_cl.scenarios import get_task, split_fashion_mnist
 from taps_cl.taps.routing import METHODS
 
 TASKS = ("fashion_mnist", "digits", "lfw_faces")
 CAPS = {"fashion_mnist": (600, 300), "digits": (600, 300), "lfw_faces": (None, None)}
 
 
-def train(engine: Engine, sizes: list[int], args: argparse.Namespace) -> dict:
-    specs = {}
-    for name, size in zip(TASKS, sizes, strict=True):
-        max_train, max_test = CAPS[name]
-        spec = specs[name] = get_task(name, max_train=max_train, max_test=max_test)
+def suite(name: str) -> dict:
+    if name == "split":  # same domain: clothes 0-4 vs clothes 5-9, only the base tells them apart
+        return {s.name: s for s in split_fashion_mnist(2, max_train=500, max_test=300)}
+    return {n: get_task(n, max_train=CAPS[n][0], max_test=CAPS[n][1]) for n in TASKS}
+
+
+def train(engine: Engine, specs: dict, sizes: list[int], args: argparse.Namespace) -> dict:
+    for (name, spec), size in zip(specs.items(), sizes, strict=True):
         cfg = TrainConfig(epochs=args.epochs, image_size=size, lr=args.lr, seed=0)
         start = time.perf_counter()
         rec = engine.add_task(
@@ -70,9 +77,11 @@ def identify(engine: Engine, specs: dict) -> dict:
 
 
 def timing(engine: Engine, specs: dict, repeats: int) -> dict:
-    # a mixed batch (11 + 11 + 10 images of the three tasks, each at its native size)
-    x = [img for n in TASKS for img in specs[n].test.tensors[0][:11]][:32]
-    engine.route(x), engine.predict(TASKS[0], x)  # warm: router built, patches loaded
+    # a mixed batch (images of every task in turn, each at its native size)
+    per = -(-32 // len(specs))
+    x = [img for s in specs.values() for img in s.test.tensors[0][:per]][:32]
+    first = next(iter(specs))
+    engine.route(x), engine.predict(first, x)  # warm: router built, patches loaded
 
     def median(fn) -> float:
         times = []
@@ -82,7 +91,7 @@ def timing(engine: Engine, specs: dict, repeats: int) -> dict:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    out = {"batch": len(x), "predict_seconds": median(lambda: engine.predict(TASKS[0], x))}
+    out = {"batch": len(x), "predict_seconds": median(lambda: engine.predict(first, x))}
     for method in METHODS:
         out[f"route_{method}_seconds"] = median(lambda m=method: engine.route(x, method=m))
     return out
@@ -90,19 +99,21 @@ def timing(engine: Engine, specs: dict, repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="48,48,48", help="train size per task: fmnist,digits,lfw")
+    p.add_argument("--suite", default="offline", choices=["offline", "split"])
+    p.add_argument("--sizes", default=None, help="train size per task, e.g. 48,48,64 (def. 48)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "routing.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    specs = suite(args.suite)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [48] * len(specs)
     engine = Engine("efficientnet_lite0", store="sqlite://", config=TAPSConfig(), device="cpu")
     start = time.perf_counter()
-    specs = train(engine, sizes, args)
+    train(engine, specs, sizes, args)
     results = {
-        "setup": {"tasks": list(TASKS), "sizes": sizes, "caps": CAPS, "epochs": args.epochs,
+        "setup": {"tasks": list(specs), "sizes": sizes, "epochs": args.epochs,
                   "test_sizes": {n: len(s.test) for n, s in specs.items()},
                   "threads": torch.get_num_threads(), "machine": platform.processor()},
         "train_seconds": time.perf_counter() - start,
@@ -111,15 +122,19 @@ def main() -> None:
     }  # fmt: skip
     rows = [
         (m, fmt_pct(r["task_accuracy"]), fmt_pct(r["end_to_end_accuracy"]),
-         *(fmt_pct(r["per_task"][n]) for n in TASKS),
+         *(fmt_pct(r["per_task"][n]) for n in specs),
          f"{results['timing'][f'route_{m}_seconds'] * 1e3:.0f} ms")
         for m, r in results["methods"].items()
     ]  # fmt: skip
-    print(table(["method", "task id", "end-to-end", *TASKS, "route 32 imgs"], rows))
+    print(table(["method", "task id", "end-to-end", *specs, "route 32 imgs"], rows))
     print(f"predict (one task, 32 imgs): {results['timing']['predict_seconds'] * 1e3:.0f} ms")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out.read_text()) if out.exists() else {}
+    label = f"{args.suite}_" + "_".join(map(str, sizes))
+    runs[label] = results
+    out.write_text(json.dumps(runs, indent=2))
+    print(f"wrote {out} [{label}]")
 
 
 if __name__ == "__main__":

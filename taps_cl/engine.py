@@ -210,8 +210,8 @@ class Engine:
             model, data, train, joint=sampling, train_base=train_base, eval_data=evals, quiet=quiet
         )
         patches, new_base = finalize_run(model, list(data), self.base.module, train_base)
-        if world()[0] == 0:  # only rank 0 commits; statistics make every task routable from v1
-            attach_route_stats(patches, route_stats(model, list(data), data, train))
+        # every task routable from v1 (every rank computes them: patches stay equal on all ranks)
+        attach_route_stats(patches, route_stats(model, list(data), data, train))
         rec_config = {**self._record_config(config, train, model), **run_config(fit, sampling)}
         metrics = {
             n: task_metrics(fit, n, len(data[n]), len(evals[n]) if n in evals else 0) for n in data
