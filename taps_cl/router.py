@@ -12,6 +12,7 @@ features per class (no task active) and the finalised patch's energy on the same
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,9 +91,11 @@ class TaskRouting:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self._routers: OrderedDict[tuple, _Candidates] = OrderedDict()
+        self._lock = threading.Lock()  # serving threads share the cache
 
     def clear(self) -> None:
-        self._routers.clear()
+        with self._lock:
+            self._routers.clear()
 
     def candidates(self, tasks: Sequence[str] | None) -> _Candidates:
         """The router over the routable current versions (restricted to ``tasks``), cached
@@ -115,12 +118,14 @@ class TaskRouting:
         if not chosen:
             raise ValueError(_not_routable(sorted(records)) if records else _no_tasks(self.engine))
         key = tuple(chosen)
-        if key not in self._routers:
-            self._routers[key] = self._build(chosen, records)
-            while len(self._routers) > _CACHED_ROUTERS:
-                self._routers.popitem(last=False)
-        self._routers.move_to_end(key)
-        return self._routers[key]
+        with self._lock:
+            cand = self._routers.get(key)
+            if cand is None:
+                cand = self._routers[key] = self._build(chosen, records)
+                while len(self._routers) > _CACHED_ROUTERS:
+                    self._routers.popitem(last=False)
+            self._routers.move_to_end(key)
+            return cand
 
     def _build(self, chosen: list[tuple[str, int]], records: dict) -> _Candidates:
         store, fp = self.engine.store, self.engine.fingerprint

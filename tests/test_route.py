@@ -102,11 +102,17 @@ def test_tasks_restriction_unknown_and_bad_input(engine):
         engine.route(x, method="vote")
 
 
-def test_router_cached_until_versions_change(engine):
+def test_router_cached_until_versions_change(engine, monkeypatch):
     x = dark(4)[0]
     engine.route(x)
     first = engine.routing.candidates(None).router
+    queries = []
+    list_tasks = engine.store.list_tasks
+    monkeypatch.setattr(
+        engine.store, "list_tasks", lambda **kw: queries.append(1) or list_tasks(**kw)
+    )
     engine.route(x)
+    assert len(queries) == 1  # one query for the task versions per call, nothing else
     assert engine.routing.candidates(None).router is first
     engine.add_task(dark(24, seed=5), name="dark", quiet=True)
     assert engine.route(x).versions["dark"] == 2
