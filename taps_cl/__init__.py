@@ -24,6 +24,7 @@ from taps_cl.taps.patch import TaskPatch
 
 if TYPE_CHECKING:
     from taps_cl.engine import Engine, TaskRecord
+    from taps_cl.router import Routed
     from taps_cl.taps.model import TAPSModel
 
 __version__ = "0.1.0"
@@ -72,12 +73,21 @@ def add_task(dataset: Any, **kwargs: Any) -> TaskRecord:
     return default_engine().add_task(dataset, **kwargs)
 
 
+def route(inputs: Any, **kwargs: Any) -> Routed:
+    """Task-free prediction on the default engine (see :meth:`Engine.route`)."""
+    return default_engine().route(inputs, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     # Heavy classes load lazily so `import taps_cl` stays cheap.
     if name in ("Engine", "TaskRecord"):
         from taps_cl import engine
 
         return getattr(engine, name)
+    if name == "Routed":
+        from taps_cl.router import Routed
+
+        return Routed
     if name == "TAPSModel":
         from taps_cl.taps.model import TAPSModel
 
@@ -100,6 +110,7 @@ __all__ = [
     "StoreIntegrityError",
     "TAPSConfig",
     "TAPSError",
+    "Routed",
     "TAPSModel",
     "TaskPatch",
     "TaskRecord",
@@ -111,4 +122,5 @@ __all__ = [
     "configure",
     "default_engine",
     "fit_joint",
+    "route",
 ]

@@ -176,6 +176,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             f"{r.num_parameters:,}",
             fmt_bytes(r.nbytes),
             r.base_name,
+            "yes" if r.routable else "no",
             r.updated_at.strftime("%Y-%m-%d %H:%M"),
         )
         for r in store.list_tasks()
@@ -183,7 +184,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no tasks in {store.url}")
         return 0
-    headers = ["task", "current", "versions", "classes", "params", "bytes", "base", "updated"]
+    headers = ["task", "current", "versions", "classes", "params", "bytes", "base", "routable",
+               "updated"]  # fmt: skip
     print(table(headers, rows))
     return 0
 
@@ -210,17 +212,43 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    missing = [f for f in args.files if not Path(f).is_file()]
+    """With ``--task`` (or the old form ``predict NAME FILES...``) classify with that task;
+    without, route each file to a task (task-free) and print its task too."""
+    files, name = list(args.files), args.task
+    if name is None and len(files) > 1 and not Path(files[0]).exists() and _task_name(files[0]):
+        name, files = files[0], files[1:]  # the positional form of earlier releases
+    missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise ValueError(f"no such file: {missing[0]}")
     engine = _engine(args)
-    logits = engine.predict(args.name, list(args.files), logits=True, version=args.version)
-    names = engine.class_names(args.name, args.version)
-    for path, row in zip(args.files, logits, strict=True):
+    if name is None:
+        tasks = args.tasks.split(",") if args.tasks else None
+        routed = engine.route(files, tasks=tasks, method=args.method)
+        for i, path in enumerate(files):
+            label = routed.class_names[i] or str(int(routed.labels[i]))
+            print(f"{path}\t{routed.tasks[i]}\t{label}\t{float(routed.confidence[i]):.3f}")
+        return 0
+    logits = engine.predict(name, files, logits=True, version=args.version)
+    names = engine.class_names(name, args.version)
+    for path, row in zip(files, logits, strict=True):
         k = int(row.argmax())
         label = names[k] if names else str(k)
         prob = float(row.softmax(0)[k])
         print(f"{path}\t{label}\t{prob:.3f}")
+    return 0
+
+
+def _task_name(text: str) -> bool:
+    from taps_cl.taps.patch import TASK_NAME_RE
+
+    return bool(TASK_NAME_RE.match(text))
+
+
+def cmd_route_stats(args: argparse.Namespace) -> int:
+    """Make a stored version routable: its route statistics from its training data."""
+    data, _ = _data(args.data, "train", args)
+    rec = _engine(args).add_route_stats(args.name, data, args.version, replace=args.replace)
+    print(f"{args.name!r} v{rec.version} is routable")
     return 0
 
 
@@ -331,11 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("predict", help="classify image files with a task")
-    s.add_argument("name")
-    s.add_argument("files", nargs="+")
-    s.add_argument("--version", type=_version)
+    s = sub.add_parser("predict", help="classify image files with a task, or route them")
+    s.add_argument("files", nargs="+", help="image files ([NAME] FILES... also works)")
+    s.add_argument("--task", help="task to use (default: route each file to a task)")
+    s.add_argument("--version", type=_version, help="with --task")
+    s.add_argument("--tasks", help="when routing: comma-separated candidate tasks")
+    s.add_argument("--method", help="when routing: lda (default), ncm, combined, energy")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("route-stats", help="make a stored task routable from its train data")
+    s.add_argument("name")
+    s.add_argument("--data", required=True, help="builtin task name or ImageFolder path")
+    s.add_argument("--version", type=_version)
+    s.add_argument("--replace", action="store_true", help="replace existing statistics")
+    s.add_argument("--max-train", type=int, default=None)
+    s.set_defaults(func=cmd_route_stats, max_test=None)
 
     s = sub.add_parser("remove", help="delete a task (or one version)")
     s.add_argument("name")

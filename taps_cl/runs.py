@@ -91,6 +91,13 @@ def finalize_run(
     return [model.finalize_task(n) for n in names], new_base
 
 
+def attach_route_stats(patches: Sequence[TaskPatch], stats: Mapping[str, Any]) -> None:
+    """Put each task's :class:`~taps_cl.taps.routing.RouteStats` on its patch as ``route.*``
+    tensors, so they commit in the same transaction as the patch (routable from v1)."""
+    for patch in patches:
+        patch.tensors.update(stats[patch.name].to_tensors())
+
+
 def run_config(result: RunResult, sampling: JointConfig | None) -> dict[str, Any]:
     """What a run adds to each committed version's config (JSON)."""
     return {

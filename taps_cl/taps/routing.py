@@ -57,6 +57,9 @@ __all__ = [
 
 METHODS = ("lda", "ncm", "energy", "combined")
 PatchedLogits = Callable[[str, torch.Tensor], torch.Tensor]
+# Base features [n, d] of the inputs, or task name -> its own view of them: tasks trained at
+# different input sizes compare an input by its features at each task's size.
+Features = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -217,8 +220,25 @@ class TaskRouter:
 
     # -- scores ------------------------------------------------------------------------------
 
-    def _check(self, features: torch.Tensor) -> torch.Tensor:
+    def _check(self, features: Features) -> torch.Tensor | dict[str, torch.Tensor]:
         self._require_tasks()
+        if isinstance(features, Mapping):
+            missing = sorted(set(self.tasks) - set(features))
+            if missing:
+                raise ValueError(f"features per task miss the router's tasks {missing}")
+            checked: dict[int, torch.Tensor] = {}
+            views = {}
+            for name in self.tasks:
+                view = features[name]
+                if id(view) not in checked:
+                    checked[id(view)] = self._check_one(view)
+                views[name] = checked[id(view)]
+            if len({v.shape[0] for v in views.values()}) != 1:
+                raise ValueError("every task's features must have one row per input")
+            return views
+        return self._check_one(features)
+
+    def _check_one(self, features: torch.Tensor) -> torch.Tensor:
         if not isinstance(features, torch.Tensor) or features.ndim != 2:
             raise ValueError(
                 f"features must be a [n, d] tensor, got {getattr(features, 'shape', features)}"
@@ -234,9 +254,12 @@ class TaskRouter:
             raise ValueError("features contain NaN or inf")
         return z
 
-    def class_scores(self, features: torch.Tensor, method: str = "lda") -> torch.Tensor:
-        """Scores ``[n, K]`` of every seen class of every task (``"lda"`` or ``"ncm"``)."""
+    def class_scores(self, features: Features, method: str = "lda") -> torch.Tensor:
+        """Scores ``[n, K]`` of every seen class of every task (``"lda"`` or ``"ncm"``); with
+        features per task, each task's classes are scored on that task's view."""
         z = self._check(features)
+        if isinstance(z, dict):
+            return self._view_scores(z, method)
         if method == "lda":
             cache = self._prepared(True)
             return z @ cache["proj"].T + cache["bias"]
@@ -244,6 +267,19 @@ class TaskRouter:
             cache = self._prepared(False)
             return torch.nn.functional.normalize(z, dim=1) @ cache["mu_unit"].T
         raise ValueError(f"class scores exist for 'lda' and 'ncm', not {method!r}")
+
+    def _view_scores(self, views: dict[str, torch.Tensor], method: str) -> torch.Tensor:
+        task_of = self._prepared(False)["task_of"]
+        done: dict[int, torch.Tensor] = {}
+        out = None
+        for t, name in enumerate(self.tasks):
+            view = views[name]
+            if id(view) not in done:
+                done[id(view)] = self.class_scores(view, method)
+            out = done[id(view)].clone() if out is None else out
+            cols = task_of == t
+            out[:, cols] = done[id(view)][:, cols]
+        return out
 
     def _reduce(self, scores: torch.Tensor, method: str) -> torch.Tensor:
         cache = self._prepared(False)
@@ -256,7 +292,7 @@ class TaskRouter:
         summed = torch.zeros_like(out).scatter_add(1, index, (scores - peak.gather(1, index)).exp())
         return peak + summed.log()
 
-    def task_scores(self, features: torch.Tensor, method: str = "lda") -> torch.Tensor:
+    def task_scores(self, features: Features, method: str = "lda") -> torch.Tensor:
         """Discriminant (or cosine) task scores ``[n, T]``, columns in :attr:`tasks` order."""
         return self._reduce(self.class_scores(features, method), method)
 
@@ -264,7 +300,7 @@ class TaskRouter:
 
     def route(
         self,
-        features: torch.Tensor,
+        features: Features,
         method: str = "lda",
         patched_logits: PatchedLogits | None = None,
         *,
@@ -287,14 +323,14 @@ class TaskRouter:
             raise ValueError(f"method {method!r} needs patched_logits(task, indices)")
         z = self._check(features)
         if method == "energy":
-            every = torch.arange(z.shape[0])
+            every = torch.arange(_rows(z))
             shortlist = {name: every for name in self.tasks}
         else:
             shortlist = self.shortlist(z, top_k)
         logits = {t: patched_logits(t, idx) for t, idx in shortlist.items()}
         return self.decide(z, shortlist, logits, use_discriminant=method == "combined")
 
-    def shortlist(self, features: torch.Tensor, k: int | None = None) -> dict[str, torch.Tensor]:
+    def shortlist(self, features: Features, k: int | None = None) -> dict[str, torch.Tensor]:
         """Task name -> indices of the inputs whose top-``k`` discriminant tasks include it: run
         each listed patch once on its group, then pass the logits to :meth:`decide`."""
         k = min(k or self.top_k, len(self.tasks))
@@ -307,7 +343,7 @@ class TaskRouter:
 
     def decide(
         self,
-        features: torch.Tensor,
+        features: Features,
         shortlist: Mapping[str, torch.Tensor],
         logits: Mapping[str, torch.Tensor],
         *,
@@ -317,7 +353,7 @@ class TaskRouter:
         discriminant's log-posterior when ``use_discriminant``); ``logits[task]`` are the
         patch's logits on the inputs ``shortlist[task]``, in that order."""
         z = self._check(features)
-        n, tasks = z.shape[0], self.tasks
+        n, tasks = _rows(z), self.tasks
         scores = torch.full((n, len(tasks)), -math.inf, dtype=torch.float64)
         post = torch.log_softmax(self.task_scores(z), 1) if use_discriminant else None
         for name, idx in shortlist.items():
@@ -350,6 +386,10 @@ class TaskRouter:
         cache = self._prepared(False)
         masked = class_scores.masked_fill(cache["task_of"][None, :] != chosen[:, None], -math.inf)
         return cache["class_of"][masked.argmax(1)]
+
+
+def _rows(z: torch.Tensor | dict[str, torch.Tensor]) -> int:
+    return next(iter(z.values())).shape[0] if isinstance(z, dict) else z.shape[0]
 
 
 def _result(
