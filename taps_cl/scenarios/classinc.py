@@ -140,3 +140,21 @@ def multi_domain_ci(
 
     suite = offline_suite(names, max_train=max_train, max_test=max_test, seed=seed)
     return class_incremental_from_suite(suite, preprocessing, image_size)
+
+
+def class_incremental_from_tensors(
+    experiences: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> CLScenario:
+    """Class-incremental benchmark from ``(x_train, y_train, x_test, y_test)`` per experience,
+    labels already global; inputs used as given (e.g. tiny tensors in tests)."""
+    from torch.utils.data import TensorDataset
+
+    if not experiences:
+        raise ValueError("need at least one experience")
+    bm = benchmark_from_datasets(
+        train=[classification_dataset(TensorDataset(xa, ya.long()), ya.tolist(), 0)
+               for xa, ya, _, _ in experiences],
+        test=[classification_dataset(TensorDataset(xb, yb.long()), yb.tolist(), 0)
+              for _, _, xb, yb in experiences],
+    )  # fmt: skip
+    return with_classes_timeline(with_task_labels(bm))
