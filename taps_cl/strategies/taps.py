@@ -102,19 +102,7 @@ class TAPS(SupervisedTemplate):
         route_method: str = "lda",
     ) -> None:
         router = _as_router(model, config, lam, tau, head, task_names)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if route_method not in METHODS:
-            raise ValueError(f"route_method must be one of {METHODS}, got {route_method!r}")
-        if mode == "class" and tasks:
-            raise ValueError("tasks= pre-creates task-incremental tasks; not with mode='class'")
-        if router.classinc is not None:  # a router already trained class-incrementally
-            mode = "class" if mode == "auto" else mode
-        elif mode == "class":
-            router.classinc = ClassIncremental(route_method)
-        if mode == "task" and router.classinc is not None:
-            raise ValueError("the model is class-incremental (router.classinc); use mode='class'")
-        self.mode = mode  # "auto" until the first training experience decides
+        self.mode = _initial_mode(router, mode, route_method, tasks)  # "auto" until decided
         self.route_method = route_method
         if store is not None and not callable(getattr(store, "commit", None)):
             raise TypeError(f"store must have a commit(patch, ...) method, got {type(store)}")
@@ -257,6 +245,25 @@ class TAPS(SupervisedTemplate):
                 "task_label": label,
             }
             self.versions[label] = self.store.commit(patch, metrics=metrics, config=config)
+
+
+def _initial_mode(
+    router: TAPSRouter, mode: str, route_method: str, tasks: Mapping[int, int] | None
+) -> str:
+    """Validate ``mode``/``route_method``; set up class-incremental state for ``"class"``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if route_method not in METHODS:
+        raise ValueError(f"route_method must be one of {METHODS}, got {route_method!r}")
+    if mode == "class" and tasks:
+        raise ValueError("tasks= pre-creates task-incremental tasks; not with mode='class'")
+    if router.classinc is not None:  # a router already trained class-incrementally
+        if mode == "task":
+            raise ValueError("the model is class-incremental (router.classinc); use mode='class'")
+        return "class"
+    if mode == "class":
+        router.classinc = ClassIncremental(route_method)
+    return mode
 
 
 def _as_router(
