@@ -35,7 +35,13 @@ _AVALANCHE = (
     "task_classes",
     "task_label_names",
 )
-__all__ += list(_AVALANCHE)
+_CLASS_INCREMENTAL = (
+    "class_incremental_from_suite",
+    "class_incremental_from_tensors",
+    "multi_domain_ci",
+    "split_fashion_mnist_ci",
+)
+__all__ += list(_AVALANCHE) + list(_CLASS_INCREMENTAL)
 
 
 def __getattr__(name: str):
@@ -44,4 +50,8 @@ def __getattr__(name: str):
         from taps_cl.scenarios import avalanche
 
         return getattr(avalanche, name)
+    if name in _CLASS_INCREMENTAL:
+        from taps_cl.scenarios import classinc
+
+        return getattr(classinc, name)
     raise AttributeError(f"module 'taps_cl.scenarios' has no attribute {name!r}")

@@ -16,7 +16,7 @@ import math
 import torch
 from avalanche.core import SupervisedPlugin
 
-from taps_cl.strategies.router import TAPSRouter
+from taps_cl.strategies.router import PAD_LOGIT, TAPSRouter
 from taps_cl.train import task_loss
 
 
@@ -37,13 +37,18 @@ class TAPSLossPlugin(SupervisedPlugin):
         return self.task is not None and not self._evaluating and self.steps >= self.warmup_steps
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ci = self.router.classinc
+        if ci is not None:  # class-incremental: outputs span the global class space
+            if self.task is not None and not self._evaluating:
+                output, target = ci.task_view(self.task, output, target)
+            elif target.numel() and int(target.max()) >= output.shape[1]:
+                output = pad_columns(output, int(target.max()) + 1)
         return task_loss(output, target, self.router.taps, self.task, self.penalty_on)
 
     # -- callbacks -----------------------------------------------------------------------------
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        label = self.router.training_label
-        self.task = None if label is None else self.router.task_name(label)
+        self.task = self.router.training_task
         self.steps = 0
         per_epoch = steps_per_epoch(strategy)
         self.warmup_steps = int(self.router.taps.config.warmup_epochs * per_epoch)
@@ -59,6 +64,12 @@ class TAPSLossPlugin(SupervisedPlugin):
 
     def after_eval(self, strategy, **kwargs) -> None:
         self._evaluating = False
+
+
+def pad_columns(output: torch.Tensor, width: int) -> torch.Tensor:
+    """``output`` widened to ``width`` columns of ``PAD_LOGIT`` (eval targets beyond it)."""
+    pad = output.new_full((output.shape[0], width - output.shape[1]), PAD_LOGIT)
+    return torch.cat([output, pad], dim=1)
 
 
 def steps_per_epoch(strategy) -> int:

@@ -10,12 +10,16 @@ untrained head: a label whose experience was never trained raises :class:`Unknow
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from avalanche.models import MultiTaskModule
 
 from taps_cl.errors import UnknownTaskError
 from taps_cl.taps.model import TAPSModel
+
+if TYPE_CHECKING:
+    from taps_cl.strategies.classinc import ClassIncremental
 
 # Logit given to the padded columns of a task with fewer classes than the widest task. Finite (so
 # that cross-entropy and KL stay finite in fp16) and far below any real logit (so argmax never
@@ -34,6 +38,10 @@ class TAPSRouter(MultiTaskModule):
         self.task_names: dict[int, str] = {int(k): v for k, v in (task_names or {}).items()}
         self.started: set[int] = set()  # labels whose training began (or loaded from patches)
         self.training_label: int | None = None  # the label of the experience being trained
+        self.training_task: str | None = None  # the TAPS task being trained (both modes)
+        # Class-incremental state (global class ids per task, route statistics, task router);
+        # None in task-incremental mode, where task labels pick the task.
+        self.classinc: ClassIncremental | None = None
 
     # -- labels and tasks --------------------------------------------------------------------
 
@@ -77,6 +85,20 @@ class TAPSRouter(MultiTaskModule):
         self.started.add(int(label))
         self.known_train_tasks_labels.add(int(label))
         self.training_label = int(label)
+        self.training_task = name
+        return name
+
+    def begin_class_task(self, name: str, classes: Iterable[int], seed: int = 0) -> str:
+        """Class-incremental: create task ``name`` owning the global ``classes``."""
+        if self.classinc is None:
+            raise ValueError("begin_class_task needs class-incremental mode (router.classinc)")
+        if name in self.taps.tasks:
+            raise ValueError(f"task {name!r} was already trained; TAPS learns each experience once")
+        classes = sorted({int(c) for c in classes})
+        self.taps.add_task(name, len(classes), seed=seed)
+        self.classinc.begin(name, classes)
+        self.max_class_label = max(self.max_class_label, self.classinc.width)
+        self.training_task = name
         return name
 
     def check_trained(self, labels: Iterable[int]) -> None:
@@ -93,10 +115,17 @@ class TAPSRouter(MultiTaskModule):
     def adaptation(self, experience: object) -> None:
         """Avalanche calls this before each train/eval experience: only check in eval; the
         strategy creates tasks itself (so that it, not Avalanche, owns when parameters appear)."""
-        if not self.training:
+        if self.classinc is not None:  # task labels carry nothing: widen to its classes
+            from taps_cl.strategies.classinc import experience_classes
+
+            self.classinc.see(experience_classes(experience))
+        elif not self.training:
             self.check_trained(experience_task_labels(experience))
 
     def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:
+        if self.classinc is not None:  # class-incremental: global logits, task labels ignored
+            task = self.training_task if self.training else None
+            return self.classinc.forward(self.taps, x, task)
         if task_labels is None:
             return self.forward_all_tasks(x)
         if isinstance(task_labels, int):

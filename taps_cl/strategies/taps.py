@@ -30,10 +30,19 @@ from torch import nn
 from taps_cl.batching import drop_last
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.runtime import Runtime
+from taps_cl.strategies.classinc import (
+    MODES,
+    ClassIncremental,
+    RouteStatsPlugin,
+    detect_mode,
+    experience_classes,
+    stream_classes,
+)
 from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
 from taps_cl.strategies.router import TAPSRouter, experience_num_classes, experience_task_labels
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
+from taps_cl.taps.routing import METHODS
 from taps_cl.train import Stepper, auto_score_lr, build_optimizer, make_schedule
 
 
@@ -41,9 +50,21 @@ class TAPS(SupervisedTemplate):
     """Task Adaptive Parameter Sharing: one frozen base, one gated patch per experience.
 
     Use it like any Avalanche strategy (``train(exp)``, ``eval(stream)``, evaluator, loggers).
-    The benchmark must be task-incremental (task labels); each training experience holds one
-    task label, trained once. Evaluating an experience whose task was never trained raises
-    :class:`~taps_cl.errors.UnknownTaskError`.
+
+    ``mode="task"`` (task-incremental): each training experience holds one task label, trained
+    once; the model's output for a sample is its task's logits. Evaluating an experience whose
+    task was never trained raises :class:`~taps_cl.errors.UnknownTaskError`.
+
+    ``mode="class"`` (class-incremental, e.g. ``nc_benchmark(..., task_labels=False)``): each
+    training experience becomes a new task ``exp<i>`` over its own classes; outputs are logits
+    over the global class space, each input routed to one trained task by ``route_method``
+    (:meth:`taps_cl.taps.routing.TaskRouter.route`, default ``"lda"``) on base features; see
+    :mod:`taps_cl.strategies.classinc`. Evaluating before any training raises
+    :class:`~taps_cl.errors.UnknownTaskError`; afterwards every experience (trained or not) is
+    routed among the trained tasks.
+
+    ``mode="auto"`` (default) picks ``"task"`` when the experiences of the training stream hold
+    one distinct task label each, else ``"class"``, at the first training experience.
 
     ``model`` is a plain base ``nn.Module`` (its classifier found as in :func:`find_head`, or
     named by ``head=``), a :class:`TAPSModel` (e.g. with tasks loaded from patches) or a
@@ -77,8 +98,12 @@ class TAPS(SupervisedTemplate):
         task_names: Mapping[int, str] | None = None,
         tasks: Mapping[int, int] | None = None,
         seed: int = 0,
+        mode: str = "auto",
+        route_method: str = "lda",
     ) -> None:
         router = _as_router(model, config, lam, tau, head, task_names)
+        self.mode = _initial_mode(router, mode, route_method, tasks)  # "auto" until decided
+        self.route_method = route_method
         if store is not None and not callable(getattr(store, "commit", None)):
             raise TypeError(f"store must have a commit(patch, ...) method, got {type(store)}")
         self.router = router
@@ -96,8 +121,9 @@ class TAPS(SupervisedTemplate):
         for label, num_classes in (tasks or {}).items():
             router.add_task(int(label), int(num_classes), seed=seed + int(label))
         self.store = store
-        self.patches: dict[int, TaskPatch] = {}  # task label -> finalised patch
-        self.versions: dict[int, int] = {}  # task label -> store version (when a store is given)
+        # task label (class-incremental: experience id) -> finalised patch / store version
+        self.patches: dict[int, TaskPatch] = {}
+        self.versions: dict[int, int] = {}
         self.score_lr: float | None = None  # score learning rate of the current/last task
         self._stepper: Stepper | None = None
         super().__init__(
@@ -108,7 +134,7 @@ class TAPS(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=plugins,
+            plugins=[*(plugins or []), RouteStatsPlugin(router)],
             evaluator=evaluator,
             eval_every=eval_every,
         )
@@ -125,7 +151,25 @@ class TAPS(SupervisedTemplate):
             kwargs.setdefault("drop_last", True)
         super().make_train_dataloader(**kwargs)
 
+    def _resolve_mode(self) -> str:
+        """``"task"`` or ``"class"``; ``"auto"`` decides once, at the first training experience,
+        from the task labels of the experience's stream (see :func:`detect_mode`)."""
+        if self.mode == "auto":
+            self.mode = detect_mode(self.experience)
+            if self.mode == "class":
+                self.router.classinc = ClassIncremental(self.route_method)
+        if self.mode == "class" and self.router.classinc.width == 0:
+            self.router.classinc.see(stream_classes(self.experience))
+        return self.mode
+
     def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
+        if self.is_training and self._resolve_mode() == "class":
+            exp_id = int(self.experience.current_experience)
+            self.router.begin_class_task(
+                f"exp{exp_id}", experience_classes(self.experience), seed=self.train_config.seed
+            )
+            self.router.training_label = exp_id
+            return super().model_adaptation(model).to(self.device)
         model = super().model_adaptation(model)
         if self.is_training:
             labels = experience_task_labels(self.experience)
@@ -141,10 +185,9 @@ class TAPS(SupervisedTemplate):
     def make_optimizer(self, **kwargs: Any) -> None:
         """One optimizer per experience over the trained task's parameters (deltas, norms and
         head at ``lr``, scores at ``score_lr``), exactly as :func:`taps_cl.train.fit_task`."""
-        label = self.router.training_label
-        if label is None:  # Avalanche's first call comes before the task exists
+        name = self.router.training_task
+        if name is None:  # Avalanche's first call comes before the task exists
             return
-        name = self.router.task_name(label)
         taps = self.router.taps
         per_epoch = steps_per_epoch(self)
         total = per_epoch * self.train_epochs
@@ -177,10 +220,14 @@ class TAPS(SupervisedTemplate):
         super()._after_training_exp(**kwargs)
 
     def _finish_task(self, label: int) -> None:
-        name = self.router.task_name(label)
+        name = self.router.training_task
         patch = self.router.taps.finalize_task(name)
+        if self.router.classinc is not None:  # the patch carries its route statistics
+            stats = self.router.classinc.finish(name)
+            patch = dataclasses.replace(patch, tensors={**patch.tensors, **stats.to_tensors()})
         self.patches[label] = patch
         self.router.training_label = None
+        self.router.training_task = None
         self.optimizer = None
         self._stepper = None
         if self.store is not None:
@@ -198,6 +245,25 @@ class TAPS(SupervisedTemplate):
                 "task_label": label,
             }
             self.versions[label] = self.store.commit(patch, metrics=metrics, config=config)
+
+
+def _initial_mode(
+    router: TAPSRouter, mode: str, route_method: str, tasks: Mapping[int, int] | None
+) -> str:
+    """Validate ``mode``/``route_method``; set up class-incremental state for ``"class"``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if route_method not in METHODS:
+        raise ValueError(f"route_method must be one of {METHODS}, got {route_method!r}")
+    if mode == "class" and tasks:
+        raise ValueError("tasks= pre-creates task-incremental tasks; not with mode='class'")
+    if router.classinc is not None:  # a router already trained class-incrementally
+        if mode == "task":
+            raise ValueError("the model is class-incremental (router.classinc); use mode='class'")
+        return "class"
+    if mode == "class":
+        router.classinc = ClassIncremental(route_method)
+    return mode
 
 
 def _as_router(

@@ -1,0 +1,404 @@
+"""Class-incremental (task-free) TAPS against Avalanche's strategies, one global label space.
+
+Streams from the offline suite (task label 0 everywhere, global class ids):
+``split_fmnist`` (Split Fashion-MNIST, 5 experiences x 2 classes) and ``multi_domain``
+(Fashion-MNIST 0-9, digits 10-19, faces 20-21). Every strategy gets a copy of the same base
+(EfficientNet-Lite0, ImageNet weights, offline), resolution, epochs, minibatch size and lr, and
+is evaluated on the WHOLE test stream after each experience (Avalanche metrics).
+
+- TAPS task-free: one patch per experience, routed by LDA on base features (``route_method``).
+- Naive, EWC, LwF, Replay (200 exemplars), Cumulative (upper bound): a single ``nn.Linear``
+  head over all classes on the base's (fine-tuned) features.
+- NCM: class means of the frozen base's features, cosine similarity (no training).
+
+Reported: final average accuracy (stream accuracy after the last experience), average
+forgetting (Avalanche's stream forgetting; NCM from its accuracy matrix), TAPS's
+task-identification accuracy, stored bytes per task (TAPS patch + route statistics), and the
+routing cost: a TAPS evaluation forward over one batch vs a single-task forward on the same
+batch, with 2, 5 and 10 trained tasks.
+
+    python benchmarks/class_incremental.py --fast        # ~3 min on 2 cores
+    python benchmarks/class_incremental.py               # ~10 min
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db python benchmarks/class_incremental.py --fast \
+        --experiment taps-ci                              # one MLflow run per strategy
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", message="no QP solver")
+warnings.filterwarnings("ignore", message="No loggers specified")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
+from avalanche.training import EWC, LwF, Naive, Replay  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+from avalanche.training.supervised import Cumulative  # noqa: E402
+
+from taps_cl.bases import load_base  # noqa: E402
+from taps_cl.config import TAPSConfig  # noqa: E402
+from taps_cl.scenarios.classinc import (  # noqa: E402
+    class_incremental_from_suite,
+    multi_domain_ci,
+    split_fashion_mnist_ci,
+)
+from taps_cl.scenarios.suite import digits, split_fashion_mnist  # noqa: E402
+from taps_cl.strategies import TAPS  # noqa: E402
+from taps_cl.strategies.classinc import ClassIncremental  # noqa: E402
+from taps_cl.strategies.multihead import split_head  # noqa: E402
+from taps_cl.taps.routing import TaskRouter  # noqa: E402
+
+STRATEGIES = ("taps", "naive", "ewc", "lwf", "replay", "cumulative", "ncm")
+SCENARIOS = ("split_fmnist", "multi_domain")
+SETTINGS = {
+    # caps per experience (split_fmnist) or per dataset (multi_domain), input side, epochs
+    "fast": dict(max_train=96, max_test=60, image_size=32, epochs=1),
+    "full": dict(max_train=200, max_test=100, image_size=40, epochs=2),
+}
+ROUTING_TASKS = (2, 5, 10)
+
+
+@dataclass
+class Result:
+    scenario: str
+    strategy: str
+    final_avg_accuracy: float
+    avg_forgetting: float
+    wall_time_s: float
+    accuracy_matrix: list[list[float]]
+    task_id_accuracy: float | None = None
+    bytes_per_task: dict[str, float] = field(default_factory=dict)
+
+
+# -- models and strategies -----------------------------------------------------------------------
+
+
+class SingleHead(nn.Module):
+    """The base's features and one linear head over every global class."""
+
+    def __init__(self, base: nn.Module, num_classes: int, seed: int) -> None:
+        super().__init__()
+        self.features, dim = split_head(base)
+        self.features.requires_grad_(True)
+        torch.manual_seed(seed)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def evaluator() -> EvaluationPlugin:
+    return EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        loggers=[],
+    )
+
+
+def build(name: str, base: nn.Module, num_classes: int, args: argparse.Namespace) -> Any:
+    common = dict(
+        train_mb_size=args.batch_size,
+        train_epochs=args.epochs,
+        eval_mb_size=128,
+        device="cpu",
+        evaluator=evaluator(),
+    )
+    if name == "taps":
+        config = TAPSConfig(lam=args.lam, warmup_epochs=args.warmup_epochs)
+        return TAPS(
+            model=copy.deepcopy(base), lr=args.lr, config=config, mode="class",
+            route_method=args.route_method, **common,
+        )  # fmt: skip
+    model = SingleHead(base, num_classes, args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    common.update(
+        model=model,
+        optimizer=torch.optim.Adam(params, lr=args.lr),
+        criterion=nn.CrossEntropyLoss(),
+    )
+    makers = {
+        "naive": lambda: Naive(**common),
+        "ewc": lambda: EWC(ewc_lambda=100.0, **common),
+        "lwf": lambda: LwF(alpha=1.0, temperature=2.0, **common),
+        "replay": lambda: Replay(mem_size=args.mem_size, **common),
+        "cumulative": lambda: Cumulative(**common),
+    }
+    return makers[name]()
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def _acc_key(j: int) -> str:
+    return f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"
+
+
+def run_avalanche(name: str, base: nn.Module, bench: Any, args: argparse.Namespace) -> Result:
+    torch.manual_seed(args.seed)
+    strategy = build(name, base, num_classes(bench), args)
+    n = len(bench.train_stream)
+    matrix, start = [], time.perf_counter()
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        metrics = strategy.eval(bench.test_stream)
+        matrix.append([float(metrics[_acc_key(j)]) for j in range(n)])
+    wall = time.perf_counter() - start
+    result = Result(
+        scenario=args.scenario,
+        strategy=name,
+        final_avg_accuracy=float(metrics["Top1_Acc_Stream/eval_phase/test_stream/Task000"]),
+        avg_forgetting=float(metrics.get("StreamForgetting/eval_phase/test_stream", 0.0)),
+        wall_time_s=wall,
+        accuracy_matrix=matrix,
+    )
+    if name == "taps":
+        result.task_id_accuracy = task_id_accuracy(strategy, bench)
+        result.bytes_per_task = taps_bytes(strategy)
+    return result
+
+
+def num_classes(bench: Any) -> int:
+    return 1 + max(int(c) for e in bench.train_stream for c in e.classes_in_this_experience)
+
+
+def batches(dataset: Any, size: int = 128):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)
+    for x, y, *_ in loader:
+        yield x, y
+
+
+@torch.no_grad()
+def task_id_accuracy(strategy: TAPS, bench: Any) -> float:
+    """Fraction of test inputs routed to the task trained on their experience."""
+    ci, taps = strategy.router.classinc, strategy.taps_model
+    taps.eval()
+    right = total = 0
+    for j, exp in enumerate(bench.test_stream):
+        for x, _ in batches(exp.dataset):
+            names = ci.route(taps, x).task_names
+            right += sum(n == f"exp{j}" for n in names)
+            total += len(names)
+    return right / total
+
+
+def taps_bytes(strategy: TAPS) -> dict[str, float]:
+    patches = list(strategy.patches.values())
+    route = [sum(t.nbytes for k, t in p.tensors.items() if k.startswith("route.")) for p in patches]
+    total = [p.nbytes for p in patches]
+    k = len(patches)
+    return {
+        "patch": (sum(total) - sum(route)) / k,
+        "route_stats": sum(route) / k,
+        "total": sum(total) / k,
+    }
+
+
+@torch.no_grad()
+def run_ncm(base: nn.Module, bench: Any, args: argparse.Namespace) -> Result:
+    """Nearest class mean (cosine) on frozen base features; the means grow per experience."""
+    features, _ = split_head(base)
+    features.eval()
+
+    def embed(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        zs, ys = zip(*((features(x), y) for x, y in batches(dataset)), strict=True)
+        return nn.functional.normalize(torch.cat(zs), dim=1), torch.cat(ys)
+
+    start = time.perf_counter()
+    tests = [embed(e.dataset) for e in bench.test_stream]
+    means: dict[int, torch.Tensor] = {}
+    matrix = []
+    for exp in bench.train_stream:
+        z, y = embed(exp.dataset)
+        for c in y.unique().tolist():
+            means[c] = z[y == c].mean(0)
+        ids = torch.tensor(sorted(means))
+        table = nn.functional.normalize(torch.stack([means[c] for c in ids.tolist()]), dim=1)
+        matrix.append(
+            [float((ids[(zt @ table.T).argmax(1)] == yt).float().mean()) for zt, yt in tests]
+        )
+    sizes = [len(e.dataset) for e in bench.test_stream]
+    final = sum(a * s for a, s in zip(matrix[-1], sizes, strict=True)) / sum(sizes)
+    n = len(matrix)
+    drops = [max(matrix[i][j] for i in range(j, n - 1)) - matrix[-1][j] for j in range(n - 1)]
+    return Result(
+        scenario=args.scenario,
+        strategy="ncm",
+        final_avg_accuracy=final,
+        avg_forgetting=sum(drops) / len(drops) if drops else 0.0,
+        wall_time_s=time.perf_counter() - start,
+        accuracy_matrix=matrix,
+    )
+
+
+# -- routing cost --------------------------------------------------------------------------------
+
+
+def routing_cost(base: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per batch of a routed TAPS forward vs one task's forward, for 2/5/10 tasks
+    trained cheaply on a 10-experience stream (Fashion-MNIST then digits, 2 classes each)."""
+    suite = split_fashion_mnist(5, max_train=24, max_test=16, seed=args.seed)
+    suite += [digits(max_train=120, max_test=80, seed=args.seed)]
+    bench = class_incremental_from_suite(suite, base.preprocessing, args.image_size, 2)
+    quick = argparse.Namespace(**{**vars(args), "epochs": 1})
+    strategy = build("taps", base.module, num_classes(bench), quick)
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    full, taps = strategy.router.classinc, strategy.taps_model
+    taps.eval()
+    with torch.no_grad():
+        return _time_routing(full, taps, bench, args)
+
+
+def _time_routing(full: ClassIncremental, taps: Any, bench: Any, args: argparse.Namespace):
+    xs = [x for e in bench.test_stream for x, _ in batches(e.dataset, 8)]
+    out: dict[str, Any] = {"batch_size": args.cost_batch}
+    for k in ROUTING_TASKS:
+        names = [f"exp{i}" for i in range(k)]
+        ci = ClassIncremental(full.method)
+        ci.router = TaskRouter({n: full.router.stats(n) for n in names})
+        ci.classes = {n: full.classes[n] for n in names}
+        ci.width = full.width
+        x = torch.cat(xs[: 2 * k])  # inputs of the first k experiences
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))][: args.cost_batch]
+        routed = _median_time(lambda x=x, ci=ci: ci.forward(taps, x, None), args.repeats)
+        single = _median_time(lambda x=x: taps(x, task="exp0"), args.repeats)
+        out[str(k)] = {"routed_s": routed, "single_s": single, "ratio": routed / single}
+    return out
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def print_table(results: list[Result]) -> None:
+    head = f"{'scenario':<14}{'strategy':<12}{'final acc':>10}{'forgetting':>11}"
+    head += f"{'task id':>9}{'bytes/task':>12}{'time s':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        tid = "" if r.task_id_accuracy is None else f"{r.task_id_accuracy:.4f}"
+        size = f"{r.bytes_per_task['total'] / 1e6:.2f} MB" if r.bytes_per_task else ""
+        print(
+            f"{r.scenario:<14}{r.strategy:<12}{r.final_avg_accuracy:>10.4f}"
+            f"{r.avg_forgetting:>11.4f}{tid:>9}{size:>12}{r.wall_time_s:>8.1f}"
+        )
+
+
+def log_results(results: list[Result], experiment: str, params: dict[str, Any]) -> None:
+    """One MLflow run per strategy, one experiment per scenario (``<experiment>-<scenario>``)."""
+    try:
+        from taps_cl.tracking import log_strategy_result
+    except (ImportError, AttributeError) as err:
+        print(f"MLflow logging skipped: taps_cl.tracking unavailable ({err})", file=sys.stderr)
+        return
+    for r in results:
+        summary = {
+            "final_avg_accuracy": r.final_avg_accuracy,
+            "avg_forgetting": r.avg_forgetting,
+            "wall_time_s": r.wall_time_s,
+        }
+        if r.task_id_accuracy is not None:
+            summary["task_id_accuracy"] = r.task_id_accuracy
+            summary["stored_bytes_per_task"] = r.bytes_per_task["total"]
+        name = f"{experiment}-{r.scenario}"
+        log_strategy_result(name, r.strategy, summary, r.accuracy_matrix, params)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fast", action="store_true", help="smaller caps, 32 px, 1 epoch (~3 min)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
+    p.add_argument("--experiment", default=None, help="MLflow experiment prefix (logs if given)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    for name in ("epochs", "image-size", "max-train", "max-test"):
+        p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam(W) learning rate, all strategies")
+    p.add_argument("--lam", type=float, default=1.0, help="TAPS sparsity weight")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="TAPS penalty warm-up")
+    p.add_argument("--route-method", default="lda", choices=("lda", "ncm", "combined"))
+    p.add_argument("--mem-size", type=int, default=200, help="replay buffer (samples)")
+    p.add_argument("--cost-batch", type=int, default=64, help="batch of the routing-cost timing")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-cost", action="store_true", help="skip the routing-cost timing")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in SETTINGS["fast" if args.fast else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = sorted(set(args.strategies.split(",")) - set(STRATEGIES))
+    unknown += sorted(set(args.scenarios.split(",")) - set(SCENARIOS))
+    if unknown:
+        p.error(f"unknown strategies/scenarios {unknown}")
+    if args.out is None:
+        suffix = "_fast" if args.fast else ""
+        args.out = str(Path(__file__).parent / "results" / f"class_incremental{suffix}.json")
+    return args
+
+
+def make_bench(scenario: str, base: Any, args: argparse.Namespace) -> Any:
+    caps = dict(max_train=args.max_train, max_test=args.max_test, seed=args.seed)
+    if scenario == "split_fmnist":
+        return split_fashion_mnist_ci(base.preprocessing, args.image_size, 5, **caps)
+    return multi_domain_ci(base.preprocessing, args.image_size, **caps)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = load_base("efficientnet_lite0")
+    results: list[Result] = []
+    for scenario in args.scenarios.split(","):
+        args.scenario = scenario
+        bench = make_bench(scenario, base, args)
+        print(f"{scenario}: {len(bench.train_stream)} experiences, {num_classes(bench)} classes")
+        for name in args.strategies.split(","):
+            if name == "ncm":
+                results.append(run_ncm(base.module, bench, args))
+            else:
+                results.append(run_avalanche(name, base.module, bench, args))
+            r = results[-1]
+            print(f"  {name}: acc {r.final_avg_accuracy:.4f} in {r.wall_time_s:.0f}s", flush=True)
+    cost = None if args.no_cost else routing_cost(base, args)
+    print_table(results)
+    if cost:
+        for k in ROUTING_TASKS:
+            c = cost[str(k)]
+            print(f"routing cost, {k} tasks: {c['routed_s'] * 1e3:.1f} ms vs single-task "
+                  f"{c['single_s'] * 1e3:.1f} ms = {c['ratio']:.2f}x")  # fmt: skip
+    params = {k: v for k, v in vars(args).items() if k != "scenario"}
+    payload = {"settings": params, "results": [asdict(r) for r in results], "routing_cost": cost}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=2))
+    if args.experiment:
+        log_results(results, args.experiment, params)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
