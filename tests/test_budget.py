@@ -216,3 +216,15 @@ def test_low_rank_merged_matches_gated_and_survives_more_tasks(name, factory, si
     fresh.load_patch(model.export_patch("t0"))
     with torch.no_grad():
         assert torch.equal(fresh(x, task="t0"), outputs["t0"])
+
+
+def test_lastk_baseline_trains_only_the_last_layers_norms_and_head():
+    from taps_cl.baselines import fit_baseline, lastk_parameters
+
+    base = tiny_cnn(width=16)
+    sizes = lastk_parameters(base, 3)
+    cfg = TrainConfig(epochs=1, batch_size=8, device="cpu")
+    res = fit_baseline(base, 3, _data(16), _data(8), cfg, mode="lastk", last_k=1)
+    assert res.task_parameters == sizes[1] and sizes[0] < sizes[1] < sizes[2]
+    assert torch.equal(res.model.conv1.weight, base.conv1.weight)  # not among the last k
+    assert not torch.equal(res.model.conv2.weight, base.conv2.weight)
