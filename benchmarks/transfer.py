@@ -5,6 +5,9 @@ Per task: accuracy, task-specific parameters, stored bytes; plus the mean.  Writ
 
     python benchmarks/transfer.py                      # the documented run
     python benchmarks/transfer.py --fast               # a quick smoke run
+    python benchmarks/transfer.py --budgets 0.05,0.1,0.2,0.35 --image-size 48
+        # budget sweep (issue 13): TAPS per budget (dense fp32, int8, low rank), last-k
+        # fine-tuning at the same parameter count and PEFT LoRA; writes transfer_budget.json/.png
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from taps_cl.baselines import fit_baseline
+from taps_cl.baselines import fit_baseline, lastk_parameters
 from taps_cl.bases import load_base
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import prepare
@@ -54,6 +57,93 @@ def run_task(base, name: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _prepared(base, name: str, args: argparse.Namespace):
+    max_train, max_test = CAPS[name] if not args.fast else (300, 150)
+    if args.max_train:
+        max_train = args.max_train if max_train is None else min(max_train, args.max_train)
+    spec = get_task(name, max_train=max_train, max_test=max_test)
+    train = prepare(spec.train, preprocessing=base.preprocessing, image_size=args.image_size)
+    test = prepare(spec.test, preprocessing=base.preprocessing, image_size=args.image_size)
+    return spec, train, test
+
+
+def run_budget_task(base, name: str, args: argparse.Namespace) -> list[dict]:
+    """Every configuration of the budget sweep on one task (rows with method@budget names)."""
+    from benchmarks._compact import fit_lora
+
+    spec, train, test = _prepared(base, name, args)
+    cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=args.lr, seed=0)
+    rows = []
+    for mode in ("linear", "finetune"):
+        res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode=mode)
+        rows.append(_row(name, mode, res.accuracy, res.task_parameters, res.nbytes, res.seconds))
+    for rank in args.lora_ranks:
+        r = fit_lora(base.module, spec.num_classes, train, test, cfg, rank)
+        rows.append(_row(name, f"lora@r{rank}", r["accuracy"], r["params"], r["bytes"],
+                         r["seconds"]))  # fmt: skip
+    sizes = lastk_parameters(base.module, spec.num_classes)
+    n_base = base.num_parameters
+    for budget in args.budgets:
+        k = max(i for i, size in enumerate(sizes) if size <= budget * n_base or i == 0)
+        res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode="lastk",
+                           last_k=k)  # fmt: skip
+        row = _row(name, f"lastk@{budget}", res.accuracy, res.task_parameters, res.nbytes,
+                   res.seconds)  # fmt: skip
+        rows.append({**row, "budget": budget, "layers": f"k={k}"})
+        variants = [("taps", {})] + [(f"taps-r{r}", {"delta_rank": r}) for r in args.ranks]
+        variants += [(f"taps-{d}", {"delta_dtype": d}) for d in args.dtypes]
+        for label, extra in variants:
+            taps = TAPSConfig(budget=budget, **extra)
+            rows.append(
+                {**_taps_row(base, name, spec, train, test, cfg, taps, label), "budget": budget}
+            )
+    return rows
+
+
+def _taps_row(base, name, spec, train, test, cfg, taps: TAPSConfig, label: str) -> dict:
+    model = TAPSModel(copy.deepcopy(base.module), taps)
+    model.add_task(name, spec.num_classes, seed=0)
+    start = time.perf_counter()
+    fit = fit_task(model, name, train, test, cfg, quiet=True)  # accuracy of the stored form
+    patch = model.finalize_task(name)
+    row = _row(name, f"{label}@{taps.budget}", fit.accuracy, patch.num_parameters, patch.nbytes,
+               time.perf_counter() - start)  # fmt: skip
+    row["layers"] = f"{len(patch.active_layers)}/{patch.num_layers}"
+    row["share"] = patch.num_parameters / base.num_parameters
+    return row
+
+
+def budget_sweep(base, args: argparse.Namespace) -> None:
+    from benchmarks._compact import mean_rows, plot
+
+    rows = [r for name in args.tasks for r in run_budget_task(base, name, args)]
+    means = mean_rows(rows)
+    n_base = base.num_parameters
+    print(table(["task", "method", "accuracy", "% of base", "stored", "layers", "time"], [
+        (r["task"], r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["params"] / n_base),
+         fmt_bytes(r["bytes"]), r.get("layers", "-"), f"{r['seconds']:.0f} s")
+        for r in rows + means
+    ]))  # fmt: skip
+    over = [r for r in rows if "budget" in r and r["method"].startswith("taps")
+            and r["params"] / n_base > 1.1 * r["budget"]]  # fmt: skip
+    print(f"\nTAPS runs over budget by more than 10%: {len(over)}")
+    out = Path(args.out).with_name("transfer_budget.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args_json = {k: v for k, v in vars(args).items()}
+    out.write_text(json.dumps({"args": args_json, "base_parameters": n_base, "rows": rows,
+                               "means": means}, indent=2))  # fmt: skip
+    plot(means, str(out.with_suffix(".png")), 4 * n_base)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
 def _row(task, method, acc, params, nbytes, seconds) -> dict:
     return {"task": task, "method": method, "accuracy": acc, "params": params,
             "bytes": nbytes, "seconds": seconds}  # fmt: skip
@@ -69,11 +159,20 @@ def main() -> None:
     parser.add_argument("--penalty", default=TAPSConfig.penalty, choices=["uniform", "weighted"])
     parser.add_argument("--tasks", nargs="+", default=list(CAPS))
     parser.add_argument("--out", default="benchmarks/results/transfer.json")
+    parser.add_argument("--budgets", type=_floats, default=[], help="e.g. 0.05,0.1,0.2,0.35")
+    parser.add_argument("--ranks", type=_ints, default=[8], help="TAPS delta ranks (sweep)")
+    parser.add_argument("--dtypes", default="int8", help="TAPS delta dtypes (sweep)")
+    parser.add_argument("--lora-ranks", type=_ints, default=[4, 16], help="PEFT LoRA ranks")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on training samples")
     args = parser.parse_args()
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
     if args.fast:
         args.epochs = 1
     torch.set_num_threads(2)
     base = load_base("efficientnet_lite0")
+    if args.budgets:
+        budget_sweep(base, args)
+        return
     n_base = base.num_parameters
     rows = [r for name in args.tasks for r in run_task(base, name, args)]
     means = []

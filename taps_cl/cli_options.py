@@ -24,7 +24,17 @@ TRAIN_FIELDS = (
     "seed",
     "num_workers",
 )
-TAPS_FIELDS = ("lam", "tau", "penalty", "warmup_epochs")
+TAPS_FIELDS = (
+    "lam",
+    "tau",
+    "penalty",
+    "warmup_epochs",
+    "budget",
+    "budget_select",
+    "delta_rank",
+    "delta_alpha",
+    "delta_dtype",
+)
 JOINT_FIELDS = ("epoch_length", "base_lr")
 
 

@@ -23,6 +23,7 @@ AMP_DTYPES = ("bfloat16", "float16")
 EPOCH_LENGTHS = ("own", "max", "min")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+DELTA_DTYPES = ("float32", "bfloat16", "int8")
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 T = TypeVar("T", bound="_JSONConfig")
@@ -100,6 +101,13 @@ class TAPSConfig(_JSONConfig):
     penalty: str = "uniform"  # "uniform": mean |s_i|; "weighted": |s_i| weighted by layer size
     warmup_epochs: float = 0.0  # epochs (may be fractional) before the penalty switches on
     task_norms: bool = True  # each task owns its norm layers (BN affine + stats, LN/GN affine)
+    # largest share of the base's parameters a task may store (deltas, norms, head, scores);
+    # None = lam alone decides. With a budget the gates are chosen once (see budget_select)
+    budget: float | None = None
+    budget_select: float = 0.3  # with a budget: share of a task's steps before gates are chosen
+    delta_rank: int | None = None  # None = dense deltas (the paper); N = low-rank B @ A, rank N
+    delta_alpha: float | None = None  # low-rank deltas scale by alpha / rank; None = rank
+    delta_dtype: str = "float32"  # how finalised deltas are stored: float32, bfloat16 or int8
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -116,6 +124,20 @@ class TAPSConfig(_JSONConfig):
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        self._check_compact()
+
+    def _check_compact(self) -> None:
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ValueError(f"budget must be None or in (0, 1] (a share), got {self.budget}")
+        if not 0 <= self.budget_select < 1:
+            raise ValueError(f"budget_select must be in [0, 1), got {self.budget_select}")
+        r = self.delta_rank
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"delta_rank must be None (dense) or an int >= 1, got {r!r}")
+        if self.delta_alpha is not None and not self.delta_alpha > 0:
+            raise ValueError(f"delta_alpha must be None or > 0, got {self.delta_alpha}")
+        if self.delta_dtype not in DELTA_DTYPES:
+            raise ValueError(f"delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}")
 
 
 @dataclass

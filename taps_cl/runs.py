@@ -118,6 +118,7 @@ def task_metrics(result: RunResult, name: str, n_train: int, n_eval: int) -> dic
         "train_seconds": fit.seconds,
         "steps": fit.steps,
         "score_lr": fit.score_lr,
+        "parameter_share": fit.parameter_share,
         "train_size": n_train,
         "eval_size": n_eval,
         "history": fit.history,

@@ -35,6 +35,7 @@ from taps_cl.step import (  # noqa: F401  (re-exported: the loop's public pieces
     task_groups,
     task_loss,
 )
+from taps_cl.taps.budget import BudgetController
 from taps_cl.taps.model import TAPSModel
 
 
@@ -50,6 +51,7 @@ class FitResult:
     steps: int = 0
     seconds: float = 0.0
     score_lr: float = 0.0
+    parameter_share: float = 0.0  # share of the base's parameters the task's patch holds
 
 
 @dataclass
@@ -146,6 +148,7 @@ class _TaskRun:
     per_epoch: int  # steps per epoch of this task
     total: int  # steps this task trains
     warmup: int  # steps before its penalty switches on
+    budget: BudgetController | None = None  # with TAPSConfig.budget: chooses the gates
     steps: int = 0
     sums: torch.Tensor | None = None  # [ce * n, correct, n] of its current epoch
 
@@ -177,6 +180,8 @@ def fit_tasks(
     config = config or TrainConfig()
     names = list(tasks)
     _check_trainable(model, names)
+    for name in names:
+        model.unsettle_task(name)  # more training of a settled task: back to its raw deltas
     runtime = Runtime.of(config)
     seed_everything(config.seed)
     model.to(runtime.device)
@@ -189,9 +194,21 @@ def fit_tasks(
     loop.run(runs, result, eval_data or {}, quiet or world()[0] != 0)
     model.eval()
     for name, fit in result.fits.items():
+        _settle(model, name, fit, (eval_data or {}).get(name), config)
         fit.active_layers = [k for k, on in model.gates(name).items() if on]
         fit.steps, fit.seconds = runs[name].total, result.seconds
     return result
+
+
+def _settle(model: TAPSModel, name: str, fit: FitResult, eval_data: Any, config) -> None:
+    """Bring the task to the form its patch will store (budget, pruning, delta dtype); if that
+    can change its outputs, the reported accuracy is re-measured on the stored form."""
+    closed = model.settle_task(name)
+    fit.parameter_share = model.parameter_share(name)
+    if eval_data is not None and (closed or model.config.delta_dtype != "float32"):
+        fit.accuracy = evaluate(model, name, eval_data, config)["accuracy"]
+        if fit.history:
+            fit.history[-1]["stored_accuracy"] = fit.accuracy
 
 
 def _check_trainable(model: TAPSModel, names: Sequence[str]) -> None:
@@ -215,8 +232,13 @@ def _task_runs(model, tasks, config, runtime, batch_sizes, epoch_length) -> dict
     runs = {}
     for name, stream in streams.items():
         per_epoch = shared or len(stream)
+        total = per_epoch * config.epochs
         warmup = int(model.config.warmup_epochs * per_epoch)
-        runs[name] = _TaskRun(name, stream, per_epoch, per_epoch * config.epochs, warmup)
+        budget = None
+        if model.config.budget is not None:  # the budget, not the penalty, closes gates
+            select_at = max(1, min(total, int(model.config.budget_select * total)))
+            budget, warmup = BudgetController(model, name, select_at), total + 1
+        runs[name] = _TaskRun(name, stream, per_epoch, total, warmup, budget)
     return runs
 
 
@@ -229,6 +251,8 @@ def _stepper(model, runs, config, runtime, extra_groups, result) -> Stepper:
         score_lr = config.score_lr or auto_score_lr(
             model.config, config, r.total - r.warmup, model.num_layers
         )
+        if r.budget is not None:
+            score_lr = 0.0  # scores only measure importance (their gradient) until selection
         result.fits[name] = FitResult(name, num_layers=model.num_layers, score_lr=score_lr)
         own = [{**g, "steps": r.total} for g in task_groups(model, name, config, score_lr)]
         groups += own
@@ -288,6 +312,8 @@ class _Loop:
         for r in active:
             r.sums = stats[r.name] if r.sums is None else r.sums + stats[r.name]
             r.steps += 1
+            if r.budget is not None:
+                r.budget.observe(r.steps)
         result.steps += 1
         examples = sum(len(b[1]) for b in batches.values()) * result.world_size
         result.examples += examples

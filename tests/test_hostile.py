@@ -164,12 +164,12 @@ def test_unusable_stores_raise_store_errors_and_cli_says_one_line(tmp_path, caps
 # -- imports that do not fit the base they name ------------------------------------------------
 
 IMPORT_CASES = {
-    "wrong_shape": (_set_tensor("delta.conv1", torch.zeros(8, 3, 5, 5)), "needs float32[8, 3, 3"),
+    "wrong_shape": (_set_tensor("delta.conv1", torch.zeros(8, 3, 5, 5)), "needs [8, 3, 3"),
     "nan": (_set_tensor("head.weight", torch.full((3, 16), math.nan)), "NaN"),
     "inf_score": (_set_tensor("score.fc", torch.tensor(math.inf)), "NaN or infinite"),
     "score_not_0d": (_set_tensor("score.fc", torch.zeros(2)), "not 0-d"),
     "int_delta": (_set_tensor("delta.conv1", torch.zeros(8, 3, 3, 3, dtype=torch.int32)), "float"),
-    "unknown_tensor": (_set_tensor("delta.conv9", torch.zeros(2)), "not a tensor of this base"),
+    "unknown_tensor": (_set_tensor("delta.conv9", torch.zeros(2)), "no gated layer of this base"),
     "relabelled": (_relabel, "does not fit base cccccccccccc"),
 }  # fmt: skip
 

@@ -19,7 +19,8 @@ def base_parameters(model: TAPSModel) -> list[nn.Parameter]:
     norms and head kept for the no-task path (tasks use their own copies, not these)."""
     owned: set[int] = {id(p) for p in model.heads.parameters()}
     for _, layer in model.layers():
-        owned |= {id(p) for p in (*layer.delta.parameters(), *layer.score.parameters())}
+        owned |= {id(p) for d in (layer.delta, layer.lora_a, layer.lora_b, layer.score)
+                  for p in d.parameters()}  # fmt: skip
     for _, norm in model.norms():
         owned |= {id(p) for p in norm.parameters()}
     return [p for p in model.base.parameters() if id(p) not in owned]

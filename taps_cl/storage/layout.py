@@ -2,7 +2,11 @@
 
 A base's *layout* maps every tensor name a patch of that base may carry (``delta.<layer>``,
 ``score.<layer>``, ``norm.<module>.<key>``, ``head.<key>``) to its dtype and shape; the first
-dimension of ``head.*`` tensors is the task's class count and is stored as ``-1``. The store
+dimension of ``head.*`` tensors is the task's class count and is stored as ``-1``. ``delta.*``
+entries give the gated weight's shape: a patch may store the delta dense (``delta.<layer>``, in
+float32, bfloat16, float16 or int8 with a per-output-channel ``scale.delta.<layer>``) or as
+low-rank factors (``lora_b.<layer>``: out x r, ``lora_a.<layer>``: r x the rest, each optionally
+int8 with its ``scale.``), whatever the config of the model that computed the layout. The store
 keeps it per base (``bases.layout``) so that a file can be checked against its base without
 the model; an :class:`~taps_cl.engine.Engine` computes it from its live model.
 """
@@ -21,6 +25,8 @@ LAYOUT_FORMAT = 1
 _CLASSES = -1  # placeholder for the class count in head shapes
 _PROBE = "layout_probe"
 _PROBE_CLASSES = 7
+_DELTA_FORMS = ("delta", "lora_a", "lora_b", "scale")
+_DELTA_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 def model_layout(model: Any) -> dict[str, Any]:
@@ -32,7 +38,11 @@ def model_layout(model: Any) -> dict[str, Any]:
     finally:
         model.remove_task(_PROBE)
     tensors = {}
+    for name, layer in model.layers():
+        tensors[f"delta.{name}"] = ["float32", list(layer.base_weight.shape)]
     for key, t in patch.tensors.items():
+        if key.split(".", 1)[0] in _DELTA_FORMS:
+            continue  # the probe's own delta form; delta.* above holds the weight shapes
         shape = list(t.shape)
         if key.startswith("head.") and shape and shape[0] == _PROBE_CLASSES:
             shape[0] = _CLASSES
@@ -58,13 +68,21 @@ def check_values(patch: TaskPatch, where: str) -> None:
     allowed), 0-d scores, finite values, active layers that carry deltas."""
     for key, t in patch.tensors.items():
         kind = key.split(".", 1)[0]
-        if kind in ("delta", "score", "head") and not t.is_floating_point():
+        quantised = t.dtype == torch.int8 and f"scale.{key}" in patch.tensors
+        if kind in ("delta", "lora_a", "lora_b", "score", "head", "scale") and not (
+            t.is_floating_point() or quantised
+        ):
             raise InvalidPatchError(f"{where}: tensor {key!r} has dtype {t.dtype}, not a float")
         if kind == "score" and t.dim() != 0:
             raise InvalidPatchError(f"{where}: score {key!r} has shape {list(t.shape)}, not 0-d")
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise InvalidPatchError(f"{where}: tensor {key!r} holds NaN or infinite values")
-    missing = [n for n in patch.active_layers if f"delta.{n}" not in patch.tensors]
+    missing = [
+        n
+        for n in patch.active_layers
+        if f"delta.{n}" not in patch.tensors
+        and not {f"lora_a.{n}", f"lora_b.{n}"} <= set(patch.tensors)
+    ]
     if missing:
         raise InvalidPatchError(f"{where}: active layers without deltas: {missing[:5]}")
 
@@ -80,6 +98,9 @@ def check_layout(patch: TaskPatch, layout: Mapping[str, Any], where: str, base: 
     for key, t in patch.tensors.items():
         if key.startswith("route."):
             continue  # statistics of base features; checked by the store against the classes
+        if key.split(".", 1)[0] in _DELTA_FORMS:
+            _check_delta_form(patch, key, t, expected, f"{where}: tensor {key!r}", hint)
+            continue
         if key not in expected:
             raise InvalidPatchError(f"{where}: tensor {key!r} is not a tensor of this base; {hint}")
         dtype, shape = expected[key]
@@ -95,3 +116,35 @@ def check_layout(patch: TaskPatch, layout: Mapping[str, Any], where: str, base: 
             f"{where}: {patch.num_layers} gated layers and {len(lacking)} missing scores "
             f"(e.g. {lacking[:2]}), the base has {layout['num_layers']}; {hint}"
         )
+
+
+def _check_delta_form(patch, key, t, expected, what: str, hint: str) -> None:
+    """A dense delta, a low-rank factor or an int8 scale must fit its gated weight's shape."""
+    kind, rest = key.split(".", 1)
+    if kind == "scale":
+        kind, rest = rest.split(".", 1)
+        owner = patch.tensors.get(f"{kind}.{rest}")
+        if owner is None or owner.dtype != torch.int8:
+            raise InvalidPatchError(f"{what} scales no int8 tensor; {hint}")
+        if list(t.shape) != [owner.shape[0]]:
+            raise InvalidPatchError(f"{what} has shape {list(t.shape)}, needs [{owner.shape[0]}]")
+        return
+    weight = expected.get(f"delta.{rest}")
+    if weight is None:
+        raise InvalidPatchError(f"{what} names no gated layer of this base; {hint}")
+    shape = weight[1]
+    if str(t.dtype).removeprefix("torch.") not in _DELTA_DTYPES:
+        raise InvalidPatchError(f"{what} has dtype {t.dtype}; deltas are {_DELTA_DTYPES}")
+    if kind == "delta":
+        want = list(shape)
+    else:
+        a = patch.tensors.get(f"lora_a.{rest}")
+        if a is None or f"lora_b.{rest}" not in patch.tensors:
+            raise InvalidPatchError(f"{what} comes without its other low-rank factor; {hint}")
+        rank = a.shape[0] if a.dim() == 2 else -1  # the rank both factors must agree on
+        fan_in = 1
+        for d in shape[1:]:
+            fan_in *= d
+        want = [rank, fan_in] if kind == "lora_a" else [shape[0], rank]
+    if list(t.shape) != want or (kind != "delta" and want[0] < 1):
+        raise InvalidPatchError(f"{what} is {list(t.shape)}, the base needs {want}; {hint}")

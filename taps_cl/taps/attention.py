@@ -30,8 +30,15 @@ from taps_cl.taps.wrap import Transparent
 class ProjectionGate(GatedWeight):
     """The gated delta of one input-projection parameter of a ``nn.MultiheadAttention``."""
 
-    def __init__(self, owner: nn.MultiheadAttention, attr: str, tau: float, score_init: float):
-        super().__init__(tau, score_init)
+    def __init__(
+        self,
+        owner: nn.MultiheadAttention,
+        attr: str,
+        tau: float,
+        score_init: float,
+        **delta: object,
+    ) -> None:
+        super().__init__(tau, score_init, **delta)  # delta: rank, alpha, dtype (GatedWeight)
         # Kept out of _modules: the owner is registered once, under the attention wrapper.
         self.__dict__["_owner"] = owner
         self.weight_attr = attr
@@ -45,19 +52,23 @@ class TaskAdaptiveAttention(Transparent):
     """Wraps one ``nn.MultiheadAttention``; gates its input and output projections per task."""
 
     def __init__(
-        self, base_layer: nn.MultiheadAttention, tau: float, score_init: float = 0.15
+        self,
+        base_layer: nn.MultiheadAttention,
+        tau: float,
+        score_init: float = 0.15,
+        **delta: object,
     ) -> None:
         if not isinstance(base_layer, nn.MultiheadAttention):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(base_layer).__name__}")
         nn.Module.__init__(self)  # not super(): the next class is the wrapped MHA type
-        base_layer.out_proj = TaskAdaptiveLayer(base_layer.out_proj, tau, score_init)
+        base_layer.out_proj = TaskAdaptiveLayer(base_layer.out_proj, tau, score_init, **delta)
         self.base_layer = base_layer
         if base_layer._qkv_same_embed_dim:
             names = ["in_proj_weight"]
         else:
             names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         self.projections = nn.ModuleDict(
-            {n: ProjectionGate(base_layer, n, tau, score_init) for n in names}
+            {n: ProjectionGate(base_layer, n, tau, score_init, **delta) for n in names}
         )
 
     def gated_layers(self) -> dict[str, str]:

@@ -20,6 +20,7 @@ from taps_cl.bases import fingerprint
 from taps_cl.config import TAPSConfig
 from taps_cl.errors import BaseMismatchError, DuplicateTaskError, UnknownTaskError
 from taps_cl.taps.attention import TaskAdaptiveAttention
+from taps_cl.taps.budget import check_budget, enforce_budget, task_size
 from taps_cl.taps.layer import GatedWeight, TaskAdaptiveLayer, gateable_weight_attr
 from taps_cl.taps.modules import TaskHeads, TaskNorm, is_norm
 from taps_cl.taps.patch import PARAMETER_KINDS, TaskPatch, validate_task_name
@@ -80,6 +81,7 @@ class TAPSModel(nn.Module):
         self.config = config or TAPSConfig()
         self.base_fingerprint = base_fingerprint or fingerprint(base)
         base.requires_grad_(False)
+        self.base_parameters = sum(p.numel() for p in base.parameters())  # before wrapping
         self.head_name = find_head(base, head)
         self.base = base
         self.heads = TaskHeads(base.get_submodule(self.head_name))
@@ -92,18 +94,20 @@ class TAPSModel(nn.Module):
         self.base.eval()
 
     def _inject(self) -> None:
-        tau, score_init = self.config.tau, self.config.score_init
+        cfg = self.config
+        tau, score_init = cfg.tau, cfg.score_init
+        delta = {"rank": cfg.delta_rank, "alpha": cfg.delta_alpha, "dtype": cfg.delta_dtype}
         done = [self.head_name]  # wrapped subtrees: their insides are the wrapper's business
         for name, module in list(self.base.named_modules()):
             if not name or any(name == d or name.startswith(d + ".") for d in done):
                 continue
             if isinstance(module, nn.MultiheadAttention):
-                attn = TaskAdaptiveAttention(module, tau, score_init)
+                attn = TaskAdaptiveAttention(module, tau, score_init, **delta)
                 for local, path in attn.gated_layers().items():
                     self._layer_paths[f"{name}.{local}"] = f"{name}.{path}"
                 wrapper: nn.Module = attn
             elif gateable_weight_attr(module) is not None:
-                wrapper = TaskAdaptiveLayer(module, tau, score_init)
+                wrapper = TaskAdaptiveLayer(module, tau, score_init, **delta)
                 self._layer_paths[name] = name
             elif self.config.task_norms and is_norm(module):
                 wrapper = TaskNorm(module)
@@ -160,7 +164,8 @@ class TAPSModel(nn.Module):
     def add_task(
         self, name: str, num_classes: int, class_names: list[str] | None = None, seed: int = 0
     ) -> None:
-        """Create the task's zero deltas, scores, norm copies and a new head."""
+        """Create the task's zero deltas, scores, norm copies and a new head. A ``budget`` the
+        task cannot meet (smaller than its head, norms and scores) is refused here."""
         validate_task_name(name)
         if name in self._tasks:
             raise DuplicateTaskError(f"task {name!r} already exists; remove it or pick a new name")
@@ -168,6 +173,7 @@ class TAPSModel(nn.Module):
         try:
             for _, module in self.task_modules():
                 module.add_task(info)
+            check_budget(self, name)
         except Exception:
             for _, module in self.task_modules():
                 module.remove_task(name)
@@ -225,8 +231,7 @@ class TAPSModel(nn.Module):
         self.task_info(name)
         groups: dict[str, list[nn.Parameter]] = {"delta": [], "score": [], "norm": [], "head": []}
         for _, layer in self.layers():
-            if name in layer.delta:
-                groups["delta"].append(layer.delta[name])
+            groups["delta"] += layer.trainable_deltas(name)
             groups["score"].append(layer.score[name])
         for _, norm in self.norms():
             groups["norm"] += list(norm.tasks[name].parameters())
@@ -242,7 +247,7 @@ class TAPSModel(nn.Module):
         scores, sizes = [], []
         for _, layer in self.layers():
             scores.append(layer.score[name])
-            sizes.append(layer.base_weight.numel())
+            sizes.append(layer.stored_size())
         return sparsity_penalty(scores, sizes, self.config.penalty)
 
     def gates(self, name: str) -> dict[str, bool]:
@@ -254,11 +259,34 @@ class TAPSModel(nn.Module):
         self.task_info(name)
         return {n: float(layer.score[name].detach()) for n, layer in self.layers()}
 
+    def parameter_share(self, name: str) -> float:
+        """The share of the base's parameters the task's patch holds with its current gates."""
+        return task_size(self, name) / max(1, self.base_parameters)
+
     # -- patches -----------------------------------------------------------------------------
 
+    def settle_task(self, name: str) -> list[str]:
+        """Make the task compute exactly what its patch will hold, before finalising: close the
+        least important gates if it is over its ``budget``, prune closed gates and round the
+        kept deltas to ``delta_dtype``. Evaluate after this to report the stored form's
+        accuracy. Idempotent; training the task again undoes it (:meth:`unsettle_task`).
+        Returns the layers the budget closed."""
+        if self.is_frozen(name):
+            return []
+        closed = enforce_budget(self, name)
+        for _, layer in self.layers():
+            layer.settle(name)
+        return closed
+
+    def unsettle_task(self, name: str) -> None:
+        if not self.is_frozen(name):
+            for _, layer in self.layers():
+                layer.unsettle(name)
+
     def finalize_task(self, name: str) -> TaskPatch:
-        """Prune the deltas of layers whose gate is off, freeze the task, return its patch."""
+        """Settle the task (budget, pruning, stored dtype), freeze it, return its patch."""
         info = self.task_info(name)
+        self.settle_task(name)
         for _, module in self.task_modules():
             module.freeze(name)  # gated weights prune closed gates first (unless already final)
         info.frozen = True
@@ -328,8 +356,9 @@ def _export(t: torch.Tensor) -> torch.Tensor:
 
 def _check_patch_layers(model: TAPSModel, patch: TaskPatch) -> None:
     layers = set(model.layer_names)
-    unknown = [k for k in patch.kind("delta") if k not in layers]
-    unknown += [k for k in patch.kind("score") if k not in layers]
+    unknown = [
+        k for kind in ("delta", "score", "lora_a") for k in patch.kind(kind) if k not in layers
+    ]
     if unknown:
         raise ValueError(f"patch {patch.name!r} names layers this model lacks: {unknown[:5]}")
     missing = [k for k in layers if k not in patch.kind("score")]

@@ -2,7 +2,12 @@
 
 Tensor names follow one scheme so that storage, export and loading need no other metadata:
 
-- ``delta.<layer>``: weight delta of a gated layer whose gate is on (pruned layers have none)
+- ``delta.<layer>``: weight delta of a gated layer whose gate is on (pruned layers have none),
+  stored as float32, bfloat16 or int8 (``TAPSConfig.delta_dtype``)
+- ``lora_a.<layer>``, ``lora_b.<layer>``: instead of ``delta``, the low-rank factors of a kept
+  delta (``TAPSConfig.delta_rank``): ``delta = (lora_b @ lora_a).view(weight.shape)``, the
+  ``alpha / rank`` scaling already folded into ``lora_b``
+- ``scale.<tensor>``: per-output-channel scales of an int8 tensor, e.g. ``scale.delta.<layer>``
 - ``score.<layer>``: the gate score of every gated layer (0-d; kept for pictures and audits)
 - ``norm.<module>.<name>``: the task's own normalisation parameters and buffers
 - ``head.<name>``: the task's classifier head (``weight``, ``bias``)
@@ -19,9 +24,9 @@ from typing import Any
 import torch
 
 TASK_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")  # used with fullmatch: no "\n"
-TENSOR_KINDS = ("delta", "score", "norm", "head", "route")
+TENSOR_KINDS = ("delta", "score", "norm", "head", "route", "lora_a", "lora_b", "scale")
 # Kinds that are the task's trained parameters; "route" holds data statistics, not parameters.
-PARAMETER_KINDS = ("delta", "score", "norm", "head")
+PARAMETER_KINDS = ("delta", "score", "norm", "head", "lora_a", "lora_b", "scale")
 
 
 def validate_task_name(name: object) -> str:
@@ -95,12 +100,13 @@ class TaskPatch:
 
     @property
     def num_parameters(self) -> int:
-        """Task-specific parameter count (floating-point tensors of the parameter kinds; norm
+        """Task-specific parameter count (float and int8 tensors of the parameter kinds; norm
         counters and routing statistics excluded: users pay parameters for what is trained)."""
         return sum(
             t.numel()
             for k, t in self.tensors.items()
-            if t.is_floating_point() and k.split(".", 1)[0] in PARAMETER_KINDS
+            if (t.is_floating_point() or t.dtype == torch.int8)
+            and k.split(".", 1)[0] in PARAMETER_KINDS
         )
 
     @property

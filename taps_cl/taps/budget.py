@@ -1,0 +1,128 @@
+"""A parameter budget per task: ``TAPSConfig.budget`` = the largest share of the base's
+parameters a task's patch may hold.
+
+Accounting is the patch's own (:attr:`TaskPatch.num_parameters`): the *fixed* part (the task's
+head, norms and one score per gated layer) is counted first, then each kept layer's stored size
+(dense delta or low-rank factors, plus int8 scales; :meth:`GatedWeight.stored_size`).
+
+How training meets it (:class:`BudgetController`, driven by :mod:`taps_cl.train`): the penalty is
+off; while the first ``budget_select`` share of the task's steps runs, every layer's importance
+is accumulated as ``-dL/ds_i = -<dL/dw_i, dw_i>`` (the first-order loss change its delta
+brought, step by step: the score's own gradient); then the gates are chosen once, a knapsack
+solved greedily by importance per stored number among the open gates, the others closed and
+their deltas dropped; the chosen ones train on with fixed gates. The finalise-time check
+(:func:`enforce_budget`) closes the least important gates if a task is still over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from taps_cl.taps.model import TAPSModel
+
+
+def _count(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values() if t.is_floating_point())
+
+
+def fixed_size(model: TAPSModel, name: str) -> int:
+    """Parameters every patch of task ``name`` holds whatever its gates: head, norms, scores."""
+    size = _count(model.heads.export_task(name)) + model.num_layers
+    return size + sum(_count(norm.export_task(name)) for _, norm in model.norms())
+
+
+def task_size(model: TAPSModel, name: str) -> int:
+    """Parameters the task's patch holds with its current gates (fixed part first)."""
+    kept = sum(layer.stored_size() for _, layer in model.layers() if layer.is_active(name))
+    return fixed_size(model, name) + kept
+
+
+def budget_limit(model: TAPSModel) -> int | None:
+    budget = model.config.budget
+    return None if budget is None else int(budget * model.base_parameters)
+
+
+def check_budget(model: TAPSModel, name: str) -> None:
+    """Refuse a budget smaller than the task's fixed part, naming the smallest that works."""
+    limit = budget_limit(model)
+    fixed = fixed_size(model, name)
+    if limit is not None and fixed > limit:
+        least = fixed / model.base_parameters
+        raise ValueError(
+            f"budget {model.config.budget} is below what task {name!r} stores whatever its "
+            f"gates (head, norms, scores: {fixed:,} of {model.base_parameters:,} base "
+            f"parameters); the minimum budget is {least:.4f}"
+        )
+
+
+def select_gates(model: TAPSModel, name: str, importance: Mapping[str, float]) -> list[str]:
+    """Keep the open gates that fit the budget, most important per stored number first; close
+    the others (and those of no positive importance). Returns the kept layer names."""
+    limit = budget_limit(model)
+    if limit is None:
+        return [n for n, on in model.gates(name).items() if on]
+    room = limit - fixed_size(model, name)
+    layers = dict(model.layers())
+    open_ = [n for n, layer in layers.items() if layer.is_active(name)]
+    order = sorted(open_, key=lambda n: importance.get(n, 0.0) / layers[n].stored_size())
+    kept = []
+    for n in reversed(order):
+        size = layers[n].stored_size()
+        if importance.get(n, 0.0) > 0 and size <= room:
+            kept.append(n)
+            room -= size
+    for n in open_:
+        if n not in kept:
+            layers[n].close(name)
+    return [n for n in model.layer_names if n in kept]
+
+
+def enforce_budget(
+    model: TAPSModel, name: str, importance: Mapping[str, float] | None = None
+) -> list[str]:
+    """Close the least important open gates (by ``importance``, else by score) until the task
+    fits its budget. Returns the layers closed."""
+    limit = budget_limit(model)
+    if limit is None:
+        return []
+    layers = dict(model.layers())
+    value = importance or model.scores(name)
+    active = [n for n, layer in layers.items() if layer.is_active(name)]
+    order = sorted(active, key=lambda n: value[n])
+    closed = []
+    size = task_size(model, name)
+    for n in order:
+        if size <= limit:
+            break
+        size -= layers[n].stored_size()
+        layers[n].close(name)
+        closed.append(n)
+    return closed
+
+
+class BudgetController:
+    """Per task: accumulates layer importance until the selection step, then picks the gates."""
+
+    def __init__(self, model: TAPSModel, name: str, select_at: int) -> None:
+        self.model, self.name, self.select_at = model, name, select_at
+        self.importance = dict.fromkeys(model.layer_names, 0.0)
+        self.selected: list[str] | None = None
+
+    @torch.no_grad()
+    def observe(self, step: int) -> None:
+        """Call after each optimizer step of the task (``step`` = steps taken so far)."""
+        if self.selected is not None:
+            return
+        if step <= self.select_at:
+            for n, layer in self.model.layers():
+                grad = layer.score[self.name].grad
+                if grad is not None:
+                    self.importance[n] -= float(grad)
+        if step >= self.select_at:
+            self.selected = select_gates(self.model, self.name, self.importance)
+            for _, layer in self.model.layers():
+                layer.score[self.name].requires_grad_(False)  # gates stay as chosen
