@@ -67,7 +67,7 @@ SCENARIOS = ("split_fmnist", "multi_domain")
 SETTINGS = {
     # caps per experience (split_fmnist) or per dataset (multi_domain), input side, epochs
     "fast": dict(max_train=96, max_test=60, image_size=32, epochs=1),
-    "full": dict(max_train=200, max_test=100, image_size=40, epochs=2),
+    "full": dict(max_train=300, max_test=200, image_size=48, epochs=2),
 }
 ROUTING_TASKS = (2, 5, 10)
 
