@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from taps_cl.config import TrainConfig
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -62,14 +66,9 @@ class Runtime:
         return cls(dev, (amp and cuda) or amp_cpu, cuda, cuda, dtype)
 
     @classmethod
-    def of(cls, config: object) -> Runtime:
+    def of(cls, config: TrainConfig) -> Runtime:
         """The runtime a :class:`~taps_cl.config.TrainConfig` asks for."""
-        return cls.create(
-            config.device,  # type: ignore[attr-defined]
-            config.amp,  # type: ignore[attr-defined]
-            config.amp_cpu,  # type: ignore[attr-defined]
-            config.amp_dtype,  # type: ignore[attr-defined]
-        )
+        return cls.create(config.device, config.amp, config.amp_cpu, config.amp_dtype)
 
     @property
     def scales_loss(self) -> bool:
