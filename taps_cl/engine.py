@@ -55,7 +55,12 @@ class Engine:
         config: TAPSConfig | None = None,
         train: TrainConfig | None = None,
         experiment: str = "taps_cl",
+        max_loaded: int = 8,
+        version_ttl: float = 2.0,
     ) -> None:
+        """``max_loaded``: task versions kept loaded for serving (least recently used are
+        dropped). ``version_ttl``: seconds a task's current version is cached before the store
+        is asked again (see :mod:`taps_cl.serving` for the staleness rule)."""
         self.base = load_base(base if base is not None else environment().base)
         self.base.module.requires_grad_(False).eval()
         self.fingerprint = fingerprint(self.base.module)
@@ -67,7 +72,9 @@ class Engine:
         self.device = resolve_device(device)
         self.config = config or TAPSConfig()
         self.train_config = train or TrainConfig()
-        self.server = TaskServer(self, lambda: self._new_model(self.config))
+        self.server = TaskServer(
+            self, lambda: self._new_model(self.config), max_loaded, version_ttl
+        )
         self.routing = TaskRouting(self)
 
     def _register_base(self) -> None:
@@ -302,7 +309,7 @@ class Engine:
     def image_size(self, name: str, version: int | None = None) -> int:
         """The input side the task was trained at (what ``predict`` resizes to)."""
         validate_version(version)
-        return self.server.ensure(name, version)[1]
+        return self.server.served(name, version).image_size
 
     def preprocess(self, inputs: Any, name: str | None = None) -> torch.Tensor:
         """Raw images (tensors, arrays, PIL, paths) -> model input, exactly as training saw them."""
@@ -310,18 +317,20 @@ class Engine:
         return preprocess(inputs, self.base.preprocessing, size)
 
     def model(self, name: str, version: int | None = None) -> nn.Module:
-        """The task as a plain merged ``nn.Module`` (eval mode; expects preprocessed input)."""
+        """The task as a plain merged ``nn.Module`` (eval mode; expects preprocessed input);
+        an independent copy: modifying it changes nothing the engine serves."""
         validate_version(version)
         return self.server.merged(name, version)
 
     def class_names(self, name: str, version: int | None = None) -> list[str] | None:
         validate_version(version)
-        return self.server.ensure(name, version)[0].class_names(name)
+        return self.server.served(name, version).class_names
 
     def predict(
         self, name: str, inputs: Any, logits: bool = False, version: int | None = None
     ) -> torch.Tensor:
-        """Class indices (or logits with ``logits=True``) for raw ``inputs``."""
+        """Class indices (or logits with ``logits=True``) for raw ``inputs``. Safe to call
+        from any number of threads (each task version is served by its own merged module)."""
         validate_version(version)
         out = self.server.predict(name, inputs, version)
         return out if logits else out.argmax(1)
@@ -354,22 +363,29 @@ class Engine:
         """Compute route statistics (and calibration) of a stored version (default: current)
         from its training ``dataset`` and store them, making that version routable."""
         version = version or self.server.current_version(name)
-        model, size = self.server.ensure(name, version)
+        served = self.server.served(name, version)
         data = prepare(
             dataset,
             preprocessing=self.base.preprocessing,
-            image_size=size,
-            num_classes=model.num_classes(name),
+            image_size=served.image_size,
+            num_classes=served.num_classes,
         )
         train = self._train_config(None)
-        stats = route_stats(model, [name], {name: data}, train)[name]
+        with self.server.task_model(name, version) as model:
+            stats = route_stats(model, [name], {name: data}, train)[name]
         record = self.store.add_route_stats(
             name, stats, version, base=self.fingerprint, replace=replace
         )
+        self.server.refresh()  # the version is routable now
         self.routing.clear()
         return record
 
     # -- housekeeping -----------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Read current task versions from the store on the next call (they are cached for
+        ``version_ttl`` seconds; writes through this engine are seen at once anyway)."""
+        self.server.refresh()
 
     def remove_task(self, name: str, version: int | None = None) -> list[int]:
         validate_version(version)

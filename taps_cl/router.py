@@ -1,10 +1,11 @@
 """Task-free serving: route each input to the stored task (and class) whose data it looks like.
 
-The engine-level side of :mod:`taps_cl.taps.routing`. Per call: one store query for the task
-list; inputs preprocessed once per distinct trained input size among the candidates; one base
-forward per size for the features; the router's scores; then each chosen (or, for
-``"combined"``, shortlisted) task's patch runs ONCE on its group of inputs. The router (and its
-cached inverse covariance) is built once per set of routable task versions and reused.
+The engine-level side of :mod:`taps_cl.taps.routing`. Per call: the task list (cached by the
+server for ``version_ttl`` seconds); inputs preprocessed once per distinct trained input
+size; one forward of the plain base feature extractor per size; the router's scores; then each
+chosen (or, for ``"combined"``, shortlisted) task's merged module runs ONCE on its inputs.
+The router (and its cached inverse covariance) is built once per set of routable task
+versions and reused.
 
 Statistics are taken at training time (:func:`route_stats`) from the task's training data: base
 features per class (no task active) and the finalised patch's energy on the same batches.
@@ -25,7 +26,7 @@ from taps_cl.config import TrainConfig
 from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
 from taps_cl.runtime import Runtime
-from taps_cl.taps.features import base_features, collect_route_stats
+from taps_cl.taps.features import collect_route_stats
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.routing import METHODS, RouteResult, RouteStats, TaskRouter
 
@@ -100,7 +101,7 @@ class TaskRouting:
     def candidates(self, tasks: Sequence[str] | None) -> _Candidates:
         """The router over the routable current versions (restricted to ``tasks``), cached
         by the tuple of (name, version) so any new or changed version rebuilds it."""
-        records = {r.name: r for r in self.engine.tasks()}  # the one store query per call
+        records = self.engine.server.task_records()  # cached (see taps_cl.serving)
         if tasks is not None:
             if isinstance(tasks, str):
                 tasks = [tasks]
@@ -157,13 +158,13 @@ class TaskRouting:
         server = self.engine.server
         prep = self.engine.base.preprocessing
         x = {s: preprocess(inputs, prep, s) for s in sorted(set(cand.sizes.values()))}
-        feats = {s: self._features(server.model, xs) for s, xs in x.items()}
+        feats = {s: server.features(xs) for s, xs in x.items()}
         views = {name: feats[size] for name, size in cand.sizes.items()}
         logits: dict[str, torch.Tensor] = {}
 
         def patched(name: str, idx: torch.Tensor) -> torch.Tensor:
-            model, _ = server.ensure(name, cand.versions[name])
-            logits[name] = self._forward(model, name, x[cand.sizes[name]][idx])
+            entry = server.served(name, cand.versions[name])
+            logits[name] = server.logits(entry, x[cand.sizes[name]][idx])
             return logits[name]
 
         result = cand.router.route(views, method, patched if method in ("energy", "combined")
@@ -194,15 +195,6 @@ class TaskRouting:
     def _shortlist(result: RouteResult, name: str) -> torch.Tensor:
         # the inputs a task was evaluated on are those with a finite score in its column
         return torch.isfinite(result.scores[:, result.tasks.index(name)]).nonzero().flatten()
-
-    def _features(self, model: TAPSModel, x: torch.Tensor) -> torch.Tensor:
-        device = self.engine.device
-        parts = [base_features(model, c.to(device)).float().cpu() for c in x.split(_CHUNK)]
-        return torch.cat(parts)
-
-    def _forward(self, model: TAPSModel, name: str, x: torch.Tensor) -> torch.Tensor:
-        device = self.engine.device
-        return torch.cat([model(c.to(device), task=name).float().cpu() for c in x.split(_CHUNK)])
 
 
 def _positions(evaluated: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,29 @@
 """Serving stored tasks: one frozen base in memory, tasks loaded from the store on demand.
 
-Every committed version is immutable, so a loaded task never goes stale except when a newer
-version becomes current; each call resolves the version it serves and loads it if needed.
+Thread safety: every loaded task version is served by its own plain merged module
+(:func:`~taps_cl.taps.merge.merge_patch`: the task's deltas folded into the weights, every other
+tensor shared with the frozen base), so no forward reads or writes an "active task": any number
+of threads may call ``predict``/``route`` at once. Loads are serialised by one lock with a
+double-checked cache (concurrent first loads of a task load it once; a load that raises leaves
+the cache as it was). Loaded versions are kept in an LRU of ``max_loaded`` entries.
+
+Staleness rule: committed versions are immutable, so a loaded ``(task, version)`` never goes
+stale. Which version is *current* is cached per engine for ``version_ttl`` seconds: a version
+committed (or a task deleted) by another process becomes the default within ``version_ttl``
+seconds, or at once after ``Engine.refresh()``; writes through this engine (add_task, import,
+remove_task, add_route_stats) invalidate the cache immediately. An unknown task name is always
+looked up in the store before ``UnknownTaskError`` is raised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,31 +32,97 @@ from torch import nn
 from taps_cl.config import TrainConfig
 from taps_cl.data import prepare, preprocess
 from taps_cl.errors import BaseMismatchError, UnknownTaskError
+from taps_cl.taps.merge import base_feature_extractor, merge_patch
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
 from taps_cl.train import evaluate
+
+_CHUNK = 256  # inputs per forward
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded task version: its merged module and what serving it needs."""
+
+    name: str
+    version: int
+    module: nn.Module  # plain, eval, frozen; shares unchanged tensors with the base
+    image_size: int  # input side the version was trained at
+    num_classes: int
+    class_names: list[str] | None
 
 
 class TaskServer:
     """The serving side of an :class:`~taps_cl.engine.Engine` (its base, store and device)."""
 
-    def __init__(self, engine: Any, new_model: Callable[[], TAPSModel]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        new_model: Callable[[], TAPSModel],
+        max_loaded: int = 8,
+        version_ttl: float = 2.0,
+    ) -> None:
+        if not isinstance(max_loaded, int) or isinstance(max_loaded, bool) or max_loaded < 1:
+            raise ValueError(f"max_loaded must be an int >= 1, got {max_loaded!r}")
+        if not isinstance(version_ttl, (int, float)) or version_ttl < 0:
+            raise ValueError(f"version_ttl must be a number of seconds >= 0, got {version_ttl!r}")
         self.engine = engine
         self._new_model = new_model
-        self._model: TAPSModel | None = None
-        # task -> (version loaded into the serving model, input size it was trained at)
-        self._loaded: dict[str, tuple[int, int]] = {}
+        self.max_loaded = max_loaded
+        self.version_ttl = float(version_ttl)
+        self._model: TAPSModel | None = None  # the loader: holds no task between loads
+        self._features: nn.Module | None = None
+        self._served: OrderedDict[tuple[str, int], Served] = OrderedDict()
+        self._records: tuple[float, dict[str, Any]] | None = None  # (time read, name -> record)
+        self._lock = threading.Lock()  # guards _served and _records (short, no I/O)
+        self._load_lock = threading.RLock()  # serialises loads and every use of the loader
 
     @property
     def model(self) -> TAPSModel:
+        """The TAPS model patches are checked and folded against (no task loaded; not used by
+        the serving forwards, which never share it)."""
         if self._model is None:
-            self._model = self._new_model().to(self.engine.device).eval()
+            with self._load_lock:
+                if self._model is None:
+                    self._model = self._new_model().to(self.engine.device).eval()
         return self._model
 
+    # -- versions ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Forget the cached current versions (the next call reads them from the store)."""
+        with self._lock:
+            self._records = None
+
     def unload(self, name: str) -> None:
-        if self._model is not None and name in self._model.tasks:
-            self._model.remove_task(name)
-        self._loaded.pop(name, None)
+        """Drop every loaded version of ``name`` and the cached current versions."""
+        with self._lock:
+            for key in [k for k in self._served if k[0] == name]:
+                del self._served[key]
+            self._records = None
+
+    def task_records(self, *, fresh: bool = False) -> dict[str, Any]:
+        """Name -> store record of this base's tasks, at most ``version_ttl`` seconds old."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._records
+        if fresh or cached is None or now - cached[0] > self.version_ttl:
+            records = {r.name: r for r in self.engine.tasks()}
+            with self._lock:
+                self._records = cached = (now, records)
+        return cached[1]
+
+    def current_version(self, name: str) -> int:
+        validate_task_name(name)
+        record = self.task_records().get(name) or self.task_records(fresh=True).get(name)
+        if record is None:
+            known = sorted(self.task_records())
+            raise UnknownTaskError(
+                f"no task {name!r} in {self.engine.store.url}; known: {known or 'none'}"
+            )
+        return record.current_version
+
+    # -- loading ----------------------------------------------------------------------------
 
     def load_patch(self, name: str, version: int | None = None) -> TaskPatch:
         """The stored patch (verified against its sha256s and this engine's base)."""
@@ -49,51 +132,103 @@ class TaskServer:
             raise BaseMismatchError(f"task {name!r} belongs to another base")
         return patch
 
-    def current_version(self, name: str) -> int:
-        validate_task_name(name)
-        records = self.engine.tasks()
-        for rec in records:
-            if rec.name == name:
-                return rec.current_version
-        known = [r.name for r in records]
-        raise UnknownTaskError(
-            f"no task {name!r} in {self.engine.store.url}; known: {known or 'none'}"
-        )
+    def served(self, name: str, version: int | None = None) -> Served:
+        """Task ``name`` at ``version`` (default: current), loaded if it is not yet."""
+        key = (name, version or self.current_version(name))
+        with self._lock:
+            entry = self._served.get(key)
+            if entry is not None:
+                self._served.move_to_end(key)
+                return entry
+        with self._load_lock:
+            with self._lock:
+                entry = self._served.get(key)  # loaded by another thread while we waited
+            if entry is None:
+                entry = self._load(*key)  # raises: nothing cached, nothing half-loaded
+            with self._lock:
+                self._served[key] = entry
+                self._served.move_to_end(key)
+                while len(self._served) > self.max_loaded:
+                    self._served.popitem(last=False)
+            return entry
 
-    def ensure(self, name: str, version: int | None = None) -> tuple[TAPSModel, int]:
-        """The serving model with ``name`` at ``version`` (default: current) loaded, and the
-        input size that version was trained at; both come from the same stored version."""
-        model = self.model
-        want = version or self.current_version(name)
-        loaded = self._loaded.get(name)
-        if loaded is None or loaded[0] != want:
-            patch = self.load_patch(name, want)
-            self.unload(name)
-            model.load_patch(patch)
-            model.to(self.engine.device).eval()
-            default = self.engine.base.preprocessing.input_size
-            size = int(patch.config.get("image_size") or default)
-            loaded = self._loaded[name] = (want, size)
-        return model, loaded[1]
+    def _load(self, name: str, version: int) -> Served:
+        patch = self.load_patch(name, version)
+        module = merge_patch(self.model, patch, consume=True)  # the patch is ours alone
+        default = self.engine.base.preprocessing.input_size
+        size = int(patch.config.get("image_size") or default)
+        return Served(name, version, module, size, patch.num_classes, patch.class_names)
+
+    def loaded(self) -> list[tuple[str, int]]:
+        """The loaded (task, version) pairs, least recently used first."""
+        with self._lock:
+            return list(self._served)
+
+    @contextlib.contextmanager
+    def task_model(self, name: str, version: int) -> Iterator[TAPSModel]:
+        """The loader model with the task loaded (for what needs a TAPSModel, e.g. route
+        statistics); holds the load lock, so keep it short. Serving is not blocked."""
+        with self._load_lock:
+            model = self.model
+            model.load_patch(self.load_patch(name, version))
+            try:
+                yield model
+            finally:
+                model.remove_task(name)
+
+    # -- forwards ---------------------------------------------------------------------------
 
     @torch.no_grad()
+    def logits(self, entry: Served, x: torch.Tensor) -> torch.Tensor:
+        """The task's logits for preprocessed ``x`` (CPU, float32)."""
+        return self._run(entry.module, x)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Base features (the classifier's input, no task) of preprocessed ``x``."""
+        if self._features is None:
+            with self._load_lock:
+                if self._features is None:
+                    self._features = base_feature_extractor(self.model)
+        return self._run(self._features, x)
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        device = self.engine.device
+        outs = [module(c.to(device)).float().cpu() for c in x.split(_CHUNK)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def predict(self, name: str, inputs: Any, version: int | None = None) -> torch.Tensor:
         """Logits of task ``name`` for raw ``inputs`` (CPU, float32)."""
-        model, size = self.ensure(name, version)
-        x = preprocess(inputs, self.engine.base.preprocessing, size)
-        device = self.engine.device
-        outs = [model(chunk.to(device), task=name).float().cpu() for chunk in x.split(256)]
-        return torch.cat(outs)
+        entry = self.served(name, version)
+        return self.logits(entry, preprocess(inputs, self.engine.base.preprocessing,
+                                             entry.image_size))  # fmt: skip
 
     def evaluate(self, name: str, dataset: Any, version: int | None = None) -> dict[str, float]:
-        model, size = self.ensure(name, version)
+        entry = self.served(name, version)
         data = prepare(
             dataset,
             preprocessing=self.engine.base.preprocessing,
-            image_size=size,
-            num_classes=model.num_classes(name),
+            image_size=entry.image_size,
+            num_classes=entry.num_classes,
         )
-        return evaluate(model, name, data, TrainConfig(device=str(self.engine.device)))
+        config = TrainConfig(device=str(self.engine.device))
+        return evaluate(_AnyTask(entry.module), name, data, config)
 
     def merged(self, name: str, version: int | None = None) -> nn.Module:
-        return self.ensure(name, version)[0].merged(name)
+        """An independent copy of the served module (the caller may modify it)."""
+        return copy.deepcopy(self.served(name, version).module)
+
+
+class _AnyTask(nn.Module):
+    """A served module called the way :func:`~taps_cl.train.evaluate` calls a TAPSModel;
+    it stays in eval mode whatever ``train()`` asks (it is shared by serving threads)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        return self.module(x)
+
+    def train(self, mode: bool = True) -> _AnyTask:
+        return self

@@ -13,8 +13,8 @@ from PIL import Image
 import taps_cl
 from taps_cl.cli import main
 from taps_cl.errors import UnknownTaskError
+from taps_cl.serving import TaskServer
 from taps_cl.storage import TaskStore
-from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.routing import TaskRouter
 from tests.test_engine import tiny_engine
 from tests.tiny import tiny_images
@@ -46,17 +46,22 @@ def engine(store):
 
 
 class ForwardSpy:
-    """Counts TAPSModel forwards per task (None = base) and the inputs each saw."""
+    """Counts the server's forwards per task (None = base features) and the inputs each saw."""
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str | None, int]] = []
-        original = TAPSModel.forward
+        logits, features = TaskServer.logits, TaskServer.features
 
-        def forward(model, x, task=None):
-            self.calls.append((task, x.shape[0]))
-            return original(model, x, task)
+        def spy_logits(server, entry, x):
+            self.calls.append((entry.name, x.shape[0]))
+            return logits(server, entry, x)
 
-        monkeypatch.setattr(TAPSModel, "forward", forward)
+        def spy_features(server, x):
+            self.calls.append((None, x.shape[0]))
+            return features(server, x)
+
+        monkeypatch.setattr(TaskServer, "logits", spy_logits)
+        monkeypatch.setattr(TaskServer, "features", spy_features)
 
 
 def test_route_picks_the_right_task_and_matches_predict(engine):
@@ -112,7 +117,10 @@ def test_router_cached_until_versions_change(engine, monkeypatch):
         engine.store, "list_tasks", lambda **kw: queries.append(1) or list_tasks(**kw)
     )
     engine.route(x)
-    assert len(queries) == 1  # one query for the task versions per call, nothing else
+    assert len(queries) == 0  # current versions are cached (version_ttl), nothing else read
+    engine.refresh()
+    engine.route(x)
+    assert len(queries) == 1  # after refresh(): one query for the task versions
     assert engine.routing.candidates(None).router is first
     engine.add_task(dark(24, seed=5), name="dark", quiet=True)
     assert engine.route(x).versions["dark"] == 2
