@@ -128,6 +128,7 @@ def test_route_from_threads_matches_single_threaded(trained):
 def test_other_process_version_visible_after_ttl_or_refresh(trained):
     store, expected, x = trained
     engine = tiny_engine(store)
+    engine.server.version_ttl = 3600.0  # the cached version must not expire mid-test
     assert torch.equal(engine.predict("dark", x, logits=True), expected["dark"])
     other = tiny_engine(store)
     other.add_task(dark(32, seed=9), name="dark", quiet=True)  # version 2, another engine
@@ -135,6 +136,12 @@ def test_other_process_version_visible_after_ttl_or_refresh(trained):
     engine.refresh()
     assert torch.equal(engine.predict("dark", x, logits=True), other.predict("dark", x, True))
     assert engine.server.loaded()[-1] == ("dark", 2)
+    fresh = tiny_engine(store)
+    fresh.server.version_ttl = 0.0  # no caching: another process's version is seen at once
+    assert fresh.predict("dark", x, logits=True).shape == expected["dark"].shape
+    other.add_task(dark(32, seed=10), name="dark", quiet=True)  # version 3
+    fresh.predict("dark", x, logits=True)
+    assert fresh.server.loaded()[-1] == ("dark", 3)
 
 
 @pytest.mark.parametrize(
