@@ -369,6 +369,19 @@ class Engine:
         self.routing.clear()
         return record
 
+    # -- files for other libraries (ecosystem) -----------------------------------------------
+
+    def save_pretrained(
+        self, name: str, directory: str | os.PathLike, version: int | None = None
+    ) -> Path:
+        """Write the merged task in timm's Hugging Face layout (``config.json`` +
+        ``model.safetensors``): ``timm.create_model("local-dir:DIR", pretrained=True)`` loads
+        it with the task's classes and preprocessing. Needs a timm base."""
+        from taps_cl.export import save_pretrained
+
+        validate_version(version)
+        return save_pretrained(self, name, directory, version)
+
     # -- housekeeping -----------------------------------------------------------------------
 
     def remove_task(self, name: str, version: int | None = None) -> list[int]:

@@ -208,9 +208,9 @@ class TAPSModel(nn.Module):
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         if task is None:
-            return self.base(x)
+            return _logits(self.base(x))
         with self.using(task):
-            return self.base(x)
+            return _logits(self.base(x))
 
     def train(self, mode: bool = True) -> TAPSModel:
         # The frozen base stays in eval; only per-task modules of trainable tasks follow mode
@@ -347,7 +347,28 @@ class TAPSModel(nn.Module):
                 memo[id(module)] = module.plain(name)
                 done.append(path + ".")
         out = copy.deepcopy(self.base, memo)
+        if name is not None:
+            _describe_task(out, self.num_classes(name), self.class_names(name))
         return out.requires_grad_(False).eval()
+
+
+def _logits(out: object) -> torch.Tensor:
+    """The logits of a base's output: a tensor, or a Hugging Face ``ModelOutput.logits``."""
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _describe_task(module: nn.Module, num_classes: int, class_names: list[str] | None) -> None:
+    """Class metadata of a merged task where timm (``num_classes``, ``pretrained_cfg``) and
+    Hugging Face (``config.num_labels``/``id2label``) models keep it."""
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    if isinstance(getattr(module, "pretrained_cfg", None), dict):
+        module.num_classes = num_classes
+        cfg = {k: v for k, v in module.pretrained_cfg.items() if k != "label_descriptions"}
+        module.pretrained_cfg = {**cfg, "num_classes": num_classes, "label_names": names}
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "id2label"):
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def _export(t: torch.Tensor) -> torch.Tensor:
