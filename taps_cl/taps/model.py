@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from collections.abc import Iterator
 
 import torch
@@ -212,6 +213,21 @@ class TAPSModel(nn.Module):
         with self.using(task):
             return _logits(self.base(x))
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a state_dict holding tasks this model lacks raises a
+        ``ValueError`` that says which tasks to add first (tasks are structure, not state)."""
+        missing = sorted(
+            {m.group(1) for k in state_dict if (m := _TASK_KEY.search(k))} - set(self._tasks)
+        )
+        if missing and strict:
+            raise ValueError(
+                f"the state_dict holds tasks {missing} that this model lacks: add them first "
+                f"with model.add_task(name, num_classes) (same names and class counts), then "
+                "load_state_dict; tasks finalized before saving are moved with their patch "
+                "(export_patch/load_patch) instead"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def train(self, mode: bool = True) -> TAPSModel:
         # The frozen base stays in eval; only per-task modules of trainable tasks follow mode
         # (TaskNorm/TaskHeads handle that). Dropout and friends inside the base follow mode.
@@ -350,6 +366,9 @@ class TAPSModel(nn.Module):
         if name is not None:
             _describe_task(out, self.num_classes(name), self.class_names(name))
         return out.requires_grad_(False).eval()
+
+
+_TASK_KEY = re.compile(r"(?:^|\.)(?:delta|score|lora_a|lora_b|tasks)\.([A-Za-z][\w-]*)")
 
 
 def _logits(out: object) -> torch.Tensor:
