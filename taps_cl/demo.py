@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 DEMO_TASKS = {
     # task -> (suite kwargs, epochs)
-    "fashion_mnist": ({"max_train": 2000, "max_test": 1000}, 3),
+    # Fashion-MNIST: Debian's files, else torchvision's under $TAPS_CL_DATA, else a download
+    "fashion_mnist": ({"max_train": 2000, "max_test": 1000, "download": True}, 3),
     "digits": ({}, 3),
     "lfw_faces": ({}, 6),
 }
@@ -116,13 +117,14 @@ def task_table(records: list, base_parameters: int) -> str:
 def _scaled_task(name: str, caps: dict, scale: float):
     if scale >= 1.0:
         return get_task(name, **caps)
-    spec = get_task(name)
+    extra = {k: v for k, v in caps.items() if k == "download"}
+    spec = get_task(name, **extra)
     n_train = max(spec.num_classes * 4, int(len(spec.train) * scale))
     n_test = max(spec.num_classes * 2, int(len(spec.test) * scale))
     if caps:
         n_train = min(n_train, int(caps["max_train"] * scale) or n_train)
         n_test = min(n_test, int(caps["max_test"] * scale) or n_test)
-    return get_task(name, max_train=n_train, max_test=n_test)
+    return get_task(name, max_train=n_train, max_test=n_test, **extra)
 
 
 def _store_url(store: str | Path, fresh: bool) -> str:
