@@ -475,9 +475,7 @@ def test_mlflow_server_accepts_runs_over_http(server_proc, tmp_path):
     assert {m.step: m.value for m in history} == {0: 0.48, 1: 0.88, 2: 0.88}
 
 
-def test_joint_tasks_are_child_runs_with_registered_models_over_http(
-    server_proc, tmp_path, monkeypatch
-):
+def test_joint_tasks_are_child_runs_with_registered_models_over_http(server_proc, tmp_path):
     """The engine over a real server: context tags, a parent run with one child per task,
     each committed version an MLflow model registered under the task's name."""
     import mlflow.pytorch
@@ -506,12 +504,14 @@ def test_joint_tasks_are_child_runs_with_registered_models_over_http(
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
                for r in children.values())  # fmt: skip
     x = tiny_images(4, 2, seed=3)[0]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # models:/ URIs resolve against it
     for rec in records:
         (version,) = client.search_model_versions(f"name='{rec.name}'")
         assert version.tags["taps_cl.store_version"] == str(rec.version)
         assert version.run_id == children[rec.name].info.run_id
-        loaded = mlflow.pytorch.load_model(f"models:/{rec.name}/{version.version}")
+        assert version.source == f"runs:/{version.run_id}/model"
+        # through this client, not models:/ (that resolves against the global tracking URI)
+        local = client.download_artifacts(version.run_id, "model", str(tmp_path))
+        loaded = mlflow.pytorch.load_model(local)
         with torch.no_grad():
             expected = engine.predict(rec.name, x, logits=True)
             assert torch.allclose(loaded(engine.preprocess(x, rec.name)), expected, atol=1e-5)
