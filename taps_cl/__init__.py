@@ -10,6 +10,7 @@ Defaults come from ``TAPS_CL_BASE``, ``TAPS_CL_STORE`` and ``MLFLOW_TRACKING_URI
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from taps_cl.taps.model import TAPSModel
 
 __version__ = "0.1.0"
+
+# Library messages go to the "taps_cl" logger; applications (and `taps-cl`) decide where.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _lock = threading.Lock()
 _settings: dict[str, Any] = {}

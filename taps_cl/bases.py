@@ -8,15 +8,23 @@ A base is named by a string or given as a module:
 - ``"timm:<name>"``: timm's pretrained weights from the Hugging Face hub (needs internet once;
   timm caches them). ``"timm-random:<name>"`` builds the architecture with seeded random
   weights (the same in every process; for tests and examples).
-- a path to a local checkpoint (``.pt``/``.pth`` state_dict, loaded with ``weights_only=True``,
-  or ``.safetensors``) together with ``arch="timm:<name>"``.
-- any ``nn.Module``: used as is, with the preprocessing you pass.
+- a path to a local checkpoint (``.pt``/``.pth``/``.bin``/``.safetensors``) together with
+  ``arch=`` (a timm architecture name such as ``"resnet18"``, or any spec above). It is read by
+  timm's checkpoint loader with ``weights_only=True``: nested ``state_dict``/``model``,
+  ``state_dict_ema`` and ``module.``/``_orig_mod.`` prefixes are handled.
+- any ``nn.Module``: used as is, with the preprocessing you pass (default: a timm model's own
+  data config when it has a ``pretrained_cfg``, else :class:`Preprocessing`'s defaults).
+
+Every timm base takes its preprocessing (input size, mean, std, interpolation, crop) from
+``timm.data.resolve_model_data_config``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +32,50 @@ from pathlib import Path
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+CROP_MODES = ("center", "squash")
+
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw images become model input: resize to ``input_size``, then normalise."""
+    """How raw images become model input: resize to ``input_size / crop_pct``, centre-crop
+    ``input_size``, then normalise (timm's eval transform, on a square)."""
 
     input_size: int = 224  # side of the square input, in pixels
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel mean (RGB, 0..1)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # per-channel std
     channels: int = 3  # input channels the base expects
+    interpolation: str = "bilinear"  # resize filter: bilinear, bicubic, nearest, area
+    crop_pct: float = 1.0  # fraction of the resized image kept by the centre crop (1 = none)
+    crop_mode: str = "center"  # "center" crop, or "squash" (resize to the size, no crop)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+
+    @classmethod
+    def from_timm(cls, model: nn.Module) -> Preprocessing:
+        """A timm model's own data config (``timm.data.resolve_model_data_config``)."""
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(model)
+        interpolation = cfg.get("interpolation") or "bilinear"
+        return cls(
+            input_size=int(cfg["input_size"][-1]),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            channels=int(cfg["input_size"][0]),
+            interpolation="bicubic" if interpolation == "random" else interpolation,
+            crop_pct=float(cfg.get("crop_pct") or 1.0),
+            crop_mode="squash" if cfg.get("crop_mode") == "squash" else "center",
+        )
 
 
 @dataclass
@@ -91,7 +134,7 @@ _LITE_PACKAGES = {
         260,
     ),
 }
-LITE_PREPROCESSING = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+LITE_PREPROCESSING = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # as timm's tf_* config
 
 
 def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -123,7 +166,9 @@ def _efficientnet_lite(name: str) -> Base:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = timm.create_model(arch, pretrained=False)
     _load_by_position(model, state, path)
-    prep = Preprocessing(input_size=size, **LITE_PREPROCESSING)
+    prep = dataclasses.replace(
+        Preprocessing.from_timm(model), input_size=size, **LITE_PREPROCESSING
+    )
     return Base(model.eval(), name, f"pypi:{module_name.replace('_', '-')} -> timm:{arch}", prep)
 
 
@@ -135,13 +180,7 @@ def _timm(name: str, pretrained: bool, **kwargs: object) -> Base:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    cfg = model.pretrained_cfg or {}
-    size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    prep = Preprocessing(
-        input_size=size,
-        mean=tuple(cfg.get("mean", Preprocessing.mean)),
-        std=tuple(cfg.get("std", Preprocessing.std)),
-    )
+    prep = Preprocessing.from_timm(model)
     kind = "timm" if pretrained else "timm-random"
     return Base(model.eval(), name, f"{kind}:{name}", prep)
 
@@ -149,20 +188,24 @@ def _timm(name: str, pretrained: bool, **kwargs: object) -> Base:
 def _checkpoint(path: Path, arch: str | None) -> Base:
     if arch is None:
         raise ValueError(
-            f"loading weights from {path} needs arch=, e.g. arch='timm-random:resnet18' or "
-            "'efficientnet_lite0'"
+            f"loading weights from {path} needs arch=NAME, the timm architecture they belong to "
+            "(e.g. arch=resnet18)"
         )
-    base = load_base(arch)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from timm.models import load_state_dict
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    base = load_base(arch if _is_spec(arch) else f"timm-random:{arch}")
+    # timm's reader: safetensors or torch.load(weights_only=True); unwraps state_dict/model/EMA
+    # and strips module./_orig_mod. prefixes
+    state = load_state_dict(str(path), use_ema=True, weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
     base.module.load_state_dict(state, strict=True)
+    log.info("loaded %d tensors from %s into %s", len(state), path, arch)
     return Base(base.module.eval(), path.stem, f"file:{path} ({arch})", base.preprocessing)
+
+
+def _is_spec(text: str) -> bool:
+    return text in _LITE_PACKAGES or text.startswith(("timm:", "timm-random:"))
 
 
 def load_base(
@@ -176,16 +219,22 @@ def load_base(
     if isinstance(spec, Base):
         return spec
     if isinstance(spec, nn.Module):
-        return Base(spec.eval(), type(spec).__name__, "module", preprocessing or Preprocessing())
+        if preprocessing is None:
+            timm_cfg = isinstance(getattr(spec, "pretrained_cfg", None), dict)
+            preprocessing = Preprocessing.from_timm(spec) if timm_cfg else Preprocessing()
+        return Base(spec.eval(), type(spec).__name__, "module", preprocessing)
     if not isinstance(spec, str):
         raise TypeError(f"base must be a name, a path or an nn.Module, got {type(spec).__name__}")
+    is_file = Path(spec).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if arch is not None and not is_file:
+        raise ValueError(f"arch={arch!r} only applies to a checkpoint file base, not {spec!r}")
     if spec in _LITE_PACKAGES:
         base = _efficientnet_lite(spec)
     elif spec.startswith("timm:"):
         base = _timm(spec[5:], True, **timm_kwargs)
     elif spec.startswith("timm-random:"):
         base = _timm(spec[12:], False, **timm_kwargs)
-    elif Path(spec).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+    elif is_file:
         if not Path(spec).is_file():
             raise ValueError(f"base checkpoint {spec!r} does not exist")
         base = _checkpoint(Path(spec), arch)

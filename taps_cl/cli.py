@@ -1,16 +1,24 @@
-"""`taps-cl`: a thin command line over the library.
+"""`taps-cl`: a thin command line over the library (the parser is in :mod:`taps_cl.cli_parser`).
 
-Bad input exits with code 2 and a one-line message (no traceback).
+Bad input exits with code 2 and a one-line message (no traceback). Library messages go through
+the ``taps_cl`` logger, which :func:`main` prints to stderr (warnings only with ``--quiet``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
+import re
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from taps_cl.cli_options import add_training_options, joint_config, taps_config, train_config
+from taps_cl.cli_options import joint_config, taps_config, train_config
+from taps_cl.cli_parser import build_parser
 from taps_cl.config import DEFAULT_BASE, environment
 from taps_cl.errors import TAPSError
 from taps_cl.report import fmt_bytes, fmt_pct, table
@@ -29,10 +37,12 @@ def _store(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace, **kw):
+    from taps_cl.bases import load_base
     from taps_cl.engine import Engine
 
+    base = args.base or environment().base
     return Engine(
-        args.base,
+        load_base(base, arch=args.arch) if args.arch else base,
         store=_store(args),
         tracking=getattr(args, "tracking", None) or environment().tracking,
         device=args.device,
@@ -50,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         base=args.base or DEFAULT_BASE,
         fresh=not args.keep,
         quiet=args.quiet,
+        tracking=args.tracking or environment().tracking,
     )
     return 0 if all(result.unchanged.values()) else 1
 
@@ -167,6 +178,10 @@ def _builtin_names() -> list[str]:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     store = _store(args)
+    tasks = store.list_tasks()
+    if args.json:
+        _print_json([dataclasses.asdict(t) for t in tasks])
+        return 0
     rows = [
         (
             r.name,
@@ -179,7 +194,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             "yes" if r.routable else "no",
             r.updated_at.strftime("%Y-%m-%d %H:%M"),
         )
-        for r in store.list_tasks()
+        for r in tasks
     ]
     if not rows:
         print(f"no tasks in {store.url}")
@@ -192,6 +207,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     versions = _store(args).versions(args.name)
+    if args.json:
+        _print_json({"name": args.name, "versions": [dataclasses.asdict(v) for v in versions]})
+        return 0
     rows = [
         (
             f"v{v.version}",
@@ -224,18 +242,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if name is None:
         tasks = args.tasks.split(",") if args.tasks else None
         routed = engine.route(files, tasks=tasks, method=args.method)
-        for i, path in enumerate(files):
-            label = routed.class_names[i] or str(int(routed.labels[i]))
-            print(f"{path}\t{routed.tasks[i]}\t{label}\t{float(routed.confidence[i]):.3f}")
-        return 0
+        rows = [
+            {
+                "file": path,
+                "task": routed.tasks[i],
+                "label": routed.class_names[i] or str(int(routed.labels[i])),
+                "index": int(routed.labels[i]),
+                "confidence": float(routed.confidence[i]),
+            }
+            for i, path in enumerate(files)
+        ]
+        return _print_rows(rows, ("file", "task", "label", "confidence"), args.json)
     logits = engine.predict(name, files, logits=True, version=args.version)
     names = engine.class_names(name, args.version)
+    rows = []
     for path, row in zip(files, logits, strict=True):
         k = int(row.argmax())
         label = names[k] if names else str(k)
-        prob = float(row.softmax(0)[k])
-        print(f"{path}\t{label}\t{prob:.3f}")
+        rows.append({"file": path, "task": name, "label": label, "index": k,
+                     "probability": float(row.softmax(0)[k])})  # fmt: skip
+    return _print_rows(rows, ("file", "label", "probability"), args.json)
+
+
+def _print_rows(rows: list[dict], columns: Sequence[str], as_json: bool) -> int:
+    """Tab-separated ``columns`` of each row (floats to 3 places), or all of it as JSON."""
+    if as_json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        cells = (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns)
+        print("\t".join(cells))
     return 0
+
+
+def _print_json(value: Any) -> None:
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+    print(json.dumps(value, indent=2, default=plain))
 
 
 def _task_name(text: str) -> bool:
@@ -259,6 +305,14 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.merged:
+        if args.path:
+            raise ValueError("give either PATH (the task file) or --merged DIR, not both")
+        out = _engine(args).save_pretrained(args.name, args.merged, version=args.version)
+        print(f"wrote {out} (load with timm.create_model('local-dir:{out}', pretrained=True))")
+        return 0
+    if not args.path:
+        raise ValueError("export needs PATH (a .safetensors task file) or --merged DIR")
     store = _store(args)
     path = store.export(args.name, args.path, args.version, allow_symlink=args.follow_symlinks)
     print(f"wrote {path}")
@@ -293,133 +347,56 @@ def cmd_gates(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="SQLAlchemy URL or SQLite path (default: $TAPS_CL_STORE)")
-    common.add_argument("--base", help="base model (default: $TAPS_CL_BASE or efficientnet_lite0)")
-    common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
-    p = argparse.ArgumentParser(prog="taps-cl", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
-
-    def add_parser(name: str, **kw: str) -> argparse.ArgumentParser:
-        return _add(name, parents=[common], **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    s = sub.add_parser("demo", help="three real tasks on the real base, then a reload check")
-    s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--scale", type=float, default=1.0, help="shrink data and epochs (<1)")
-    s.add_argument("--keep", action="store_true", help="keep an existing demo store")
-    s.set_defaults(func=cmd_demo)
-
-    s = sub.add_parser("add-task", help="train a task and commit it as a new version")
-    s.add_argument("name")
-    s.add_argument("--data", required=True, help="builtin task name or ImageFolder path")
-    s.add_argument("--eval-data", help="builtin or ImageFolder path for evaluation")
-    add_training_options(s)
-    s.add_argument("--max-train", type=int, default=None)
-    s.add_argument("--max-test", type=int, default=None)
-    s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    s.set_defaults(func=cmd_add_task)
-
-    for name, joint in (("add-tasks", False), ("joint", True)):
-        s = sub.add_parser(
-            name,
-            help="train several tasks (jointly with --joint; `joint` = add-tasks --joint); "
-            "run under torchrun for DDP",
-        )
-        s.add_argument(
-            "--data",
-            action="append",
-            required=True,
-            help="builtin task name or ImageFolder path; repeat per task",
-        )
-        s.add_argument(
-            "--joint",
-            action="store_true",
-            default=joint,
-            help="train all tasks together and commit them in one transaction",
-        )
-        s.add_argument(
-            "--train-base",
-            action="store_true",
-            help="also train the shared base weights into a new stored base",
-        )
-        add_training_options(s, joint=True)
-        s.add_argument("--ratio", action="append", help="TASK=FACTOR: that task's batch share")
-        s.add_argument("--max-train", type=int, default=None)
-        s.add_argument("--max-test", type=int, default=None)
-        s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-        s.set_defaults(func=cmd_add_tasks)
-
-    sub.add_parser("tasks", help="list tasks in the store").set_defaults(func=cmd_tasks)
-    s = sub.add_parser("show", help="versions and gates of one task")
-    s.add_argument("name")
-    s.set_defaults(func=cmd_show)
-
-    s = sub.add_parser("predict", help="classify image files with a task, or route them")
-    s.add_argument("files", nargs="+", help="image files ([NAME] FILES... also works)")
-    s.add_argument("--task", help="task to use (default: route each file to a task)")
-    s.add_argument("--version", type=_version, help="with --task")
-    s.add_argument("--tasks", help="when routing: comma-separated candidate tasks")
-    s.add_argument("--method", help="when routing: lda (default), ncm, combined, energy")
-    s.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser("route-stats", help="make a stored task routable from its train data")
-    s.add_argument("name")
-    s.add_argument("--data", required=True, help="builtin task name or ImageFolder path")
-    s.add_argument("--version", type=_version)
-    s.add_argument("--replace", action="store_true", help="replace existing statistics")
-    s.add_argument("--max-train", type=int, default=None)
-    s.set_defaults(func=cmd_route_stats, max_test=None)
-
-    s = sub.add_parser("remove", help="delete a task (or one version)")
-    s.add_argument("name")
-    s.add_argument("--version", type=_version)
-    s.set_defaults(func=cmd_remove)
-
-    s = sub.add_parser("export", help="write a task version to one .safetensors file")
-    s.add_argument("name")
-    s.add_argument("path")
-    s.add_argument("--version", type=_version)
-    s.add_argument(
-        "--follow-symlinks",
-        action="store_true",
-        help="if PATH is a symlink, replace the file it points to (default: refuse)",
-    )
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("import", help="import a task file into the store")
-    s.add_argument("path")
-    s.add_argument("--allow-new-base", action="store_true")
-    s.set_defaults(func=cmd_import)
-
-    s = sub.add_parser("compare", help="compare strategies logged to an MLflow experiment")
-    s.add_argument("--experiment", required=True)
-    s.add_argument("--out", default="compare_out")
-    s.add_argument("--tracking", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    s.set_defaults(func=cmd_compare)
-
-    s = sub.add_parser("gates", help="tasks x layers gate heatmap of the store")
-    s.add_argument("--out", default="gates.png")
-    s.set_defaults(func=cmd_gates)
-    return p
+# Library keyword arguments -> the flags a shell user types instead.
+_FLAGS = {"allow_new_base": "--allow-new-base", "arch": "--arch"}
+_KWARG_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=('[^']*'|\S*)")
 
 
-def _version(text: str) -> int:
-    """``--version N``: a version number >= 1 (0 must not mean "current")."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"version must be an integer >= 1, got {text!r}")
-    return int(text)
+def _flag_names(text: str) -> str:
+    """``allow_new_base=True`` -> ``--allow-new-base``; ``arch='x'`` -> ``--arch x``."""
+
+    def flag(m: re.Match) -> str:
+        value = m.group(2).strip("'")
+        if value in ("True", ""):
+            return _FLAGS[m.group(1)]
+        return f"{_FLAGS[m.group(1)]} {value}"
+
+    return _KWARG_RE.sub(flag, text)
 
 
 def _fail(err: BaseException) -> int:
     text = str(err).strip()
     message = text.splitlines()[0] if text else type(err).__name__
-    print(f"taps-cl: error: {message}", file=sys.stderr)
+    print(f"taps-cl: error: {_flag_names(message)}", file=sys.stderr)
     return 2
+
+
+def _configure_logging(quiet: bool) -> None:
+    """The ``taps_cl`` logger to stderr, one plain line per message."""
+    log = logging.getLogger("taps_cl")
+    if not any(getattr(h, "taps_cl_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.taps_cl_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "add-task": cmd_add_task,
+    "add-tasks": cmd_add_tasks,
+    "joint": cmd_add_tasks,
+    "tasks": cmd_tasks,
+    "show": cmd_show,
+    "predict": cmd_predict,
+    "route-stats": cmd_route_stats,
+    "remove": cmd_remove,
+    "export": cmd_export,
+    "import": cmd_import,
+    "compare": cmd_compare,
+    "gates": cmd_gates,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing file) is one line on stderr and exit 2; Ctrl-C is one line and exit 130."""
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        _configure_logging(getattr(args, "quiet", False))
+        return int(COMMANDS[args.command](args) or 0)
     except (TAPSError, OSError, ValueError, TypeError, KeyError) as err:
         if isinstance(err, BrokenPipeError):  # e.g. `taps-cl gates | head`
             sys.stderr.close()
@@ -437,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("taps-cl: interrupted; nothing was committed for an unfinished task", file=sys.stderr)
         return 130
 
+
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

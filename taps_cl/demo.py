@@ -7,6 +7,7 @@ capped at 2,000 train / 1,000 test images, all of digits (1,347 / 450) and LFW f
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ from taps_cl.engine import Engine
 from taps_cl.report import fmt_bytes, fmt_pct, table
 from taps_cl.scenarios import get_task
 
+log = logging.getLogger(__name__)
+
 DEMO_TASKS = {
     # task -> (suite kwargs, epochs)
-    "fashion_mnist": ({"max_train": 2000, "max_test": 1000}, 3),
+    # Fashion-MNIST: Debian's files, else torchvision's under $TAPS_CL_DATA, else a download
+    "fashion_mnist": ({"max_train": 2000, "max_test": 1000, "download": True}, 3),
     "digits": ({}, 3),
     "lfw_faces": ({}, 6),
 }
@@ -43,22 +47,24 @@ def run_demo(
     fresh: bool = True,
     quiet: bool = False,
     tracking: str | None = None,
-    echo=print,
 ) -> DemoResult:
-    """Run the demo; ``scale`` shrinks data caps and epochs (tests use a small scale)."""
+    """Run the demo; ``scale`` shrinks data caps and epochs (tests use a small scale). Progress
+    goes to the ``taps_cl`` logger, the result table to stdout."""
     start = time.perf_counter()
     url = _store_url(store, fresh)
     engine = Engine(base, store=url, tracking=tracking, experiment="taps_cl_demo")
-    echo(
+    log.info(
         f"base: {engine.base.name} ({engine.base.num_parameters:,} parameters, "
         f"{engine.base.source})"
     )
-    echo(f"store: {engine.store.url}   input: {image_size}x{image_size}   device: {engine.device}")
+    log.info(
+        f"store: {engine.store.url}   input: {image_size}x{image_size}   device: {engine.device}"
+    )
     records, expected, tests = [], {}, {}
     for name, (caps, epochs) in DEMO_TASKS.items():
         spec = _scaled_task(name, caps, scale)
         train = TrainConfig(epochs=max(1, round(epochs * scale)), image_size=image_size)
-        echo(
+        log.info(
             f"adding task {name}: {len(spec.train)} train / {len(spec.test)} test images, "
             f"{spec.num_classes} classes, {train.epochs} epoch(s)"
         )
@@ -73,9 +79,7 @@ def run_demo(
         records.append(rec)
         tests[name] = spec.test.images
         expected[name] = engine.predict(name, tests[name], logits=True)
-    echo("")
-    echo(task_table(records, engine.base.num_parameters))
-    echo("")
+    print(f"\n{task_table(records, engine.base.num_parameters)}\n")
     fresh_engine = Engine(base, store=url)
     unchanged = {
         name: torch.equal(fresh_engine.predict(name, tests[name], logits=True), logits)
@@ -83,9 +87,11 @@ def run_demo(
     }
     for name, ok in unchanged.items():
         status = "unchanged" if ok else "CHANGED"
-        echo(f"reloaded {name!r} from the store in a fresh engine: predictions {status}")
+        (log.info if ok else log.warning)(
+            f"reloaded {name!r} from the store in a fresh engine: predictions {status}"
+        )
     seconds = time.perf_counter() - start
-    echo(f"demo finished in {seconds:.0f} s; inspect with: taps-cl tasks --store {url}")
+    log.info(f"demo finished in {seconds:.0f} s; inspect with: taps-cl tasks --store {url}")
     return DemoResult(records, unchanged, seconds, url)
 
 
@@ -111,13 +117,14 @@ def task_table(records: list, base_parameters: int) -> str:
 def _scaled_task(name: str, caps: dict, scale: float):
     if scale >= 1.0:
         return get_task(name, **caps)
-    spec = get_task(name)
+    extra = {k: v for k, v in caps.items() if k == "download"}
+    spec = get_task(name, **extra)
     n_train = max(spec.num_classes * 4, int(len(spec.train) * scale))
     n_test = max(spec.num_classes * 2, int(len(spec.test) * scale))
     if caps:
         n_train = min(n_train, int(caps["max_train"] * scale) or n_train)
         n_test = min(n_test, int(caps["max_test"] * scale) or n_test)
-    return get_task(name, max_train=n_train, max_test=n_test)
+    return get_task(name, max_train=n_train, max_test=n_test, **extra)
 
 
 def _store_url(store: str | Path, fresh: bool) -> str:

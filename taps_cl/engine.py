@@ -7,6 +7,7 @@ loaded into the serving model, so a failed or interrupted training changes nothi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -244,12 +245,14 @@ class Engine:
             new_base=(new_base, *label) if new_base is not None else None,
         )  # fmt: skip
         records = []
-        for patch, version in zip(patches, versions, strict=True):
-            patch.version = version
-            self.server.unload(patch.name)
-            records.append(task_record(patch, fit.fits[patch.name], self.base.num_parameters))
-            if self.tracking and world()[0] == 0:
-                self._track(patch, fit, rec_config, metrics[patch.name], model)
+        track = bool(self.tracking) and world()[0] == 0
+        with self._parent_run(list(data)) if track else contextlib.nullcontext() as parent:
+            for patch, version in zip(patches, versions, strict=True):
+                patch.version = version
+                self.server.unload(patch.name)
+                records.append(task_record(patch, fit.fits[patch.name], self.base.num_parameters))
+                if track:
+                    self._track(patch, fit, rec_config, metrics[patch.name], model, parent)
         return records
 
     def open_stored_base(self, fingerprint: str) -> Engine:
@@ -282,9 +285,20 @@ class Engine:
             "layer_order": list(model.layer_names),
         }
 
-    def _track(self, patch: TaskPatch, fit: RunResult, record_config, metrics, model) -> None:
+    def _parent_run(self, names: list[str]):
+        """Several tasks trained in one run: an MLflow parent run, one child run per task."""
+        if len(names) < 2:
+            return contextlib.nullcontext()
+        from taps_cl.tracking.runs import parent_run
+
+        return parent_run(self.tracking, self.experiment, "joint:" + "+".join(names))
+
+    def _track(self, patch: TaskPatch, fit: RunResult, record_config, metrics, model, parent=None):
+        """The task's run; its merged model is logged and registered under the task's name,
+        the registry version tagged with the store version it is."""
         from taps_cl.tracking import log_task_run
 
+        prep, size = self.base.preprocessing, int(record_config["image_size"])
         log_task_run(
             self.tracking,
             self.experiment,
@@ -297,6 +311,14 @@ class Engine:
             gates=model.gates(patch.name),
             scores=model.scores(patch.name),
             patch_summary=patch_summary(patch),
+            parent=parent,
+            model=model.merged(patch.name).cpu(),
+            input_shape=(prep.channels, size, size),
+            registry_tags={
+                "taps_cl.task": patch.name,
+                "taps_cl.store_version": str(patch.version),
+                "taps_cl.base_fingerprint": patch.base_fingerprint,
+            },
         )
 
     # -- serving ----------------------------------------------------------------------------
@@ -379,6 +401,19 @@ class Engine:
         self.server.refresh()  # the version is routable now
         self.routing.clear()
         return record
+
+    # -- files for other libraries (ecosystem) -----------------------------------------------
+
+    def save_pretrained(
+        self, name: str, directory: str | os.PathLike, version: int | None = None
+    ) -> Path:
+        """Write the merged task in timm's Hugging Face layout (``config.json`` +
+        ``model.safetensors``): ``timm.create_model("local-dir:DIR", pretrained=True)`` loads
+        it with the task's classes and preprocessing. Needs a timm base."""
+        from taps_cl.export import save_pretrained
+
+        validate_version(version)
+        return save_pretrained(self, name, directory, version)
 
     # -- housekeeping -----------------------------------------------------------------------
 

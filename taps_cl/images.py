@@ -3,12 +3,14 @@
 :func:`preprocess` accepts tensors/arrays in the usual layouts, PIL images, file paths and lists
 of them; it converts integer images (0..255) and float images (0..1) to float, checks that every
 pixel is finite and in range (already normalised images are refused, not normalised twice),
-resizes (bilinear, antialiased) and normalises with the base's mean/std. Grey images become
+resizes (with the base's interpolation, antialiased) and centre-crops as timm's eval transform
+does (``crop_pct``), and normalises with the base's mean/std. Grey images become
 3-channel by broadcasting after the resize, which is 3x cheaper than resizing three copies.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +154,17 @@ def _check_pixels(x: torch.Tensor, offset: int) -> None:
 
 
 def _resize_normalise(x: torch.Tensor, prep: Preprocessing, size: int) -> torch.Tensor:
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    """Resize to ``size / crop_pct`` (timm's scale), centre-crop ``size``, normalise."""
+    scaled = size if prep.crop_mode == "squash" else math.floor(size / prep.crop_pct)
+    if x.shape[-2:] != (scaled, scaled):
+        mode = prep.interpolation
+        smooth = mode in ("bilinear", "bicubic")
+        x = F.interpolate(x, size=(scaled, scaled), mode=mode, antialias=smooth)
+        if mode == "bicubic":
+            x = x.clamp(0, 1)  # bicubic overshoots; keep pixels in the range the base knows
+    if scaled != size:
+        top = (scaled - size) // 2
+        x = x[..., top : top + size, top : top + size]
     mean = torch.tensor(prep.mean[: prep.channels], dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(prep.std[: prep.channels], dtype=x.dtype).view(1, -1, 1, 1)
     return (x - mean) / std  # a grey [N,1,S,S] broadcasts to [N,C,S,S]: a new, dense tensor
@@ -190,8 +201,9 @@ def preprocess(
 
     Accepts tensors/arrays (``[H,W]``, ``[C,H,W]``, ``[H,W,C]``, ``[N,H,W]``, ``[N,C,H,W]``;
     uint8 0..255 or float 0..1), PIL images, file paths, or a list of any of these (sizes may
-    differ). Grey images become 3-channel; images are resized (bilinear, antialiased) to
-    ``image_size or preprocessing.input_size`` without keeping the aspect ratio.
+    differ). Grey images become 3-channel; images are resized (the base's interpolation,
+    antialiased) to ``(image_size or preprocessing.input_size) / crop_pct`` without keeping the
+    aspect ratio, then centre-cropped to ``image_size``.
     """
     size = int(image_size or preprocessing.input_size)
     if isinstance(inputs, (list, tuple)):

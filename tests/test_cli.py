@@ -128,3 +128,49 @@ def test_training_options_come_from_the_config_dataclasses(tmp_path):
     assert config["train"]["seed"] == 3 and config["train"]["max_grad_norm"] is None
     assert config["train"]["batch_size"] == TrainConfig.batch_size  # not given: the default
     assert run(*argv, "--optimizer", "adam", "--store", store, *BASE) == 2  # validated
+
+
+def test_version_help_defaults_and_unused_options(capsys):
+    from taps_cl import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 64)" in text and "(default: 1.0)" in text
+    for argv in (["tasks", "--base", "bogus"], ["show", "x", "--device", "cpu"],
+                 ["remove", "x", "--quiet"], ["import", "f", "--base", "b"]):  # fmt: skip
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2, argv
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_json_output_and_flag_names_in_messages(tmp_path, capsys):
+    import json
+
+    store = str(tmp_path / "s.db")
+    data = _folder(tmp_path / "imgs")
+    common = ["--store", store, *BASE]
+    assert run("add-task", "shapes", "--data", str(data), "--epochs", "1",
+               "--image-size", "32", *common) == 0  # fmt: skip
+    capsys.readouterr()
+    assert run("tasks", "--store", store, "--json") == 0
+    tasks = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in tasks] == ["shapes"] and tasks[0]["current_version"] == 1
+    assert run("show", "shapes", "--store", store, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["name"] == "shapes" and shown["versions"][0]["version"] == 1
+    files = sorted(str(p) for p in data.glob("class0/*.png"))[:2]
+    for argv in (["--task", "shapes"], []):  # the task form and the routing form
+        assert run("predict", *files, *argv, *common, "--json") == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [r["file"] for r in rows] == files and all(r["task"] == "shapes" for r in rows)
+        assert all(r["label"] in ("class0", "class1") for r in rows)
+    out = tmp_path / "shapes.safetensors"
+    assert run("export", "shapes", str(out), "--store", store) == 0
+    assert run("import", str(out), "--store", str(tmp_path / "other.db")) == 2
+    err = capsys.readouterr().err
+    assert "--allow-new-base" in err and "allow_new_base" not in err

@@ -208,3 +208,23 @@ def test_commits_each_experience_to_the_store_and_reloads(bench, tmp_path):
     reloaded.mark_trained(names)
     for j in range(3):
         assert torch.equal(probe(reloaded, bench.test_stream[j]), outputs[-1][j])
+
+
+def test_defaults_come_from_train_config_and_optimizer_factories_are_called_per_task(bench):
+    plain = TAPS(model=tiny_cnn(), evaluator=evaluator())
+    assert plain.train_config == TrainConfig()
+    assert (plain.train_epochs, plain.train_mb_size) == (TrainConfig.epochs, TrainConfig.batch_size)
+    built = []
+
+    def sgd(groups):
+        built.append([len(g["params"]) for g in groups])
+        return torch.optim.SGD(groups, lr=0.05, momentum=0.0)
+
+    strategy = taps_strategy(optimizer=sgd, train_epochs=1, peval_mode="iteration")
+    assert strategy.train_config.optimizer == TrainConfig.optimizer
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+        assert exp.task_label in strategy.patches
+    assert len(built) == 2 and all(sum(sizes) > 0 for sizes in built)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        taps_strategy(optimizer=lambda groups: None, train_epochs=1).train(bench.train_stream[0])

@@ -226,3 +226,21 @@ def test_taskspec_validates_name():
     with pytest.raises(ValueError, match="letters, digits"):
         TaskSpec("bad name!", ds, ds, ["a", "b"])
     assert TaskSpec("ok_name-1", ds, ds, ["a", "b"]).num_classes == 2
+
+
+def test_fashion_mnist_found_in_torchvision_layout_under_taps_cl_data(tmp_path, monkeypatch):
+    from taps_cl.scenarios import suite
+
+    if not suite.FASHION_MNIST_DIR.is_dir():
+        pytest.skip("needs the Debian dataset-fashion-mnist files to copy")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in suite.FASHION_MNIST_DIR.iterdir():
+        (raw / f.name).symlink_to(f)
+    monkeypatch.setenv("TAPS_CL_DATA", str(tmp_path))
+    monkeypatch.setattr(suite, "FASHION_MNIST_DIR", tmp_path / "no-debian-files")
+    spec = suite.fashion_mnist(max_train=20, max_test=10)
+    assert len(spec.train) == 20 and spec.num_classes == 10
+    monkeypatch.setenv("TAPS_CL_DATA", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="TAPS_CL_DATA"):
+        suite.fashion_mnist()  # download=False: one message saying how to get the data

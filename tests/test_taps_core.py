@@ -100,6 +100,26 @@ class EncoderDecoder(nn.Module):
         return self.head(out.mean(1))
 
 
+def _hf_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=32, num_labels=5)  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+def _hf_convnext() -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)
+    return ConvNextForImageClassification(config)
+
+
+def _logits(out) -> torch.Tensor:
+    """A base's logits: Hugging Face models return a ``ModelOutput``."""
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 def _seeded(factory):
     def build():
         torch.manual_seed(0)
@@ -124,6 +144,8 @@ CASES = [
     ("mha_kdim", _seeded(lambda: WithMHA(kdim=6)), 8),
     ("transformer_encoder", _seeded(Encoder), 8),
     ("transformer", _seeded(EncoderDecoder), 8),
+    ("hf_vit", _seeded(_hf_vit), 16),
+    ("hf_convnext", _seeded(_hf_convnext), 16),
 ]
 ATTENTION = {"mha", "mha_kdim", "transformer_encoder", "transformer"}
 IDS = [c[0] for c in CASES]
@@ -155,13 +177,13 @@ def test_fresh_wrap_is_identity(name, factory, size):
     model = TAPSModel(base)
     x = _x(size)
     with torch.no_grad():
-        assert torch.equal(model(x), reference(x))
+        assert torch.equal(model(x), _logits(reference(x)))
     # A new task with zero deltas and the base head's weights is the base itself.
     head = reference.get_submodule(model.head_name)
     model.add_task("same", head.out_features)
     model.heads.tasks["same"].load_state_dict(head.state_dict())
     with torch.no_grad():
-        assert torch.equal(model(x, task="same"), reference(x))
+        assert torch.equal(model(x, task="same"), _logits(reference(x)))
 
 
 @pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
@@ -181,7 +203,7 @@ def test_merged_matches_gated_and_prunes(name, factory, size):
     assert not any(type(m).__module__.startswith("taps_cl") for m in merged.modules())
     with torch.no_grad():
         assert torch.equal(model(x, task="a"), gated)  # pruning a closed gate changes nothing
-        assert (merged(x) - gated).abs().max() <= 1e-5
+        assert (_logits(merged(x)) - gated).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
@@ -436,3 +458,39 @@ def test_wrapped_model_pickles_and_deep_copies():
         assert attn.projections["in_proj_weight"].base_weight is attn.base_layer.in_proj_weight
         with torch.no_grad():
             assert torch.equal(clone(x, task="a"), expected)
+
+
+def test_state_dict_round_trip_needs_the_same_tasks_first():
+    model = TAPSModel(tiny_cnn())
+    for i, task in enumerate(("a", "b")):
+        model.add_task(task, 2 + i, seed=i)
+        _perturb(model, task, seed=i)
+    state, x = model.state_dict(), _x(16)
+    fresh = TAPSModel(tiny_cnn())
+    with pytest.raises(ValueError, match=r"\['a', 'b'\].*add_task"):
+        fresh.load_state_dict(state)
+    fresh.add_task("a", 2)
+    fresh.add_task("b", 3)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        for task in ("a", "b"):
+            assert torch.equal(fresh(x, task=task), model(x, task=task))
+
+
+def test_task_patch_save_load_is_the_export_format(tmp_path):
+    from taps_cl.storage import read_patch_file
+    from taps_cl.taps.patch import TaskPatch
+
+    model = TAPSModel(tiny_cnn())
+    model.add_task("a", 3, ["x", "y", "z"])
+    _perturb(model, "a", seed=3)
+    patch = model.finalize_task("a")
+    path = patch.save(tmp_path / "a.safetensors")
+    loaded = TaskPatch.load(path)
+    assert read_patch_file(path)[0].name == "a" and loaded.class_names == ["x", "y", "z"]
+    assert loaded.tensors.keys() == patch.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in patch.tensors.items())
+    fresh = TAPSModel(tiny_cnn())
+    fresh.load_patch(loaded)
+    with torch.no_grad():
+        assert torch.equal(fresh(_x(16), task="a"), model(_x(16), task="a"))

@@ -475,6 +475,48 @@ def test_mlflow_server_accepts_runs_over_http(server_proc, tmp_path):
     assert {m.step: m.value for m in history} == {0: 0.48, 1: 0.88, 2: 0.88}
 
 
+def test_joint_tasks_are_child_runs_with_registered_models_over_http(server_proc, tmp_path):
+    """The engine over a real server: context tags, a parent run with one child per task,
+    each committed version an MLflow model registered under the task's name."""
+    import mlflow.pytorch
+
+    from taps_cl import __version__
+    from taps_cl.bases import Base, Preprocessing
+    from taps_cl.config import TrainConfig
+    from taps_cl.engine import Engine
+    from tests.tiny import tiny_images
+
+    proc, url, root = server_proc
+    require(_wait_healthy(proc, url, root), f"mlflow server did not start on {url}")
+    base = Base(tiny_cnn(), "tiny", "tests.tiny", Preprocessing(input_size=16))
+    engine = Engine(base, store=str(tmp_path / "s.db"), tracking=url, experiment="joint-http",
+                    train=TrainConfig(epochs=1, batch_size=8))  # fmt: skip
+    data = {"left": tiny_images(16, 2, seed=1), "right": tiny_images(16, 3, seed=2)}
+    records = engine.add_tasks(data, joint=True, quiet=True)
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("joint-http").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("taps_cl.kind") == "joint"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("taps_cl.kind") == "task"}
+    assert len(parents) == 1 and set(children) == {"left", "right"}
+    for run in (*parents, *children.values()):
+        assert run.data.tags["taps_cl.package_version"] == __version__
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               for r in children.values())  # fmt: skip
+    x = tiny_images(4, 2, seed=3)[0]
+    for rec in records:
+        (version,) = client.search_model_versions(f"name='{rec.name}'")
+        assert version.tags["taps_cl.store_version"] == str(rec.version)
+        assert version.run_id == children[rec.name].info.run_id
+        assert version.source == f"runs:/{version.run_id}/model"
+        # through this client, not models:/ (that resolves against the global tracking URI)
+        local = client.download_artifacts(version.run_id, "model", str(tmp_path))
+        loaded = mlflow.pytorch.load_model(local)
+        with torch.no_grad():
+            expected = engine.predict(rec.name, x, logits=True)
+            assert torch.allclose(loaded(engine.preprocess(x, rec.name)), expected, atol=1e-5)
+
+
 def test_package_exports_resolve_to_the_functions():
     import taps_cl.tracking as tracking
     from taps_cl.tracking import compare as compare_fn

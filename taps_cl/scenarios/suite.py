@@ -14,6 +14,8 @@ every class.
 from __future__ import annotations
 
 import gzip
+import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+log = logging.getLogger(__name__)
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -215,27 +218,53 @@ def _load_fmnist(files: tuple[tuple[str, Path], ...]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def data_root() -> Path:
+    """Where taps_cl keeps downloaded data: ``$TAPS_CL_DATA``, else ``~/.cache/taps_cl``."""
+    return Path(os.environ.get("TAPS_CL_DATA") or Path.home() / ".cache" / "taps_cl")
+
+
+def _fmnist_dirs(root: Path) -> list[Path]:
+    """The layouts a Fashion-MNIST folder may have: the idx files themselves, torchvision's
+    ``FashionMNIST(root)`` layout, or a ``fashion-mnist`` folder."""
+    return [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
+
+
 def _fmnist_arrays(root: str | None, download: bool) -> dict[str, np.ndarray]:
+    """The idx files from ``root``, else the Debian package's folder, else the torchvision
+    layout under :func:`data_root`, else (``download=True``) a torchvision download there."""
     if root is None:
-        dirs = [FASHION_MNIST_DIR]
+        target = data_root()
+        dirs = [FASHION_MNIST_DIR, *_fmnist_dirs(target)]
     else:
-        dirs = [Path(root), Path(root) / "FashionMNIST" / "raw", Path(root) / "fashion-mnist"]
+        target = Path(root)
+        dirs = _fmnist_dirs(target)
     files = _find_fmnist(dirs)
     if files is None and download:
-        from torchvision.datasets import FashionMNIST
-
-        target = Path(root) if root is not None else Path.home() / ".cache" / "taps_cl"
-        for train in (True, False):
-            FashionMNIST(str(target), train=train, download=True)
-        files = _find_fmnist([target / "FashionMNIST" / "raw"])
+        files = _download_fmnist(target)
     if files is None:
         where = ", ".join(str(d) for d in dirs)
         raise ValueError(
-            f"Fashion-MNIST idx files not found in {where}: `apt-get install "
-            "dataset-fashion-mnist`, or pass root= (a folder with the idx files), or "
-            "download=True (needs internet)"
+            f"Fashion-MNIST not found (looked in {where}): `apt-get install "
+            "dataset-fashion-mnist`, or put torchvision's FashionMNIST files under "
+            f"{target} ($TAPS_CL_DATA), or pass download=True when online"
         )
     return _load_fmnist(tuple(sorted(files.items())))
+
+
+def _download_fmnist(target: Path) -> dict[str, Path] | None:
+    """torchvision's download into ``target``; ``None`` when offline (the caller explains)."""
+    from torchvision.datasets import FashionMNIST
+
+    log.info("downloading Fashion-MNIST into %s", target)
+    try:
+        for train in (True, False):
+            FashionMNIST(str(target), train=train, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        log.warning(
+            "Fashion-MNIST download failed: %s", str(err).splitlines()[0] if str(err) else err
+        )
+        return None
+    return _find_fmnist([target / "FashionMNIST" / "raw"])
 
 
 def _fmnist_split(arrays: dict[str, np.ndarray], part: str) -> ImageTensorDataset:

@@ -43,7 +43,19 @@ from taps_cl.strategies.router import TAPSRouter, experience_num_classes, experi
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
 from taps_cl.taps.routing import METHODS
-from taps_cl.train import Stepper, auto_score_lr, build_optimizer, make_schedule
+from taps_cl.train import Stepper, auto_score_lr, build_optimizer, make_schedule, task_groups
+
+# Builds one experience's optimizer from that task's parameter groups (torch's format).
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+def _train_config(train: TrainConfig | None, given: dict[str, Any]) -> TrainConfig:
+    """``train`` (default ``TrainConfig()``) with the arguments that were given (not None)."""
+    train = train or TrainConfig()
+    if not isinstance(train, TrainConfig):
+        raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return TrainConfig.from_dict({**train.to_dict(), **chosen})
 
 
 class TAPS(SupervisedTemplate):
@@ -79,47 +91,51 @@ class TAPS(SupervisedTemplate):
         model: nn.Module,
         lam: float | None = None,
         tau: float | None = None,
-        lr: float = 1e-3,
+        lr: float | None = None,
         score_lr: float | None = None,
-        weight_decay: float = 0.0,
-        optimizer: str = "adamw",
-        schedule: str = "cosine",
-        max_grad_norm: float | None = 5.0,
-        train_mb_size: int = 32,
-        train_epochs: int = 1,
+        weight_decay: float | None = None,
+        optimizer: str | OptimizerFactory | None = None,
+        schedule: str | None = None,
+        max_grad_norm: float | None = None,
+        train_mb_size: int | None = None,
+        train_epochs: int | None = None,
         eval_mb_size: int | None = None,
         device: str | torch.device = "cpu",
         plugins: Sequence[BasePlugin] | None = None,
         evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] = default_evaluator,
         eval_every: int = -1,
+        peval_mode: str = "epoch",
         store: Any = None,
         head: str | None = None,
         config: TAPSConfig | None = None,
+        train: TrainConfig | None = None,
         task_names: Mapping[int, str] | None = None,
         tasks: Mapping[int, int] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         mode: str = "auto",
         route_method: str = "lda",
+        **base_kwargs: Any,
     ) -> None:
+        """Training arguments left at ``None`` take their value from ``train`` (default
+        ``TrainConfig()``), so the defaults are written once, in :class:`TrainConfig`; pass
+        ``train=TrainConfig(max_grad_norm=None)`` to disable clipping. ``optimizer`` is a
+        :class:`TrainConfig` optimizer name or a factory ``param_groups -> Optimizer`` called
+        at every experience with that task's groups (deltas, head, norms at ``lr``; scores at
+        the score rate). ``peval_mode`` and ``**base_kwargs`` go to ``SupervisedTemplate``."""
         router = _as_router(model, config, lam, tau, head, task_names)
         self.mode = _initial_mode(router, mode, route_method, tasks)  # "auto" until decided
         self.route_method = route_method
         if store is not None and not callable(getattr(store, "commit", None)):
             raise TypeError(f"store must have a commit(patch, ...) method, got {type(store)}")
         self.router = router
-        self.train_config = TrainConfig(
-            epochs=train_epochs,
-            batch_size=train_mb_size,
-            optimizer=optimizer,
-            lr=lr,
-            score_lr=score_lr,
-            weight_decay=weight_decay,
-            schedule=schedule,
-            seed=seed,
-            max_grad_norm=max_grad_norm,
-        )
+        self.optimizer_factory = optimizer if callable(optimizer) else None
+        given = dict(epochs=train_epochs, batch_size=train_mb_size, lr=lr, score_lr=score_lr,
+                     weight_decay=weight_decay, schedule=schedule, seed=seed,
+                     max_grad_norm=max_grad_norm,
+                     optimizer=None if callable(optimizer) else optimizer)  # fmt: skip
+        self.train_config = _train_config(train, given)
         for label, num_classes in (tasks or {}).items():
-            router.add_task(int(label), int(num_classes), seed=seed + int(label))
+            router.add_task(int(label), int(num_classes), seed=self.train_config.seed + int(label))
         self.store = store
         # task label (class-incremental: experience id) -> finalised patch / store version
         self.patches: dict[int, TaskPatch] = {}
@@ -130,13 +146,15 @@ class TAPS(SupervisedTemplate):
             model=router,
             optimizer=None,  # built per experience over that task's parameters only
             criterion=TAPSLossPlugin(router),
-            train_mb_size=train_mb_size,
-            train_epochs=train_epochs,
+            train_mb_size=self.train_config.batch_size,
+            train_epochs=self.train_config.epochs,
             eval_mb_size=eval_mb_size,
             device=device,
             plugins=[*(plugins or []), RouteStatsPlugin(router)],
             evaluator=evaluator,
             eval_every=eval_every,
+            peval_mode=peval_mode,
+            **base_kwargs,
         )
 
     @property
@@ -195,7 +213,16 @@ class TAPS(SupervisedTemplate):
         self.score_lr = self.train_config.score_lr or auto_score_lr(
             taps.config, self.train_config, total - warmup, taps.num_layers
         )
-        self.optimizer = build_optimizer(taps, name, self.train_config, self.score_lr)
+        if self.optimizer_factory is not None:
+            groups = task_groups(taps, name, self.train_config, self.score_lr)
+            self.optimizer = self.optimizer_factory(groups)
+            if not isinstance(self.optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    "optimizer= factory must return a torch.optim.Optimizer, got "
+                    f"{type(self.optimizer).__name__}"
+                )
+        else:
+            self.optimizer = build_optimizer(taps, name, self.train_config, self.score_lr)
         schedule = make_schedule(self.optimizer, self.train_config, total)
         runtime = Runtime.create(str(self.device), amp=False)
         self._stepper = Stepper(self.optimizer, schedule, self.train_config, runtime, what=name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from collections.abc import Iterator
 
 import torch
@@ -208,9 +209,24 @@ class TAPSModel(nn.Module):
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         if task is None:
-            return self.base(x)
+            return _logits(self.base(x))
         with self.using(task):
-            return self.base(x)
+            return _logits(self.base(x))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a state_dict holding tasks this model lacks raises a
+        ``ValueError`` that says which tasks to add first (tasks are structure, not state)."""
+        missing = sorted(
+            {m.group(1) for k in state_dict if (m := _TASK_KEY.search(k))} - set(self._tasks)
+        )
+        if missing and strict:
+            raise ValueError(
+                f"the state_dict holds tasks {missing} that this model lacks: add them first "
+                f"with model.add_task(name, num_classes) (same names and class counts), then "
+                "load_state_dict; tasks finalized before saving are moved with their patch "
+                "(export_patch/load_patch) instead"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def train(self, mode: bool = True) -> TAPSModel:
         # The frozen base stays in eval; only per-task modules of trainable tasks follow mode
@@ -347,7 +363,31 @@ class TAPSModel(nn.Module):
                 memo[id(module)] = module.plain(name)
                 done.append(path + ".")
         out = copy.deepcopy(self.base, memo)
+        if name is not None:
+            _describe_task(out, self.num_classes(name), self.class_names(name))
         return out.requires_grad_(False).eval()
+
+
+_TASK_KEY = re.compile(r"(?:^|\.)(?:delta|score|lora_a|lora_b|tasks)\.([A-Za-z][\w-]*)")
+
+
+def _logits(out: object) -> torch.Tensor:
+    """The logits of a base's output: a tensor, or a Hugging Face ``ModelOutput.logits``."""
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _describe_task(module: nn.Module, num_classes: int, class_names: list[str] | None) -> None:
+    """Class metadata of a merged task where timm (``num_classes``, ``pretrained_cfg``) and
+    Hugging Face (``config.num_labels``/``id2label``) models keep it."""
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    if isinstance(getattr(module, "pretrained_cfg", None), dict):
+        module.num_classes = num_classes
+        cfg = {k: v for k, v in module.pretrained_cfg.items() if k != "label_descriptions"}
+        module.pretrained_cfg = {**cfg, "num_classes": num_classes, "label_names": names}
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "id2label"):
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def _export(t: torch.Tensor) -> torch.Tensor:

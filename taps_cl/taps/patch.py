@@ -17,8 +17,10 @@ Tensor names follow one scheme so that storage, export and loading need no other
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,3 +115,34 @@ class TaskPatch:
     def nbytes(self) -> int:
         """Bytes of all tensors as stored."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    # The file format is the store's export format (taps_cl.storage.serialize); imported
+    # lazily because taps/ depends on nothing above it at import time.
+
+    def save(self, path: str | os.PathLike, *, allow_symlink: bool = False) -> Path:
+        """Write the patch to one ``.safetensors`` file, the format ``taps-cl export`` writes
+        (``taps-cl import`` and ``TaskStore.import_file`` read it). Atomic; returns the path."""
+        from taps_cl.storage.serialize import write_patch_file
+
+        meta = {
+            "name": self.name,
+            "version": self.version,
+            "base_fingerprint": self.base_fingerprint,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "num_layers": self.num_layers,
+            "active_layers": self.active_layers,
+            "config": self.config,
+        }
+        return write_patch_file(Path(path), self, meta, allow_symlink=allow_symlink)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TaskPatch:
+        """Read a patch file written by :meth:`save` or ``taps-cl export`` (every tensor is
+        checked against its sha256)."""
+        from taps_cl.storage.serialize import read_patch_file
+
+        patch, meta = read_patch_file(path)
+        version = meta.get("version")
+        patch.version = version if type(version) is int and version >= 1 else None
+        return patch

@@ -151,3 +151,64 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): json_safe(v) for k, v in value.items()}
     return value
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's standard run context (``mlflow.user``, ``mlflow.source.name``/``type``,
+    ``mlflow.source.git.commit`` when the program runs from a git checkout) and the taps_cl
+    version, as ``mlflow.start_run`` would set them."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from taps_cl import __version__
+
+    return {**resolve_tags(), "taps_cl.package_version": __version__}
+
+
+MODEL_ARTIFACT = "model"  # where a run's merged model lives (runs:/<run>/model)
+
+
+def register_model(
+    client: MlflowClient,
+    run_id: str,
+    name: str,
+    model: Any,
+    tags: Mapping[str, str],
+    input_shape: tuple[int, int, int],
+) -> str:
+    """Log ``model`` (the merged ``nn.Module``, inputs ``[N, *input_shape]``) as the run's
+    ``mlflow.pytorch`` model and register it under ``name``; ``tags`` go on the new registry
+    version. Returns that version. The format is MLflow's default ``pt2`` (an exported graph,
+    no pickle), with a signature whose batch size is free."""
+    import tempfile
+
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    example = np.zeros((2, *input_shape), dtype=np.float32)
+    with torch.no_grad():
+        classes = int(model(torch.from_numpy(example)).shape[-1])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_ARTIFACT
+        # explicit requirements: inferring them imports the model in a subprocess (slow)
+        mlflow.pytorch.save_model(
+            model,
+            str(path),
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__}", "timm"],
+        )
+        client.log_artifacts(run_id, str(path), MODEL_ARTIFACT)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, tags={"taps_cl.task": name})
+    source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    version = client.create_model_version(name, source, run_id=run_id, tags=dict(tags))
+    return str(version.version)

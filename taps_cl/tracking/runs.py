@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,30 @@ def _mapping(value: object, what: str) -> Mapping:
     return value
 
 
-def _start(uri: str | None, experiment: str, run_name: str, kind: str) -> tuple[MlflowClient, str]:
+def _start(
+    uri: str | None, experiment: str, run_name: str, kind: str, parent: str | None = None
+) -> tuple[MlflowClient, str]:
     uri = tc.resolve_tracking_uri(uri)
     client = MlflowClient(uri)
     exp_id = tc.get_or_create_experiment(client, experiment, uri)
-    run = client.create_run(exp_id, run_name=run_name, tags={tc.KIND_TAG: kind})
+    tags = {tc.KIND_TAG: kind, **tc.context_tags()}
+    if parent is not None:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     return client, run.info.run_id
+
+
+@contextmanager
+def parent_run(uri: str | None, experiment: str, run_name: str) -> Iterator[str]:
+    """A run that groups the runs started with ``parent=`` its id (e.g. one joint training
+    with one child run per task); finished when the block ends, failed if it raises."""
+    client, run_id = _start(uri, experiment, run_name, "joint")
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
 
 
 def _numbers_and_rest(data: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -121,6 +140,10 @@ def log_task_run(
     scores: Mapping[str, float],
     patch_summary: Mapping[str, Any],
     tau: float | None = None,
+    parent: str | None = None,
+    model: Any = None,
+    registry_tags: Mapping[str, str] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> str:
     """Log one ``add_task`` as one run (run name = ``task``); return its id.
 
@@ -130,7 +153,10 @@ def log_task_run(
     ``task_parameters``/``task_bytes`` from ``patch_summary["num_parameters"]``/``["nbytes"]``
     unless ``metrics`` has them. Artifacts: ``gates/<task>.png`` (score per layer with the tau
     line; ``tau`` defaults to the ``tau`` found in ``config``, else 0.1), ``gates/<task>.json``
-    and ``patch_summary.json``.
+    and ``patch_summary.json``. ``parent``: the id of a :func:`parent_run`. ``model``: the
+    merged ``nn.Module``, logged as the run's MLflow model (``input_shape``: one input's
+    ``(C, H, W)``) and registered under ``task`` with ``registry_tags`` (e.g. the store version) on
+    the new registry version.
     """
     if not isinstance(task, str) or not task:
         raise ValueError(f"task must be a non-empty str, got {task!r}")
@@ -146,7 +172,7 @@ def log_task_run(
     series = _history_metrics(history)
     last = max((s for _, _, s in series), default=0)
     numbers = _final_numbers(metrics, gates, scores, patch_summary)
-    client, run_id = _start(tracking_uri, experiment, task, "task")
+    client, run_id = _start(tracking_uri, experiment, task, "task", parent)
     status = "FAILED"
     try:
         tags = {"taps_cl.task": task, "taps_cl.base": base}
@@ -159,6 +185,11 @@ def log_task_run(
         )
         _log_gate_artifacts(client, run_id, task, gates, scores, _tau(config, tau))
         client.log_dict(run_id, tc.json_safe(dict(patch_summary)), "patch_summary.json")
+        if model is not None:
+            shape = tuple(input_shape or ())
+            if len(shape) != 3:
+                raise ValueError(f"logging a model needs input_shape=(C, H, W), got {shape}")
+            tc.register_model(client, run_id, task, model, registry_tags or {}, shape)
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)
