@@ -28,6 +28,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +77,26 @@ class Preprocessing:
             crop_pct=float(cfg.get("crop_pct") or 1.0),
             crop_mode="squash" if cfg.get("crop_mode") == "squash" else "center",
         )
+
+
+def version_preprocessing(config: Mapping[str, Any], base: Preprocessing) -> Preprocessing:
+    """The preprocessing a stored task version was trained with, at its trained input size.
+
+    Versions record their preprocessing in their config (``"preprocessing"``); versions stored
+    before that resized bilinearly without a crop, with the base's mean and std, so they are
+    served exactly that way: a change of preprocessing defaults never changes a stored task."""
+    size = int(config.get("image_size") or base.input_size)
+    recorded = config.get("preprocessing")
+    if isinstance(recorded, Mapping):
+        fields = {f.name for f in dataclasses.fields(Preprocessing)}
+        values = {k: v for k, v in recorded.items() if k in fields}
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        return Preprocessing(**{**values, "input_size": size})
+    return dataclasses.replace(
+        base, input_size=size, interpolation="bilinear", crop_pct=1.0, crop_mode="center"
+    )
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,18 @@ from taps_cl.runs import (
     attach_route_stats,
     commit_run,
     finalize_run,
-    patch_summary,
+    parent_run,
     prepare_all,
     run_config,
     task_metrics,
     task_record,
+    track_task,
 )
 from taps_cl.runtime import resolve_device, world
 from taps_cl.serving import TaskServer
 from taps_cl.storage import TaskStore, VersionRecord, read_patch_file
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
-from taps_cl.train import RunResult
 
 __all__ = ["Engine", "Routed", "TaskRecord"]
 
@@ -246,13 +247,13 @@ class Engine:
         )  # fmt: skip
         records = []
         track = bool(self.tracking) and world()[0] == 0
-        with self._parent_run(list(data)) if track else contextlib.nullcontext() as parent:
+        with parent_run(self, list(data)) if track else contextlib.nullcontext() as parent:
             for patch, version in zip(patches, versions, strict=True):
                 patch.version = version
                 self.server.unload(patch.name)
                 records.append(task_record(patch, fit.fits[patch.name], self.base.num_parameters))
                 if track:
-                    self._track(patch, fit, rec_config, metrics[patch.name], model, parent)
+                    track_task(self, patch, fit, rec_config, metrics[patch.name], model, parent)
         return records
 
     def open_stored_base(self, fingerprint: str) -> Engine:
@@ -282,44 +283,9 @@ class Engine:
             "taps": config.to_dict(),
             "train": train.to_dict(),
             "image_size": size,
+            "preprocessing": dataclasses.asdict(self.base.preprocessing),
             "layer_order": list(model.layer_names),
         }
-
-    def _parent_run(self, names: list[str]):
-        """Several tasks trained in one run: an MLflow parent run, one child run per task."""
-        if len(names) < 2:
-            return contextlib.nullcontext()
-        from taps_cl.tracking.runs import parent_run
-
-        return parent_run(self.tracking, self.experiment, "joint:" + "+".join(names))
-
-    def _track(self, patch: TaskPatch, fit: RunResult, record_config, metrics, model, parent=None):
-        """The task's run; its merged model is logged and registered under the task's name,
-        the registry version tagged with the store version it is."""
-        from taps_cl.tracking import log_task_run
-
-        prep, size = self.base.preprocessing, int(record_config["image_size"])
-        log_task_run(
-            self.tracking,
-            self.experiment,
-            task=patch.name,
-            config=record_config,
-            base=self.base.name,
-            dataset_sizes={"train": metrics["train_size"], "eval": metrics["eval_size"]},
-            history=fit.fits[patch.name].history,
-            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            gates=model.gates(patch.name),
-            scores=model.scores(patch.name),
-            patch_summary=patch_summary(patch),
-            parent=parent,
-            model=model.merged(patch.name).cpu(),
-            input_shape=(prep.channels, size, size),
-            registry_tags={
-                "taps_cl.task": patch.name,
-                "taps_cl.store_version": str(patch.version),
-                "taps_cl.base_fingerprint": patch.base_fingerprint,
-            },
-        )
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -335,8 +301,10 @@ class Engine:
 
     def preprocess(self, inputs: Any, name: str | None = None) -> torch.Tensor:
         """Raw images (tensors, arrays, PIL, paths) -> model input, exactly as training saw them."""
-        size = self.image_size(name) if name else self.train_config.image_size
-        return preprocess(inputs, self.base.preprocessing, size)
+        if name is None:
+            return preprocess(inputs, self.base.preprocessing, self.train_config.image_size)
+        served = self.server.served(name)
+        return preprocess(inputs, served.preprocessing, served.image_size)
 
     def model(self, name: str, version: int | None = None) -> nn.Module:
         """The task as a plain merged ``nn.Module`` (eval mode; expects preprocessed input);
@@ -388,7 +356,7 @@ class Engine:
         served = self.server.served(name, version)
         data = prepare(
             dataset,
-            preprocessing=self.base.preprocessing,
+            preprocessing=served.preprocessing,
             image_size=served.image_size,
             num_classes=served.num_classes,
         )

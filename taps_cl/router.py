@@ -13,6 +13,7 @@ features per class (no task active) and the finalised patch's energy on the same
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from taps_cl.bases import Preprocessing, version_preprocessing
 from taps_cl.batching import make_loader
 from taps_cl.config import TrainConfig
 from taps_cl.data import preprocess
@@ -55,7 +57,7 @@ class Routed:
 @dataclass(frozen=True)
 class _Candidates:
     router: TaskRouter
-    sizes: dict[str, int]  # task -> input size its version was trained at
+    preps: dict[str, Preprocessing]  # task -> its version's preprocessing (and input size)
     class_names: dict[str, list[str] | None]
     versions: dict[str, int]
 
@@ -130,15 +132,14 @@ class TaskRouting:
 
     def _build(self, chosen: list[tuple[str, int]], records: dict) -> _Candidates:
         store, fp = self.engine.store, self.engine.fingerprint
-        default = self.engine.base.preprocessing.input_size
-        stats, sizes = {}, {}
+        stats, preps = {}, {}
         for name, version in chosen:
             stats[name] = store.route_stats(name, version, base=fp)
             config = next(v.config for v in store.versions(name, base=fp) if v.version == version)
-            sizes[name] = int(config.get("image_size") or default)
+            preps[name] = version_preprocessing(config, self.engine.base.preprocessing)
         return _Candidates(
             TaskRouter(stats),
-            sizes,
+            preps,
             {n: records[n].class_names for n, _ in chosen},
             dict(chosen),
         )
@@ -156,15 +157,15 @@ class TaskRouting:
             raise ValueError("no inputs to route (got 0 images)")
         cand = self.candidates(tasks)
         server = self.engine.server
-        prep = self.engine.base.preprocessing
-        x = {s: preprocess(inputs, prep, s) for s in sorted(set(cand.sizes.values()))}
-        feats = {s: server.features(xs) for s, xs in x.items()}
-        views = {name: feats[size] for name, size in cand.sizes.items()}
+        views_of = {_key(p): p for p in cand.preps.values()}  # one pass per distinct view
+        x = {k: preprocess(inputs, p, p.input_size) for k, p in views_of.items()}
+        feats = {k: server.features(xs) for k, xs in x.items()}
+        views = {name: feats[_key(p)] for name, p in cand.preps.items()}
         logits: dict[str, torch.Tensor] = {}
 
         def patched(name: str, idx: torch.Tensor) -> torch.Tensor:
             entry = server.served(name, cand.versions[name])
-            logits[name] = server.logits(entry, x[cand.sizes[name]][idx])
+            logits[name] = server.logits(entry, x[_key(cand.preps[name])][idx])
             return logits[name]
 
         result = cand.router.route(views, method, patched if method in ("energy", "combined")
@@ -211,3 +212,8 @@ def _not_routable(names: list[str]) -> str:
 
 def _no_tasks(engine: Any) -> str:
     return f"no tasks to route to in {engine.store.url}; train one with add_task first"
+
+
+def _key(prep: Preprocessing) -> tuple:
+    """Versions with equal preprocessing share one preprocessed view and one base forward."""
+    return dataclasses.astuple(prep)

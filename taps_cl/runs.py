@@ -8,6 +8,7 @@ the user gets back and, with tracking on, one MLflow run per task.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,3 +195,49 @@ def patch_summary(patch: TaskPatch) -> dict[str, Any]:
         "nbytes": patch.nbytes,
         "base_fingerprint": patch.base_fingerprint,
     }
+
+
+def parent_run(engine: Any, names: list[str]) -> Any:
+    """Several tasks trained in one run: an MLflow parent run, one child run per task."""
+    if len(names) < 2:
+        return contextlib.nullcontext()
+    from taps_cl.tracking.runs import parent_run as start_parent
+
+    return start_parent(engine.tracking, engine.experiment, "joint:" + "+".join(names))
+
+
+def track_task(
+    engine: Any,
+    patch: TaskPatch,
+    fit: RunResult,
+    record_config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    model: TAPSModel,
+    parent: Any = None,
+) -> None:
+    """The task's MLflow run; its merged model is logged and registered under the task's name,
+    the registry version tagged with the store version it is."""
+    from taps_cl.tracking import log_task_run
+
+    prep, size = engine.base.preprocessing, int(record_config["image_size"])
+    log_task_run(
+        engine.tracking,
+        engine.experiment,
+        task=patch.name,
+        config=record_config,
+        base=engine.base.name,
+        dataset_sizes={"train": metrics["train_size"], "eval": metrics["eval_size"]},
+        history=fit.fits[patch.name].history,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        gates=model.gates(patch.name),
+        scores=model.scores(patch.name),
+        patch_summary=patch_summary(patch),
+        parent=parent,
+        model=model.merged(patch.name).cpu(),
+        input_shape=(prep.channels, size, size),
+        registry_tags={
+            "taps_cl.task": patch.name,
+            "taps_cl.store_version": str(patch.version),
+            "taps_cl.base_fingerprint": patch.base_fingerprint,
+        },
+    )

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from taps_cl.bases import Preprocessing, version_preprocessing
 from taps_cl.config import TrainConfig
 from taps_cl.data import prepare, preprocess
 from taps_cl.errors import BaseMismatchError, UnknownTaskError
@@ -48,6 +49,7 @@ class Served:
     version: int
     module: nn.Module  # plain, eval, frozen; shares unchanged tensors with the base
     image_size: int  # input side the version was trained at
+    preprocessing: Preprocessing  # what the version was trained with (at image_size)
     num_classes: int
     class_names: list[str] | None
 
@@ -155,9 +157,10 @@ class TaskServer:
     def _load(self, name: str, version: int) -> Served:
         patch = self.load_patch(name, version)
         module = merge_patch(self.model, patch, consume=True)  # the patch is ours alone
-        default = self.engine.base.preprocessing.input_size
-        size = int(patch.config.get("image_size") or default)
-        return Served(name, version, module, size, patch.num_classes, patch.class_names)
+        prep = version_preprocessing(patch.config, self.engine.base.preprocessing)
+        return Served(
+            name, version, module, prep.input_size, prep, patch.num_classes, patch.class_names
+        )
 
     def loaded(self) -> list[tuple[str, int]]:
         """The loaded (task, version) pairs, least recently used first."""
@@ -200,14 +203,13 @@ class TaskServer:
     def predict(self, name: str, inputs: Any, version: int | None = None) -> torch.Tensor:
         """Logits of task ``name`` for raw ``inputs`` (CPU, float32)."""
         entry = self.served(name, version)
-        return self.logits(entry, preprocess(inputs, self.engine.base.preprocessing,
-                                             entry.image_size))  # fmt: skip
+        return self.logits(entry, preprocess(inputs, entry.preprocessing, entry.image_size))
 
     def evaluate(self, name: str, dataset: Any, version: int | None = None) -> dict[str, float]:
         entry = self.served(name, version)
         data = prepare(
             dataset,
-            preprocessing=self.engine.base.preprocessing,
+            preprocessing=entry.preprocessing,
             image_size=entry.image_size,
             num_classes=entry.num_classes,
         )

@@ -218,3 +218,22 @@ def test_engine_records_its_base_layout_and_imports_check_the_live_model(store, 
     for version in (0, -2, False):
         with pytest.raises(ValueError, match="version must be an int >= 1"):
             engine.predict("shapes", x[:2], version=version)
+
+
+def test_a_version_is_served_with_the_preprocessing_it_was_trained_with(store):
+    from taps_cl.bases import version_preprocessing
+
+    engine = tiny_engine(store)
+    x, y = tiny_images(16, 3)
+    engine.add_task((x, y), name="a", quiet=True)
+    before = engine.predict("a", x, logits=True)
+    # the same base, opened later with other preprocessing defaults (e.g. a newer taps_cl)
+    other = Preprocessing(input_size=16, interpolation="nearest", crop_pct=0.5)
+    later = Engine(Base(tiny_cnn(), "tiny", "tests.tiny", other), store=store)
+    assert torch.equal(later.predict("a", x, logits=True), before)
+    recorded = engine.versions("a")[0].config["preprocessing"]
+    assert recorded["interpolation"] == "bilinear" and recorded["crop_pct"] == 1.0
+    # versions stored before preprocessing was recorded: bilinear, no crop, base mean/std
+    legacy = version_preprocessing({"image_size": 24}, other)
+    assert (legacy.input_size, legacy.interpolation, legacy.crop_pct) == (24, "bilinear", 1.0)
+    assert legacy.mean == other.mean

@@ -21,7 +21,7 @@ from torch import nn
 
 from taps_cl.errors import BaseMismatchError
 from taps_cl.taps.layer import STORED_KEYS, TaskAdaptiveLayer
-from taps_cl.taps.model import TAPSModel, _check_patch_layers, set_child
+from taps_cl.taps.model import TAPSModel, _check_patch_layers, describe_task, set_child
 from taps_cl.taps.modules import TaskHeads, TaskNorm
 from taps_cl.taps.patch import PARAMETER_KINDS, TaskPatch
 from taps_cl.taps.wrap import Transparent
@@ -47,9 +47,11 @@ def merge_patch(model: TAPSModel, patch: TaskPatch, *, consume: bool = False) ->
     if not all(isinstance(m, _FAST) for m in _wrappers(model)):  # e.g. gated attention
         model.load_patch(patch, name=_SCRATCH)
         try:
-            return shared_merged(model, _SCRATCH)
+            out = shared_merged(model, _SCRATCH)
         finally:
             model.remove_task(_SCRATCH)
+        describe_task(out, patch.num_classes, patch.class_names)
+        return out
     _check_patch(model, patch)
     used: set[str] = set()
     replace: dict[int, nn.Module] = {}
@@ -65,7 +67,9 @@ def merge_patch(model: TAPSModel, patch: TaskPatch, *, consume: bool = False) ->
     unused = sorted({k for k in patch.tensors if k.split(".")[0] in PARAMETER_KINDS} - used)
     if unused:
         raise ValueError(f"patch {patch.name!r} holds tensors this model lacks: {unused[:5]}")
-    return _assemble(model, replace)
+    out = _assemble(model, replace)
+    describe_task(out, patch.num_classes, patch.class_names)  # timm/HF class metadata
+    return out
 
 
 _SCRATCH = "_serving_scratch_"  # task name a patch is loaded under when it must be loaded

@@ -364,7 +364,7 @@ class TAPSModel(nn.Module):
                 done.append(path + ".")
         out = copy.deepcopy(self.base, memo)
         if name is not None:
-            _describe_task(out, self.num_classes(name), self.class_names(name))
+            describe_task(out, self.num_classes(name), self.class_names(name))
         return out.requires_grad_(False).eval()
 
 
@@ -376,9 +376,10 @@ def _logits(out: object) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _describe_task(module: nn.Module, num_classes: int, class_names: list[str] | None) -> None:
+def describe_task(module: nn.Module, num_classes: int, class_names: list[str] | None) -> None:
     """Class metadata of a merged task where timm (``num_classes``, ``pretrained_cfg``) and
-    Hugging Face (``config.num_labels``/``id2label``) models keep it."""
+    Hugging Face (``config.num_labels``/``id2label``) models keep it; what it changes is the
+    module's own (new dict, copied config), never shared with the base."""
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     if isinstance(getattr(module, "pretrained_cfg", None), dict):
         module.num_classes = num_classes
@@ -386,6 +387,7 @@ def _describe_task(module: nn.Module, num_classes: int, class_names: list[str] |
         module.pretrained_cfg = {**cfg, "num_classes": num_classes, "label_names": names}
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "id2label"):
+        config = module.config = copy.deepcopy(config)  # never the base's own config object
         config.id2label = dict(enumerate(names))
         config.label2id = {n: i for i, n in enumerate(names)}
 
