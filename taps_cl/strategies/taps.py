@@ -116,17 +116,13 @@ class TAPS(SupervisedTemplate):
         route_method: str = "lda",
         **base_kwargs: Any,
     ) -> None:
-        """Training arguments left at ``None`` take their value from ``train`` (default
-        ``TrainConfig()``), so the defaults are written once, in :class:`TrainConfig`; pass
-        ``train=TrainConfig(max_grad_norm=None)`` to disable clipping. ``optimizer`` is a
-        :class:`TrainConfig` optimizer name or a factory ``param_groups -> Optimizer`` called
-        at every experience with that task's groups (deltas, head, norms at ``lr``; scores at
-        the score rate). ``peval_mode`` and ``**base_kwargs`` go to ``SupervisedTemplate``."""
+        """Arguments left at ``None`` come from ``train`` (default ``TrainConfig()``; e.g.
+        ``TrainConfig(max_grad_norm=None)`` disables clipping). ``optimizer``: a name or a
+        factory ``param_groups -> Optimizer`` called at every experience with that task's
+        groups. ``peval_mode`` and ``**base_kwargs`` go to ``SupervisedTemplate``."""
         router = _as_router(model, config, lam, tau, head, task_names)
         self.mode = _initial_mode(router, mode, route_method, tasks)  # "auto" until decided
         self.route_method = route_method
-        if store is not None and not callable(getattr(store, "commit", None)):
-            raise TypeError(f"store must have a commit(patch, ...) method, got {type(store)}")
         self.router = router
         self.optimizer_factory = optimizer if callable(optimizer) else None
         given = dict(epochs=train_epochs, batch_size=train_mb_size, lr=lr, score_lr=score_lr,
@@ -134,14 +130,7 @@ class TAPS(SupervisedTemplate):
                      max_grad_norm=max_grad_norm,
                      optimizer=None if callable(optimizer) else optimizer)  # fmt: skip
         self.train_config = _train_config(train, given)
-        for label, num_classes in (tasks or {}).items():
-            router.add_task(int(label), int(num_classes), seed=self.train_config.seed + int(label))
-        self.store = store
-        # task label (class-incremental: experience id) -> finalised patch / store version
-        self.patches: dict[int, TaskPatch] = {}
-        self.versions: dict[int, int] = {}
-        self.score_lr: float | None = None  # score learning rate of the current/last task
-        self._stepper: Stepper | None = None
+        self._init_tasks(store, tasks)
         super().__init__(
             model=router,
             optimizer=None,  # built per experience over that task's parameters only
@@ -156,6 +145,20 @@ class TAPS(SupervisedTemplate):
             peval_mode=peval_mode,
             **base_kwargs,
         )
+
+    def _init_tasks(self, store: Any, tasks: Mapping[int, int] | None) -> None:
+        """Tasks created up front (``tasks``: label -> classes), the store, the results."""
+        if store is not None and not callable(getattr(store, "commit", None)):
+            raise TypeError(f"store must have a commit(patch, ...) method, got {type(store)}")
+        for label, num_classes in (tasks or {}).items():
+            seed = self.train_config.seed + int(label)
+            self.router.add_task(int(label), int(num_classes), seed=seed)
+        self.store = store
+        # task label (class-incremental: experience id) -> finalised patch / store version
+        self.patches: dict[int, TaskPatch] = {}
+        self.versions: dict[int, int] = {}
+        self.score_lr: float | None = None  # score learning rate of the current/last task
+        self._stepper: Stepper | None = None
 
     @property
     def taps_model(self) -> TAPSModel:

@@ -158,17 +158,9 @@ def log_task_run(
     ``(C, H, W)``) and registered under ``task`` with ``registry_tags`` (e.g. the store version) on
     the new registry version.
     """
-    if not isinstance(task, str) or not task:
-        raise ValueError(f"task must be a non-empty str, got {task!r}")
-    config, gates, scores = (
-        _mapping(config, "config"),
-        _mapping(gates, "gates"),
-        _mapping(scores, "scores"),
+    config, gates, scores, sizes, metrics, patch_summary = _checked(
+        task, config, gates, scores, dataset_sizes, metrics, patch_summary
     )
-    sizes, metrics = _mapping(dataset_sizes, "dataset_sizes"), _mapping(metrics, "metrics")
-    patch_summary = _mapping(patch_summary, "patch_summary")
-    if set(gates) - set(scores):
-        raise ValueError(f"gates without scores: {sorted(set(gates) - set(scores))[:5]}")
     series = _history_metrics(history)
     last = max((s for _, _, s in series), default=0)
     numbers = _final_numbers(metrics, gates, scores, patch_summary)
@@ -194,6 +186,18 @@ def log_task_run(
     finally:
         client.set_terminated(run_id, status)
     return run_id
+
+
+def _checked(task, config, gates, scores, sizes, metrics, summary) -> tuple[dict, ...]:
+    """The arguments of :func:`log_task_run` as dicts, or a ``ValueError``/``TypeError``."""
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"task must be a non-empty str, got {task!r}")
+    named = (("config", config), ("gates", gates), ("scores", scores), ("dataset_sizes", sizes))
+    out = [_mapping(v, n) for n, v in named]
+    out += [_mapping(metrics, "metrics"), _mapping(summary, "patch_summary")]
+    if set(out[1]) - set(out[2]):
+        raise ValueError(f"gates without scores: {sorted(set(out[1]) - set(out[2]))[:5]}")
+    return tuple(out)
 
 
 def _final_numbers(metrics, gates, scores, patch_summary) -> dict[str, float]:
