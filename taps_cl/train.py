@@ -287,8 +287,7 @@ class _Loop:
             seen += self.step(active, result)
             for r in active:
                 if r.steps % r.per_epoch == 0:
-                    self.close_epoch(r, result, evals)
-                    self.model.train()
+                    self.close_epoch(r, result, evals)  # evaluate() restores train mode
             bar.update(1)
             if (step + 1) % per_epoch == 0 or step + 1 == total:
                 seconds = time.perf_counter() - start
