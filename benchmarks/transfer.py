@@ -6,7 +6,7 @@ Per task: accuracy, task-specific parameters, stored bytes; plus the mean.  Writ
     python benchmarks/transfer.py                      # the documented run
     python benchmarks/transfer.py --fast               # a quick smoke run
     python benchmarks/transfer.py --budgets 0.05,0.1,0.2,0.35 --image-size 48
-        # budget sweep (issue 13): TAPS per budget (dense fp32, int8, low rank), last-k
+        # budget sweep (issue 13): TAPS per budget (dense fp32, int8, low rank, both), last-k
         # fine-tuning at the same parameter count and PEFT LoRA; writes transfer_budget.json/.png
 """
 
@@ -67,36 +67,81 @@ def _prepared(base, name: str, args: argparse.Namespace):
     return spec, train, test
 
 
-def run_budget_task(base, name: str, args: argparse.Namespace) -> list[dict]:
-    """Every configuration of the budget sweep on one task (rows with method@budget names)."""
+VARIANTS = {  # label -> TAPSConfig fields of a TAPS configuration in the budget sweep
+    "taps": {"delta_rank": None},
+    "taps-int8": {"delta_rank": None, "delta_dtype": "int8"},
+    "taps-r8": {"delta_rank": 8},
+    "taps-r8-int8": {"delta_rank": 8, "delta_dtype": "int8"},
+    "taps-bf16": {"delta_rank": None, "delta_dtype": "bfloat16"},
+}
+
+
+class RowCache:
+    """Finished sweep rows in a JSON-lines file, so a long sweep resumes where it stopped and
+    its parts (``--only``) can run as separate processes."""
+
+    def __init__(self, path: str | None, signature: dict) -> None:
+        self.path, self.signature = (Path(path) if path else None), signature
+        self.rows: dict[str, dict] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                if row.pop("signature") == signature:
+                    self.rows[row.pop("key")] = row
+
+    def get(self, key: str, make) -> dict:
+        if key not in self.rows:
+            self.rows[key] = make()
+            if self.path:
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"key": key, "signature": self.signature,
+                                        **self.rows[key]}) + "\n")  # fmt: skip
+        return self.rows[key]
+
+
+def run_budget_task(base, name: str, args: argparse.Namespace, cache: RowCache) -> list[dict]:
+    """Every configuration of the budget sweep on one task (rows with method@budget names).
+    Every method runs at every ``--lrs`` (the caller keeps each method's better lr, as the
+    issue's LoRA comparison did)."""
     from benchmarks._compact import fit_lora
 
     spec, train, test = _prepared(base, name, args)
-    cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=args.lr, seed=0)
     rows = []
-    for mode in ("linear", "finetune"):
-        res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode=mode)
-        rows.append(_row(name, mode, res.accuracy, res.task_parameters, res.nbytes, res.seconds))
-    for rank in args.lora_ranks:
-        r = fit_lora(base.module, spec.num_classes, train, test, cfg, rank)
-        rows.append(_row(name, f"lora@r{rank}", r["accuracy"], r["params"], r["bytes"],
-                         r["seconds"]))  # fmt: skip
     sizes = lastk_parameters(base.module, spec.num_classes)
     n_base = base.num_parameters
-    for budget in args.budgets:
-        k = max(i for i, size in enumerate(sizes) if size <= budget * n_base or i == 0)
-        res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode="lastk",
-                           last_k=k)  # fmt: skip
-        row = _row(name, f"lastk@{budget}", res.accuracy, res.task_parameters, res.nbytes,
-                   res.seconds)  # fmt: skip
-        rows.append({**row, "budget": budget, "layers": f"k={k}"})
-        variants = [("taps", {})] + [(f"taps-r{r}", {"delta_rank": r}) for r in args.ranks]
-        variants += [(f"taps-{d}", {"delta_dtype": d}) for d in args.dtypes]
-        for label, extra in variants:
-            taps = TAPSConfig(budget=budget, **extra)
-            rows.append(
-                {**_taps_row(base, name, spec, train, test, cfg, taps, label), "budget": budget}
-            )
+    for lr in args.lrs if args.only != "taps" else []:
+        cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=lr, seed=0)
+
+        def baseline(mode: str, label: str, k: int = 0, cfg: TrainConfig = cfg) -> dict:
+            res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode=mode,
+                               last_k=k)  # fmt: skip
+            return _row(name, label, res.accuracy, res.task_parameters, res.nbytes, res.seconds)
+
+        for mode in ("linear", "finetune"):
+            rows.append({**cache.get(f"{name}/{mode}/{lr}", lambda m=mode: baseline(m, m)),
+                         "lr": lr})  # fmt: skip
+        for rank in args.lora_ranks:
+
+            def lora(rank: int = rank, cfg: TrainConfig = cfg) -> dict:
+                r = fit_lora(base.module, spec.num_classes, train, test, cfg, rank)
+                return _row(name, f"lora@r{rank}", r["accuracy"], r["params"], r["bytes"],
+                            r["seconds"])  # fmt: skip
+
+            rows.append({**cache.get(f"{name}/lora{rank}/{lr}", lora), "lr": lr})
+        for budget in args.budgets:
+            k = max(i for i, size in enumerate(sizes) if size <= budget * n_base or i == 0)
+            row = cache.get(f"{name}/lastk{budget}/{lr}",
+                            lambda b=budget, k=k: baseline("lastk", f"lastk@{b}", k))  # fmt: skip
+            rows.append({**row, "budget": budget, "layers": f"k={k}", "lr": lr})
+    for lr in args.lrs if args.only != "baselines" else []:
+        cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=lr, seed=0)
+        for budget in args.budgets:
+            for label in args.variants:
+                taps = TAPSConfig(budget=budget, **VARIANTS[label])
+                row = cache.get(f"{name}/{label}/{budget}/{lr}",
+                                lambda t=taps, lb=label, c=cfg: _taps_row(
+                                    base, name, spec, train, test, c, t, lb))  # fmt: skip
+                rows.append({**row, "budget": budget, "lr": lr})
     return rows
 
 
@@ -113,15 +158,36 @@ def _taps_row(base, name, spec, train, test, cfg, taps: TAPSConfig, label: str) 
     return row
 
 
+def best_lr(rows: list[dict]) -> tuple[list[dict], dict[str, float]]:
+    """Each baseline method at its better learning rate by mean accuracy over the tasks (one lr
+    per method, not per task: picking per task would tune on the test split)."""
+    chosen: dict[str, float] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        lrs: dict[float, list[float]] = {}
+        for r in rows:
+            if r["method"] == method:
+                lrs.setdefault(r["lr"], []).append(r["accuracy"])
+        chosen[method] = max(lrs, key=lambda lr: (sum(lrs[lr]) / len(lrs[lr]), -lr))
+    return [r for r in rows if r["lr"] == chosen[r["method"]]], chosen
+
+
 def budget_sweep(base, args: argparse.Namespace) -> None:
     from benchmarks._compact import mean_rows, plot
 
-    rows = [r for name in args.tasks for r in run_budget_task(base, name, args)]
+    signature = {k: getattr(args, k) for k in ("epochs", "image_size", "max_train", "fast")}
+    signature["defaults"] = {**TAPSConfig().to_dict(), **TrainConfig().to_dict()}
+    cache = RowCache(args.cache, signature)
+    rows = [r for name in args.tasks for r in run_budget_task(base, name, args, cache)]
+    if args.only:
+        print(f"--only {args.only}: {len(rows)} rows in {args.cache}")
+        return
+    rows, lrs = best_lr(rows)
     means = mean_rows(rows)
     n_base = base.num_parameters
-    print(table(["task", "method", "accuracy", "% of base", "stored", "layers", "time"], [
-        (r["task"], r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["params"] / n_base),
-         fmt_bytes(r["bytes"]), r.get("layers", "-"), f"{r['seconds']:.0f} s")
+    print(table(["task", "method", "lr", "accuracy", "% of base", "stored", "layers", "time"], [
+        (r["task"], r["method"], f"{lrs[r['method']]:g}", fmt_pct(r["accuracy"]),
+         fmt_pct(r["params"] / n_base), fmt_bytes(r["bytes"]), r.get("layers", "-"),
+         f"{r['seconds']:.0f} s")
         for r in rows + means
     ]))  # fmt: skip
     over = [r for r in rows if "budget" in r and r["method"].startswith("taps")
@@ -130,8 +196,8 @@ def budget_sweep(base, args: argparse.Namespace) -> None:
     out = Path(args.out).with_name("transfer_budget.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     args_json = {k: v for k, v in vars(args).items()}
-    out.write_text(json.dumps({"args": args_json, "base_parameters": n_base, "rows": rows,
-                               "means": means}, indent=2))  # fmt: skip
+    out.write_text(json.dumps({"args": args_json, "base_parameters": n_base, "lrs": lrs,
+                               "rows": rows, "means": means}, indent=2))  # fmt: skip
     plot(means, str(out.with_suffix(".png")), 4 * n_base)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -154,18 +220,39 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--lam", type=float, default=TAPSConfig.lam)
     parser.add_argument("--penalty", default=TAPSConfig.penalty, choices=["uniform", "weighted"])
     parser.add_argument("--tasks", nargs="+", default=list(CAPS))
     parser.add_argument("--out", default="benchmarks/results/transfer.json")
     parser.add_argument("--budgets", type=_floats, default=[], help="e.g. 0.05,0.1,0.2,0.35")
-    parser.add_argument("--ranks", type=_ints, default=[8], help="TAPS delta ranks (sweep)")
-    parser.add_argument("--dtypes", default="int8", help="TAPS delta dtypes (sweep)")
+    parser.add_argument(
+        "--variants",
+        default="taps,taps-int8,taps-r8,taps-r8-int8",
+        help=f"TAPS configurations of the sweep, from {list(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=_floats,
+        default=[1e-3, 3e-3],
+        help="budget sweep: every method runs at each and keeps its better",
+    )
+    parser.add_argument("--cache", default=None, help="JSON-lines file of finished sweep rows")
+    parser.add_argument(
+        "--only",
+        choices=["baselines", "taps"],
+        default=None,
+        help="run one part of the sweep into --cache",
+    )
     parser.add_argument("--lora-ranks", type=_ints, default=[4, 16], help="PEFT LoRA ranks")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training samples")
     args = parser.parse_args()
-    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
+    if args.only and not args.cache:
+        parser.error("--only needs --cache (the file the parts share)")
     if args.fast:
         args.epochs = 1
     torch.set_num_threads(2)

@@ -29,6 +29,7 @@ TAPS_FIELDS = (
     "tau",
     "penalty",
     "warmup_epochs",
+    "norm_stats",
     "budget",
     "budget_select",
     "delta_rank",

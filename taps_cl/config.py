@@ -24,6 +24,7 @@ EPOCH_LENGTHS = ("own", "max", "min")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 DELTA_DTYPES = ("float32", "bfloat16", "int8")
+NORM_STATS = ("base", "reset")
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 T = TypeVar("T", bound="_JSONConfig")
@@ -101,6 +102,9 @@ class TAPSConfig(_JSONConfig):
     penalty: str = "uniform"  # "uniform": mean |s_i|; "weighted": |s_i| weighted by layer size
     warmup_epochs: float = 0.0  # epochs (may be fractional) before the penalty switches on
     task_norms: bool = True  # each task owns its norm layers (BN affine + stats, LN/GN affine)
+    # how a task's own BatchNorm running statistics start: "base" copies the base's and moves
+    # them by its momentum; "reset" starts empty and keeps a cumulative average (momentum None)
+    norm_stats: str = "base"
     # largest share of the base's parameters a task may store (deltas, norms, head, scores);
     # None = lam alone decides. With a budget the gates are chosen once (see budget_select)
     budget: float | None = None
@@ -124,6 +128,8 @@ class TAPSConfig(_JSONConfig):
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {self.norm_stats!r}")
         self._check_compact()
 
     def _check_compact(self) -> None:

@@ -66,6 +66,17 @@ def test_budget_keeps_layers_when_it_can():
     assert any(model.gates("a").values())
 
 
+@pytest.mark.parametrize("n", [16, 24])  # 2 and 3 steps: fewer than MIN_SELECT_STEPS
+def test_budget_chooses_layers_even_in_a_very_short_run(n):
+    # Deltas start at zero, so the first step gives every score a zero gradient: choosing
+    # after it (30% of 3 steps) used to keep no layer at all on a small dataset.
+    model = TAPSModel(tiny_cnn(width=16), TAPSConfig(budget=1.0))
+    model.add_task("a", 3)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, device="cpu")
+    fit_task(model, "a", _data(n), None, cfg, quiet=True)
+    assert any(model.gates("a").values())
+
+
 def test_budget_below_the_fixed_part_is_refused_naming_the_minimum():
     model = TAPSModel(tiny_cnn(), TAPSConfig(budget=0.01))
     with pytest.raises(ValueError, match=r"minimum budget is 0\.\d+") as err:

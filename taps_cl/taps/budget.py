@@ -104,6 +104,9 @@ def enforce_budget(
     return closed
 
 
+MIN_SELECT_STEPS = 8  # fewest steps of importance before the gates are chosen (short runs)
+
+
 class BudgetController:
     """Per task: accumulates layer importance until the selection step, then picks the gates."""
 

@@ -111,7 +111,7 @@ class TAPSModel(nn.Module):
                 wrapper = TaskAdaptiveLayer(module, tau, score_init, **delta)
                 self._layer_paths[name] = name
             elif self.config.task_norms and is_norm(module):
-                wrapper = TaskNorm(module)
+                wrapper = TaskNorm(module, reset_stats=self.config.norm_stats == "reset")
                 self.norm_names.append(name)
             else:
                 continue

@@ -90,11 +90,23 @@ class _PerTask(Transparent, TaskModule):
 
 
 class TaskNorm(_PerTask):
-    """A normalisation layer with a per-task copy (BN affine + running stats, LN/GN affine)."""
+    """A normalisation layer with a per-task copy (BN affine + running stats, LN/GN affine).
+
+    ``reset_stats``: a new task's BatchNorm starts with empty running statistics and keeps their
+    cumulative average (``momentum=None``) instead of moving the base's ImageNet statistics by
+    the base's momentum, which a short run never finishes moving (``TAPSConfig.norm_stats``).
+    """
+
+    def __init__(self, base: nn.Module, reset_stats: bool = False) -> None:
+        super().__init__(base)
+        self.reset_stats = reset_stats
 
     def _make_copy(self, info: TaskInfo) -> nn.Module:
         norm = copy.deepcopy(self.base)
         norm.requires_grad_(True)
+        if self.reset_stats and isinstance(norm, _BatchNorm) and norm.track_running_stats:
+            norm.reset_running_stats()
+            norm.momentum = None
         return norm
 
     def patch_key(self, where: str, key: str) -> str:
