@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -74,6 +75,10 @@ VARIANTS = {  # label -> TAPSConfig fields of a TAPS configuration in the budget
     "taps-r8-int8": {"delta_rank": 8, "delta_dtype": "int8"},
     "taps-bf16": {"delta_rank": None, "delta_dtype": "bfloat16"},
 }
+
+
+def hash_config(taps: TAPSConfig) -> str:
+    return hashlib.sha256(taps.to_json().encode()).hexdigest()[:12]
 
 
 class RowCache:
@@ -138,7 +143,8 @@ def run_budget_task(base, name: str, args: argparse.Namespace, cache: RowCache) 
         for budget in args.budgets:
             for label in args.variants:
                 taps = TAPSConfig(budget=budget, **VARIANTS[label])
-                row = cache.get(f"{name}/{label}/{budget}/{lr}",
+                key = f"{name}/{label}/{budget}/{lr}/{hash_config(taps)}"
+                row = cache.get(key,
                                 lambda t=taps, lb=label, c=cfg: _taps_row(
                                     base, name, spec, train, test, c, t, lb))  # fmt: skip
                 rows.append({**row, "budget": budget, "lr": lr})
@@ -175,7 +181,7 @@ def budget_sweep(base, args: argparse.Namespace) -> None:
     from benchmarks._compact import mean_rows, plot
 
     signature = {k: getattr(args, k) for k in ("epochs", "image_size", "max_train", "fast")}
-    signature["defaults"] = {**TAPSConfig().to_dict(), **TrainConfig().to_dict()}
+    signature["defaults"] = TrainConfig().to_dict()  # TAPS rows' keys carry their TAPSConfig
     cache = RowCache(args.cache, signature)
     rows = [r for name in args.tasks for r in run_budget_task(base, name, args, cache)]
     if args.only:

@@ -108,7 +108,7 @@ class TAPSConfig(_JSONConfig):
     # largest share of the base's parameters a task may store (deltas, norms, head, scores);
     # None = lam alone decides. With a budget the gates are chosen once (see budget_select)
     budget: float | None = None
-    budget_select: float = 0.3  # with a budget: share of a task's steps before gates are chosen
+    budget_select: float = 0.1  # with a budget: share of a task's steps before gates are chosen
     delta_rank: int | None = None  # None = dense deltas (the paper); N = low-rank B @ A, rank N
     delta_alpha: float | None = None  # low-rank deltas scale by alpha / rank; None = rank
     delta_dtype: str = "float32"  # how finalised deltas are stored: float32, bfloat16 or int8

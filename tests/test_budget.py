@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
 from taps_cl.config import TAPSConfig, TrainConfig
@@ -275,3 +277,38 @@ def test_compact_patches_pass_the_import_checks_and_predict_the_same(config, tmp
     patch.tensors[key] = patch.tensors[key][:, :1]
     with pytest.raises(InvalidPatchError):
         check_layout(patch, dst.patch_layout(), "file", dst.fingerprint)
+
+
+def test_knapsack_is_exact_where_greedy_by_ratio_is_not():
+    from taps_cl.taps.budget import knapsack
+
+    values, sizes = {"a": 10.0, "b": 6.0, "c": 6.0, "neg": -1.0}, {"a": 6, "b": 5, "c": 5, "neg": 1}
+    assert sorted(knapsack(values, sizes, 10)) == ["b", "c"]  # greedy by ratio takes "a" alone
+    assert knapsack(values, sizes, 4) == []
+    assert knapsack({"a": 0.0}, {"a": 1}, 10) == []  # no positive value, never chosen
+
+
+@given(
+    st.lists(st.tuples(st.floats(-1, 10), st.integers(1, 10_000)), min_size=1, max_size=12),
+    st.integers(0, 30_000),
+)
+@settings(max_examples=60, deadline=None)
+def test_knapsack_always_fits_and_is_near_optimal(items, room):
+    from itertools import combinations
+
+    from taps_cl.taps.budget import knapsack
+
+    values = {f"l{i}": v for i, (v, _) in enumerate(items)}
+    sizes = {f"l{i}": s for i, (_, s) in enumerate(items)}
+    chosen = knapsack(values, sizes, room)
+    assert sum(sizes[n] for n in chosen) <= room
+    assert all(values[n] > 0 for n in chosen)
+    names = [n for n in values if values[n] > 0]
+    best = max(
+        (sum(values[n] for n in c) for k in range(len(names) + 1) for c in combinations(names, k)
+         if sum(sizes[n] for n in c) <= room),
+        default=0.0,
+    )  # fmt: skip
+    # sizes are rounded up to 1/4096 of the room, so the optimum of a slightly smaller room
+    # may be all it finds; with at most 12 items that loses little
+    assert sum(values[n] for n in chosen) >= best - max(0.0, *values.values()) - 1e-9

@@ -8,17 +8,19 @@ head, norms and one score per gated layer) is counted first, then each kept laye
 How training meets it (:class:`BudgetController`, driven by :mod:`taps_cl.train`): the penalty is
 off; while the first ``budget_select`` share of the task's steps runs, every layer's importance
 is accumulated as ``-dL/ds_i = -<dL/dw_i, dw_i>`` (the first-order loss change its delta
-brought, step by step: the score's own gradient); then the gates are chosen once, a knapsack
-solved greedily by importance per stored number among the open gates, the others closed and
-their deltas dropped; the chosen ones train on with fixed gates. The finalise-time check
+brought, step by step: the score's own gradient); then the gates are chosen once, an exact
+0/1 knapsack (largest total importance within the budget, :func:`knapsack`), the others closed
+and their deltas dropped; the chosen ones train on with fixed gates. The finalise-time check
 (:func:`enforce_budget`) closes the least important gates if a task is still over.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -59,22 +61,47 @@ def check_budget(model: TAPSModel, name: str) -> None:
         )
 
 
+def knapsack(values: Mapping[str, float], sizes: Mapping[str, int], room: int) -> list[str]:
+    """The items of largest total value whose sizes fit ``room`` (0/1 knapsack, exact dynamic
+    programme over sizes rounded *up* to ``KNAPSACK_UNITS`` steps of ``room``, so the choice
+    always fits). Items of no positive value are never chosen.
+
+    Greedy by value per size, the usual shortcut, is poor here: a few large late layers carry
+    most of the value and a budget holds only some of them."""
+    items = [n for n in values if values[n] > 0 and 0 < sizes[n] <= room]
+    if not items or room <= 0:
+        return []
+    unit = room / KNAPSACK_UNITS
+    cost = [max(1, math.ceil(sizes[n] / unit - 1e-9)) for n in items]
+    best = np.zeros(KNAPSACK_UNITS + 1)
+    take = np.zeros((len(items), KNAPSACK_UNITS + 1), dtype=bool)
+    for i, n in enumerate(items):
+        c = cost[i]
+        if c > KNAPSACK_UNITS:
+            continue
+        with_item = best[:-c] + values[n]
+        better = with_item > best[c:]
+        take[i, c:] = better
+        best[c:] = np.where(better, with_item, best[c:])
+    chosen, cap = [], KNAPSACK_UNITS
+    for i in range(len(items) - 1, -1, -1):
+        if take[i, cap]:
+            chosen.append(items[i])
+            cap -= cost[i]
+    return chosen
+
+
 def select_gates(model: TAPSModel, name: str, importance: Mapping[str, float]) -> list[str]:
-    """Keep the open gates that fit the budget, most important per stored number first; close
-    the others (and those of no positive importance). Returns the kept layer names."""
+    """Keep the open gates of largest total importance that fit the budget (:func:`knapsack`);
+    close the others (and those of no positive importance). Returns the kept layer names."""
     limit = budget_limit(model)
     if limit is None:
         return [n for n, on in model.gates(name).items() if on]
     room = limit - fixed_size(model, name)
     layers = dict(model.layers())
     open_ = [n for n, layer in layers.items() if layer.is_active(name)]
-    order = sorted(open_, key=lambda n: importance.get(n, 0.0) / layers[n].stored_size())
-    kept = []
-    for n in reversed(order):
-        size = layers[n].stored_size()
-        if importance.get(n, 0.0) > 0 and size <= room:
-            kept.append(n)
-            room -= size
+    sizes = {n: layers[n].stored_size() for n in open_}
+    kept = set(knapsack({n: importance.get(n, 0.0) for n in open_}, sizes, room))
     for n in open_:
         if n not in kept:
             layers[n].close(name)
@@ -104,6 +131,7 @@ def enforce_budget(
     return closed
 
 
+KNAPSACK_UNITS = 4096  # resolution of the knapsack over the budget's room
 MIN_SELECT_STEPS = 8  # fewest steps of importance before the gates are chosen (short runs)
 
 
