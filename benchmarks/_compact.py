@@ -85,3 +85,40 @@ def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     **{k: sum(r[k] for r in sel) / len(sel)
                        for k in ("accuracy", "params", "bytes", "seconds")}})  # fmt: skip
     return out
+
+
+def targets(means: list[dict[str, Any]], rows: list[dict[str, Any]], n_base: int) -> dict:
+    """Issue 13's benchmark targets, each with the numbers it was judged on."""
+    by = {m["method"]: m for m in means}
+    taps = [m for m in means if m["method"].startswith("taps")]
+    lora = [m for m in means if m["method"].startswith("lora")]
+    ft = by["finetune"]
+    out: dict[str, Any] = {}
+    out["taps_vs_lora"] = [
+        {"lora": lo["method"], "lora_accuracy": lo["accuracy"], "lora_bytes": lo["bytes"],
+         "taps": [t["method"] for t in taps
+                  if t["accuracy"] >= lo["accuracy"] and t["bytes"] <= lo["bytes"]]}
+        for lo in lora
+    ]  # fmt: skip
+    tenth = 0.1 * 4 * n_base
+    near = [t for t in taps if t["bytes"] <= tenth and t["accuracy"] >= ft["accuracy"] - 0.01]
+    best_small = max((t for t in taps if t["bytes"] <= tenth), key=lambda t: t["accuracy"],
+                     default=None)  # fmt: skip
+    out["within_1pt_of_finetune_at_10pct_bytes"] = {
+        "met": bool(near), "configs": [t["method"] for t in near],
+        "best": best_small and {"method": best_small["method"], "gap_points":
+                                100 * (ft["accuracy"] - best_small["accuracy"])},
+    }  # fmt: skip
+    vs_lastk = {}
+    for m in means:
+        if m["method"].startswith("lastk@"):
+            b = m["method"].split("@")[1]
+            t = by.get(f"taps@{b}")
+            if t:
+                vs_lastk[b] = 100 * (t["accuracy"] - m["accuracy"])
+    out["taps_minus_lastk_points"] = vs_lastk
+    shares = [(r["method"], r["task"], r["params"] / n_base, r["budget"]) for r in rows
+              if r["method"].startswith("taps") and "budget" in r]  # fmt: skip
+    out["share_over_budget_by_10pct"] = [s for s in shares if s[2] > 1.1 * s[3]]
+    out["share_under_budget_by_10pct"] = [s for s in shares if s[2] < 0.9 * s[3]]
+    return out

@@ -178,7 +178,7 @@ def best_lr(rows: list[dict]) -> tuple[list[dict], dict[str, float]]:
 
 
 def budget_sweep(base, args: argparse.Namespace) -> None:
-    from benchmarks._compact import mean_rows, plot
+    from benchmarks._compact import mean_rows, plot, targets
 
     signature = {k: getattr(args, k) for k in ("epochs", "image_size", "max_train", "fast")}
     signature["defaults"] = TrainConfig().to_dict()  # TAPS rows' keys carry their TAPSConfig
@@ -199,11 +199,15 @@ def budget_sweep(base, args: argparse.Namespace) -> None:
     over = [r for r in rows if "budget" in r and r["method"].startswith("taps")
             and r["params"] / n_base > 1.1 * r["budget"]]  # fmt: skip
     print(f"\nTAPS runs over budget by more than 10%: {len(over)}")
+    goals = targets(means, rows, n_base)
+    print(json.dumps({k: v for k, v in goals.items() if not k.startswith("share_")}, indent=1))
+    print(f"TAPS runs under budget by more than 10%: {len(goals['share_under_budget_by_10pct'])}")
     out = Path(args.out).with_name("transfer_budget.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     args_json = {k: v for k, v in vars(args).items()}
     out.write_text(json.dumps({"args": args_json, "base_parameters": n_base, "lrs": lrs,
-                               "rows": rows, "means": means}, indent=2))  # fmt: skip
+                               "targets": goals, "rows": rows, "means": means},
+                              indent=2))  # fmt: skip
     plot(means, str(out.with_suffix(".png")), 4 * n_base)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
