@@ -37,6 +37,10 @@ def distributed_session() -> Iterator[tuple[int, int]]:
         yield world()
     finally:
         if created:
+            # Every rank reaches the teardown before any tears down: gloo aborts a rank whose
+            # peer closes the connections while it is still using them ("terminate called").
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
             dist.destroy_process_group()
 
 
