@@ -73,6 +73,7 @@ VARIANTS = {  # label -> TAPSConfig fields of a TAPS configuration in the budget
     "taps-int8": {"delta_rank": None, "delta_dtype": "int8"},
     "taps-r8": {"delta_rank": 8},
     "taps-r8-int8": {"delta_rank": 8, "delta_dtype": "int8"},
+    "taps-r32-int8": {"delta_rank": 32, "delta_dtype": "int8"},
     "taps-bf16": {"delta_rank": None, "delta_dtype": "bfloat16"},
 }
 
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=_floats, default=[], help="e.g. 0.05,0.1,0.2,0.35")
     parser.add_argument(
         "--variants",
-        default="taps,taps-int8,taps-r8,taps-r8-int8",
+        default="taps,taps-int8,taps-r8,taps-r8-int8,taps-r32-int8",
         help=f"TAPS configurations of the sweep, from {list(VARIANTS)}",
     )
     parser.add_argument(
