@@ -29,22 +29,17 @@ from the chosen defaults, with the same objective; then the chosen defaults at b
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import taps_cl.train as train_mod
-from benchmarks.transfer import CAPS
+from benchmarks.transfer import _prepared, _taps_row
 from taps_cl.baselines import fit_baseline
 from taps_cl.bases import load_base
 from taps_cl.config import TAPSConfig, TrainConfig
-from taps_cl.data import prepare
 from taps_cl.report import fmt_pct, table
-from taps_cl.scenarios import get_task
-from taps_cl.taps.model import TAPSModel
 
 _RULE = train_mod.auto_score_lr
 KNOBS = {  # tried in this order, each from the winners so far
@@ -57,17 +52,13 @@ KNOBS = {  # tried in this order, each from the winners so far
 
 
 def _data(base, name: str, image_size: int, max_train: int | None):
-    cap_train, cap_test = CAPS[name]
-    if max_train:
-        cap_train = max_train if cap_train is None else min(cap_train, max_train)
-    spec = get_task(name, max_train=cap_train, max_test=cap_test)
-    prep = base.preprocessing
-    return (spec, prepare(spec.train, preprocessing=prep, image_size=image_size),
-            prepare(spec.test, preprocessing=prep, image_size=image_size))  # fmt: skip
+    return _prepared(base, name, argparse.Namespace(fast=False, max_train=max_train,
+                                                    image_size=image_size))  # fmt: skip
 
 
 def run_taps(base, data, taps: TAPSConfig, train: TrainConfig, score_scale: float) -> dict:
-    """One TAPS task trained and finalised; accuracy of the stored form."""
+    """One TAPS task trained and finalised (accuracy of the stored form), with the score-lr
+    rule scaled by ``score_scale``."""
     spec, train_ds, test_ds = data
 
     def scaled(*args, **kw):
@@ -75,15 +66,10 @@ def run_taps(base, data, taps: TAPSConfig, train: TrainConfig, score_scale: floa
 
     train_mod.auto_score_lr = scaled
     try:
-        model = TAPSModel(copy.deepcopy(base.module), taps)
-        model.add_task("t", spec.num_classes, seed=train.seed)
-        start = time.perf_counter()
-        fit = train_mod.fit_task(model, "t", train_ds, test_ds, train, quiet=True)
-        patch = model.finalize_task("t")
+        row = _taps_row(base, "t", spec, train_ds, test_ds, train, taps, "taps")
     finally:
         train_mod.auto_score_lr = _RULE
-    return {"accuracy": fit.accuracy, "share": patch.num_parameters / base.num_parameters,
-            "layers": len(patch.active_layers), "seconds": time.perf_counter() - start}  # fmt: skip
+    return {k: row[k] for k in ("accuracy", "share", "layers", "seconds")}
 
 
 def _setting(s: dict) -> tuple[TAPSConfig, TrainConfig, float]:

@@ -83,8 +83,7 @@ def hash_config(taps: TAPSConfig) -> str:
 
 
 class RowCache:
-    """Finished sweep rows in a JSON-lines file, so a long sweep resumes where it stopped and
-    its parts (``--only``) can run as separate processes."""
+    """Finished sweep rows in a JSON-lines file, so a long sweep resumes where it stopped."""
 
     def __init__(self, path: str | None, signature: dict) -> None:
         self.path, self.signature = (Path(path) if path else None), signature
@@ -115,7 +114,7 @@ def run_budget_task(base, name: str, args: argparse.Namespace, cache: RowCache) 
     rows = []
     sizes = lastk_parameters(base.module, spec.num_classes)
     n_base = base.num_parameters
-    for lr in args.lrs if args.only != "taps" else []:
+    for lr in args.lrs:
         cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=lr, seed=0)
 
         def baseline(mode: str, label: str, k: int = 0, cfg: TrainConfig = cfg) -> dict:
@@ -139,7 +138,7 @@ def run_budget_task(base, name: str, args: argparse.Namespace, cache: RowCache) 
             row = cache.get(f"{name}/lastk{budget}/{lr}",
                             lambda b=budget, k=k: baseline("lastk", f"lastk@{b}", k))  # fmt: skip
             rows.append({**row, "budget": budget, "layers": f"k={k}", "lr": lr})
-    for lr in args.lrs if args.only != "baselines" else []:
+    for lr in args.lrs:
         cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=lr, seed=0)
         for budget in args.budgets:
             for label in args.variants:
@@ -185,9 +184,6 @@ def budget_sweep(base, args: argparse.Namespace) -> None:
     signature["defaults"] = TrainConfig().to_dict()  # TAPS rows' keys carry their TAPSConfig
     cache = RowCache(args.cache, signature)
     rows = [r for name in args.tasks for r in run_budget_task(base, name, args, cache)]
-    if args.only:
-        print(f"--only {args.only}: {len(rows)} rows in {args.cache}")
-        return
     rows, lrs = best_lr(rows)
     means = mean_rows(rows)
     n_base = base.num_parameters
@@ -197,10 +193,8 @@ def budget_sweep(base, args: argparse.Namespace) -> None:
          f"{r['seconds']:.0f} s")
         for r in rows + means
     ]))  # fmt: skip
-    over = [r for r in rows if "budget" in r and r["method"].startswith("taps")
-            and r["params"] / n_base > 1.1 * r["budget"]]  # fmt: skip
-    print(f"\nTAPS runs over budget by more than 10%: {len(over)}")
     goals = targets(means, rows, n_base)
+    print(f"\nTAPS runs over budget by more than 10%: {len(goals['share_over_budget_by_10pct'])}")
     print(json.dumps({k: v for k, v in goals.items() if not k.startswith("share_")}, indent=1))
     print(f"TAPS runs under budget by more than 10%: {len(goals['share_under_budget_by_10pct'])}")
     out = Path(args.out).with_name("transfer_budget.json")
@@ -249,12 +243,6 @@ def main() -> None:
         help="budget sweep: every method runs at each and keeps its better",
     )
     parser.add_argument("--cache", default=None, help="JSON-lines file of finished sweep rows")
-    parser.add_argument(
-        "--only",
-        choices=["baselines", "taps"],
-        default=None,
-        help="run one part of the sweep into --cache",
-    )
     parser.add_argument("--lora-ranks", type=_ints, default=[4, 16], help="PEFT LoRA ranks")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training samples")
     args = parser.parse_args()
@@ -262,8 +250,6 @@ def main() -> None:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
-    if args.only and not args.cache:
-        parser.error("--only needs --cache (the file the parts share)")
     if args.fast:
         args.epochs = 1
     torch.set_num_threads(2)

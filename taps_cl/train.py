@@ -35,7 +35,7 @@ from taps_cl.step import (  # noqa: F401  (re-exported: the loop's public pieces
     task_groups,
     task_loss,
 )
-from taps_cl.taps.budget import MIN_SELECT_STEPS, BudgetController
+from taps_cl.taps.budget import BudgetController
 from taps_cl.taps.model import TAPSModel
 
 
@@ -236,10 +236,7 @@ def _task_runs(model, tasks, config, runtime, batch_sizes, epoch_length) -> dict
         warmup = int(model.config.warmup_epochs * per_epoch)
         budget = None
         if model.config.budget is not None:  # the budget, not the penalty, closes gates
-            # deltas start at zero, so a score's first gradient is zero: choose no earlier
-            # than MIN_SELECT_STEPS (or the last step of a shorter run)
-            select_at = min(total, max(MIN_SELECT_STEPS, int(model.config.budget_select * total)))
-            budget, warmup = BudgetController(model, name, select_at), total + 1
+            budget, warmup = BudgetController(model, name, total), total + 1
         runs[name] = _TaskRun(name, stream, per_epoch, total, warmup, budget)
     return runs
 

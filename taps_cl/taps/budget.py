@@ -138,8 +138,12 @@ MIN_SELECT_STEPS = 8  # fewest steps of importance before the gates are chosen (
 class BudgetController:
     """Per task: accumulates layer importance until the selection step, then picks the gates."""
 
-    def __init__(self, model: TAPSModel, name: str, select_at: int) -> None:
-        self.model, self.name, self.select_at = model, name, select_at
+    def __init__(self, model: TAPSModel, name: str, total_steps: int) -> None:
+        self.model, self.name = model, name
+        # After budget_select of the steps, but deltas start at zero, so a score's first
+        # gradient is zero: no earlier than MIN_SELECT_STEPS (or the last step of a short run).
+        share = int(model.config.budget_select * total_steps)
+        self.select_at = min(total_steps, max(MIN_SELECT_STEPS, share))
         self.importance = dict.fromkeys(model.layer_names, 0.0)
         self.selected: list[str] | None = None
 
