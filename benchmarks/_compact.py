@@ -8,11 +8,11 @@ from typing import Any
 
 from torch import nn
 
-from taps_cl.baselines import train_plain
 from taps_cl.config import TrainConfig
-from taps_cl.runtime import seed_everything
 from taps_cl.taps.model import find_head, set_child
 from taps_cl.taps.modules import is_norm
+from taps_cl.training.baselines import train_plain
+from taps_cl.training.runtime import seed_everything
 
 
 def fit_lora(base: nn.Module, num_classes: int, train, test, cfg: TrainConfig, rank: int) -> dict:

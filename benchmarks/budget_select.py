@@ -18,8 +18,8 @@ import torch
 import taps_cl.taps.budget as budget_mod
 from benchmarks.transfer import _prepared, _taps_row
 from taps_cl.bases import load_base
+from taps_cl.cli.tables import fmt_pct, table
 from taps_cl.config import TAPSConfig, TrainConfig
-from taps_cl.report import fmt_pct, table
 
 EXACT = budget_mod.knapsack
 

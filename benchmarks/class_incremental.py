@@ -51,7 +51,7 @@ from avalanche.training.supervised import Cumulative  # noqa: E402
 
 from taps_cl.bases import load_base  # noqa: E402
 from taps_cl.config import TAPSConfig  # noqa: E402
-from taps_cl.scenarios.classinc import (  # noqa: E402
+from taps_cl.scenarios.streams import (  # noqa: E402
     class_incremental_from_suite,
     multi_domain_ci,
     split_fashion_mnist_ci,

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-import taps_cl.train as train_mod
+import taps_cl.training.loop as train_mod
 from benchmarks.transfer import _prepared, _taps_row
-from taps_cl.baselines import fit_baseline
 from taps_cl.bases import load_base
+from taps_cl.cli.tables import fmt_pct, table
 from taps_cl.config import TAPSConfig, TrainConfig
-from taps_cl.report import fmt_pct, table
+from taps_cl.training.baselines import fit_baseline
 
 _RULE = train_mod.auto_score_lr
 KNOBS = {  # tried in this order, each from the winners so far

@@ -12,7 +12,7 @@ hardware budget is fixed: 1 process x 2 threads vs 2 processes x 1 thread (and 1
 Part 0 (``--split-only`` runs just this) is the same-budget check of joint against incremental:
 the 1,797 digits split into two tasks (classes 0-4 and 5-9) at 32 px, 3 epochs, trained one
 after another and then together, with the same seed and configs. Both go through the same loop
-(:func:`taps_cl.train.fit_tasks`); tasks share no trainable parameter and each task clips its own
+(:func:`taps_cl.training.fit_tasks`); tasks share no trainable parameter and each task clips its own
 gradient, so only the data order of tasks of different lengths can differ.
 
 Run: ``python benchmarks/joint.py [--max-train 400 --size 48 --epochs 2]`` (a few minutes on 2
@@ -158,7 +158,7 @@ def throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 
 def _print(modes: list[dict], tput: list[dict]) -> None:
-    from taps_cl.report import fmt_bytes, fmt_pct, table
+    from taps_cl.cli.tables import fmt_bytes, fmt_pct, table
 
     rows = []
     for m in modes:
@@ -178,7 +178,7 @@ def _print(modes: list[dict], tput: list[dict]) -> None:
 
 
 def _print_split(split: dict) -> None:
-    from taps_cl.report import fmt_pct, table
+    from taps_cl.cli.tables import fmt_pct, table
 
     names = split["settings"]["tasks"]
     rows = [

@@ -25,7 +25,7 @@ from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import preprocess
 from taps_cl.scenarios import get_task
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import build_optimizer
+from taps_cl.training.loop import build_optimizer
 
 
 def _timed(fn) -> float:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from taps_cl.cli.tables import fmt_pct, table
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.engine import Engine
-from taps_cl.report import fmt_pct, table
 from taps_cl.scenarios import get_task, split_fashion_mnist
 from taps_cl.taps.routing import METHODS
 

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from taps_cl.baselines import fit_baseline, lastk_parameters
 from taps_cl.bases import load_base
+from taps_cl.cli.tables import fmt_bytes, fmt_pct, table
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import prepare
-from taps_cl.report import fmt_bytes, fmt_pct, table
 from taps_cl.scenarios import get_task
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import fit_task
+from taps_cl.training.baselines import fit_baseline, lastk_parameters
+from taps_cl.training.loop import fit_task
 
 CAPS = {"fashion_mnist": (2000, 1000), "digits": (None, None), "lfw_faces": (None, None)}
 

@@ -34,11 +34,11 @@ from taps_cl.runs import (
     task_record,
     track_task,
 )
-from taps_cl.runtime import resolve_device, world
 from taps_cl.serving import TaskServer
 from taps_cl.storage import TaskStore, VersionRecord, read_patch_file
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
+from taps_cl.training.runtime import resolve_device, world
 
 __all__ = ["Engine", "Routed", "TaskRecord"]
 

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 
 from taps_cl.bases import Preprocessing, version_preprocessing
-from taps_cl.batching import make_loader
 from taps_cl.config import TrainConfig
 from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
-from taps_cl.runtime import Runtime
 from taps_cl.taps.features import collect_route_stats
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.routing import METHODS, RouteResult, RouteStats, TaskRouter
+from taps_cl.training.batching import make_loader
+from taps_cl.training.runtime import Runtime
 
 __all__ = ["DEFAULT_METHOD", "Routed", "TaskRouting", "route_stats"]
 

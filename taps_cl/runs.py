@@ -22,10 +22,10 @@ from taps_cl.config import JointConfig
 from taps_cl.data import DataError
 from taps_cl.errors import TAPSError
 from taps_cl.joint.base import trained_base
-from taps_cl.runtime import world
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
-from taps_cl.train import FitResult, RunResult
+from taps_cl.training.loop import FitResult, RunResult
+from taps_cl.training.runtime import world
 
 
 @dataclass

@@ -36,7 +36,7 @@ from taps_cl.errors import BaseMismatchError, UnknownTaskError
 from taps_cl.taps.merge import base_feature_extractor, merge_patch
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
-from taps_cl.train import evaluate
+from taps_cl.training.loop import evaluate
 
 _CHUNK = 256  # inputs per forward
 
@@ -222,7 +222,7 @@ class TaskServer:
 
 
 class _AnyTask(nn.Module):
-    """A served module called the way :func:`~taps_cl.train.evaluate` calls a TAPSModel;
+    """A served module called the way :func:`~taps_cl.training.evaluate` calls a TAPSModel;
     it stays in eval mode whatever ``train()`` asks (it is shared by serving threads)."""
 
     def __init__(self, module: nn.Module) -> None:

@@ -13,7 +13,7 @@ from taps_cl.storage import TaskStore
 from taps_cl.taps.budget import fixed_size, task_size
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.quant import decode, encode
-from taps_cl.train import fit_task
+from taps_cl.training.loop import fit_task
 from tests.test_store import _child
 from tests.test_taps_core import CASES, _x
 from tests.tiny import tiny_cnn, tiny_images
@@ -193,7 +193,7 @@ def test_reported_accuracy_is_that_of_the_stored_form():
     evals = _data(12)
     fit = fit_task(model, "a", _data(24), evals, cfg, quiet=True)
     model.finalize_task("a")
-    from taps_cl.train import evaluate
+    from taps_cl.training.loop import evaluate
 
     assert fit.accuracy == evaluate(model, "a", evals, cfg)["accuracy"]
     assert "stored_accuracy" in fit.history[-1]
@@ -232,7 +232,7 @@ def test_low_rank_merged_matches_gated_and_survives_more_tasks(name, factory, si
 
 
 def test_lastk_baseline_trains_only_the_last_layers_norms_and_head():
-    from taps_cl.baselines import fit_baseline, lastk_parameters
+    from taps_cl.training.baselines import fit_baseline, lastk_parameters
 
     base = tiny_cnn(width=16)
     sizes = lastk_parameters(base, 3)

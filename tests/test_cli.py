@@ -105,7 +105,7 @@ def test_training_options_come_from_the_config_dataclasses(tmp_path):
     import dataclasses
 
     from taps_cl.cli import build_parser
-    from taps_cl.cli_options import JOINT_FIELDS, TAPS_FIELDS, TRAIN_FIELDS
+    from taps_cl.cli.options import JOINT_FIELDS, TAPS_FIELDS, TRAIN_FIELDS
     from taps_cl.config import JointConfig, TAPSConfig, TrainConfig
 
     sub = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001

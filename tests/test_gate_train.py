@@ -14,7 +14,7 @@ from taps_cl.taps.layer import TaskAdaptiveLayer, register_gateable
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.penalty import sparsity_penalty, uniform_l1, weighted_l1
 from taps_cl.taps.task import TaskInfo
-from taps_cl.train import auto_score_lr, evaluate, fit_task
+from taps_cl.training.loop import auto_score_lr, evaluate, fit_task
 from tests.tiny import tiny_cnn, tiny_images
 
 

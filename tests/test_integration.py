@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from taps_cl.baselines import fit_baseline
 from taps_cl.bases import load_base
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import prepare
 from taps_cl.engine import Engine
 from taps_cl.scenarios import get_task
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import fit_task
+from taps_cl.training.baselines import fit_baseline
+from taps_cl.training.loop import fit_task
 
 pytestmark = pytest.mark.integration
 

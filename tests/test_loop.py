@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from taps_cl.bases import Preprocessing
-from taps_cl.batching import TaskStream, drop_last
 from taps_cl.config import JointConfig, TAPSConfig, TrainConfig
 from taps_cl.data import prepare
 from taps_cl.joint import fit_joint
-from taps_cl.runtime import Runtime
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import Stepper, fit_task, task_loss
+from taps_cl.training.batching import TaskStream, drop_last
+from taps_cl.training.loop import Stepper, fit_task, task_loss
+from taps_cl.training.runtime import Runtime
 from tests.test_engine import tiny_engine
 from tests.tiny import tiny_cnn, tiny_images
 
@@ -145,7 +145,7 @@ def test_one_batching_rule(n, batch, dropped):
 
 
 def test_baselines_use_the_same_step(monkeypatch):
-    import taps_cl.baselines as baselines
+    import taps_cl.training.baselines as baselines
 
     calls = []
     real = baselines.Stepper.step

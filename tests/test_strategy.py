@@ -15,9 +15,9 @@ from taps_cl.errors import UnknownTaskError
 from taps_cl.scenarios.avalanche import benchmark_from_tensors, task_classes
 from taps_cl.strategies import TAPS, TAPSRouter
 from taps_cl.strategies.multihead import build_baseline
-from taps_cl.strategies.router import PAD_LOGIT
+from taps_cl.strategies.multitask import PAD_LOGIT
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import auto_score_lr
+from taps_cl.training.loop import auto_score_lr
 from tests.tiny import tiny_cnn, tiny_images
 
 CLASSES = (3, 2, 4)  # classes per experience: heads of different sizes exercise the padding

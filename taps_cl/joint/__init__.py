@@ -1,6 +1,6 @@
 """Joint mode: train several tasks at once on one base (optionally the base too), on 1..N processes.
 
-The loop is :func:`taps_cl.train.fit_tasks`, the same one that trains a single task: every step
+The loop is :func:`taps_cl.training.fit_tasks`, the same one that trains a single task: every step
 draws one minibatch from *every* task (each task's stream cycles on its own, so tasks of
 different sizes mix), runs each task's forward through its own gates, norms and head, sums the
 task losses plus each task's sparsity penalty and takes ONE optimizer step, clipping each task's
@@ -23,7 +23,7 @@ from taps_cl.joint.base import base_parameters, new_base_label, stored_base, tra
 from taps_cl.joint.distributed import broadcast_state, distributed_session, init_distributed
 from taps_cl.joint.fit import JointResult, fit_joint
 from taps_cl.joint.sampling import task_batch_sizes
-from taps_cl.runtime import world
+from taps_cl.training.runtime import world
 
 __all__ = [
     "JointConfig",

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from taps_cl.config import environment
-from taps_cl.runtime import world
+from taps_cl.training.runtime import world
 
 
 def init_distributed() -> bool:

@@ -9,9 +9,9 @@ from taps_cl.config import JointConfig, TrainConfig
 from taps_cl.joint.base import base_parameters
 from taps_cl.joint.distributed import broadcast_state
 from taps_cl.joint.sampling import task_batch_sizes
-from taps_cl.runtime import world
 from taps_cl.taps.model import TAPSModel
-from taps_cl.train import RunResult, fit_tasks
+from taps_cl.training.loop import RunResult, fit_tasks
+from taps_cl.training.runtime import world
 
 JointResult = RunResult  # the result of a joint run is the loop's own
 
@@ -27,7 +27,7 @@ def fit_joint(
     quiet: bool = False,
 ) -> RunResult:
     """Train ``tasks`` (name -> preprocessed ``(x, y)`` data; each already added to ``model``)
-    together with :func:`taps_cl.train.fit_tasks`; ``joint`` sets per-task batch ratios and the
+    together with :func:`taps_cl.training.fit_tasks`; ``joint`` sets per-task batch ratios and the
     epoch length. Under an initialised process group the run is data-parallel (DDP) and every
     rank ends with identical parameters.
 

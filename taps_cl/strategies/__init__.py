@@ -1,8 +1,8 @@
 """Avalanche integration: the TAPS strategy, its loss plugin and task-label router, baselines."""
 
 from taps_cl.strategies.multihead import BASELINES, MultiHeadNet, PackNetMultiHead, build_baseline
+from taps_cl.strategies.multitask import TAPSRouter
 from taps_cl.strategies.plugin import TAPSLossPlugin
-from taps_cl.strategies.router import TAPSRouter
 from taps_cl.strategies.taps import TAPS
 
 __all__ = [

@@ -28,7 +28,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from taps_cl.errors import UnknownTaskError
-from taps_cl.strategies.router import PAD_LOGIT
+from taps_cl.strategies.experiences import PAD_LOGIT
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.routing import (
     CalibrationAccumulator,
@@ -40,35 +40,6 @@ from taps_cl.taps.routing import (
 )
 
 MODES = ("auto", "task", "class")
-
-
-def detect_mode(experience: Any) -> str:
-    """``"task"`` if every experience of the experience's stream holds one task label and the
-    labels are distinct, else ``"class"``; without a stream, ``"task"`` (the historic default)."""
-    try:
-        stream = list(experience.origin_stream)
-    except (AttributeError, TypeError):
-        return "task"
-    labels = [sorted({int(t) for t in getattr(e, "task_labels", None) or []}) for e in stream]
-    single = all(len(ls) == 1 for ls in labels)
-    distinct = len({ls[0] for ls in labels if ls}) == len(labels)
-    return "task" if single and distinct else "class"
-
-
-def stream_classes(experience: Any) -> list[int]:
-    """Global class ids of every experience in the experience's stream (or just its own)."""
-    try:
-        stream = list(experience.origin_stream)
-    except (AttributeError, TypeError):
-        stream = [experience]
-    return sorted({int(c) for e in stream for c in experience_classes(e)})
-
-
-def experience_classes(experience: Any) -> list[int]:
-    classes = getattr(experience, "classes_in_this_experience", None)
-    if classes is None:
-        classes = experience.dataset.targets.uniques
-    return sorted(int(c) for c in classes)
 
 
 class ClassIncremental:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from taps_cl.errors import UnknownTaskError
-from taps_cl.strategies.router import PAD_LOGIT, experience_task_labels
+from taps_cl.strategies.multitask import PAD_LOGIT, experience_task_labels
 from taps_cl.taps.layer import gateable_weight_attr
 from taps_cl.taps.model import find_head
 from taps_cl.taps.modules import is_norm

@@ -1,8 +1,8 @@
 """The TAPS training loss as an Avalanche criterion plugin.
 
 ``loss = cross_entropy + lam * TAPSModel.penalty(task)``, with the penalty off during the warm-up
-(``TAPSConfig.warmup_epochs``): :func:`taps_cl.train.task_loss`, the trainer's own objective, so a
-task trained through Avalanche is optimised for exactly the same objective.
+(``TAPSConfig.warmup_epochs``): :func:`taps_cl.training.step.task_loss`, the trainer's own
+objective, so a task trained through Avalanche is optimised for exactly the same objective.
 
 The plugin *returns* the loss (Avalanche calls the criterion as ``criterion(output, target)``
 and, because the criterion is a plugin, also gives it the training callbacks it needs to count
@@ -16,8 +16,8 @@ import math
 import torch
 from avalanche.core import SupervisedPlugin
 
-from taps_cl.strategies.router import PAD_LOGIT, TAPSRouter
-from taps_cl.train import task_loss
+from taps_cl.strategies.multitask import PAD_LOGIT, TAPSRouter
+from taps_cl.training.loop import task_loss
 
 
 class TAPSLossPlugin(SupervisedPlugin):

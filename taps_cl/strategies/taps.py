@@ -7,11 +7,11 @@ lose their delta) and, given a store, commits the patch. Nothing an earlier task
 trained again, so accuracy on earlier experiences cannot change.
 
 The method lives in :mod:`taps_cl.taps`; this file is the glue: which task is trained when, its
-optimizer (the same :func:`taps_cl.train.build_optimizer` and score-rate rule as the trainer), the
-step (the trainer's own :class:`taps_cl.train.Stepper`: divergence check, clipping, schedule), the
-batching rule (:func:`taps_cl.batching.drop_last`), and the commit. The loss is
-:class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label is
-:class:`~taps_cl.strategies.router.TAPSRouter`.
+optimizer (the same :func:`taps_cl.training.step.build_optimizer` and score-rate rule as the
+trainer), the step (the trainer's own :class:`taps_cl.training.step.Stepper`: divergence check,
+clipping, schedule), the batching rule (:func:`taps_cl.training.batching.drop_last`), and the
+commit. The loss is :class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label is
+:class:`~taps_cl.strategies.multitask.TAPSRouter`.
 """
 
 from __future__ import annotations
@@ -27,23 +27,29 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from taps_cl.batching import drop_last
 from taps_cl.config import TAPSConfig, TrainConfig
-from taps_cl.runtime import Runtime
-from taps_cl.strategies.classinc import (
-    MODES,
-    ClassIncremental,
-    RouteStatsPlugin,
+from taps_cl.strategies.classinc import MODES, ClassIncremental, RouteStatsPlugin
+from taps_cl.strategies.experiences import (
     detect_mode,
     experience_classes,
+    experience_num_classes,
+    experience_task_labels,
     stream_classes,
 )
+from taps_cl.strategies.multitask import TAPSRouter
 from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
-from taps_cl.strategies.router import TAPSRouter, experience_num_classes, experience_task_labels
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
 from taps_cl.taps.routing import METHODS
-from taps_cl.train import Stepper, auto_score_lr, build_optimizer, make_schedule, task_groups
+from taps_cl.training.batching import drop_last
+from taps_cl.training.loop import (
+    Stepper,
+    auto_score_lr,
+    build_optimizer,
+    make_schedule,
+    task_groups,
+)
+from taps_cl.training.runtime import Runtime
 
 # Builds one experience's optimizer from that task's parameter groups (torch's format).
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -205,7 +211,7 @@ class TAPS(SupervisedTemplate):
 
     def make_optimizer(self, **kwargs: Any) -> None:
         """One optimizer per experience over the trained task's parameters (deltas, norms and
-        head at ``lr``, scores at ``score_lr``), exactly as :func:`taps_cl.train.fit_task`."""
+        head at ``lr``, scores at ``score_lr``), exactly as :func:`taps_cl.training.fit_task`."""
         name = self.router.training_task
         if name is None:  # Avalanche's first call comes before the task exists
             return

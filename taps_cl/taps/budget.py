@@ -5,12 +5,12 @@ Accounting is the patch's own (:attr:`TaskPatch.num_parameters`): the *fixed* pa
 head, norms and one score per gated layer) is counted first, then each kept layer's stored size
 (dense delta or low-rank factors, plus int8 scales; :meth:`GatedWeight.stored_size`).
 
-How training meets it (:class:`BudgetController`, driven by :mod:`taps_cl.train`): the penalty is
-off; while the first ``budget_select`` share of the task's steps runs, every layer's importance
-is accumulated as ``-dL/ds_i = -<dL/dw_i, dw_i>`` (the first-order loss change its delta
-brought, step by step: the score's own gradient); then the gates are chosen once, an exact
-0/1 knapsack (largest total importance within the budget, :func:`knapsack`), the others closed
-and their deltas dropped; the chosen ones train on with fixed gates. The finalise-time check
+How training meets it (:class:`BudgetController`, driven by :mod:`taps_cl.training.loop`): the
+penalty is off; while the first ``budget_select`` share of the task's steps runs, every layer's
+importance is accumulated as ``-dL/ds_i = -<dL/dw_i, dw_i>`` (the first-order loss change its delta
+brought, step by step: the score's own gradient); then the gates are chosen once, an exact 0/1
+knapsack (largest total importance within the budget, :func:`knapsack`), the others closed and their
+deltas dropped; the chosen ones train on with fixed gates. The finalise-time check
 (:func:`enforce_budget`) closes the least important gates if a task is still over.
 """
 

@@ -1,12 +1,12 @@
 """THE training loop: one loop for one task or several, on the shared objective and step.
 
 :func:`fit_tasks` trains any number of tasks of one :class:`TAPSModel`. Every step draws one
-minibatch per active task (:class:`~taps_cl.batching.TaskStream`), sums the tasks'
-:func:`~taps_cl.step.task_loss` and takes one :class:`~taps_cl.step.Stepper` step. Each task keeps
-its own length (its epochs over its own data), warm-up, score learning rate and learning-rate
-schedule, and clips its own gradient; tasks share no trainable parameter. So a task follows
-exactly the trajectory it follows alone, and :func:`fit_task` is the one-task case. A joint run
-may instead give every task the same number of steps (``epoch_length`` "max", "min" or N: the
+minibatch per active task (:class:`~taps_cl.training.batching.TaskStream`), sums the tasks'
+:func:`~taps_cl.training.step.task_loss` and takes one :class:`~taps_cl.training.step.Stepper` step.
+Each task keeps its own length (its epochs over its own data), warm-up, score learning rate and
+learning-rate schedule, and clips its own gradient; tasks share no trainable parameter. So a task
+follows exactly the trajectory it follows alone, and :func:`fit_task` is the one-task case. A joint
+run may instead give every task the same number of steps (``epoch_length`` "max", "min" or N: the
 shorter tasks cycle), which training the shared base needs.
 """
 
@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from taps_cl.batching import TaskStream, epoch_steps, make_loader
 from taps_cl.config import TrainConfig
-from taps_cl.runtime import Runtime, all_reduce_, seed_everything, world, wrap_ddp
-from taps_cl.step import (  # noqa: F401  (re-exported: the loop's public pieces)
+from taps_cl.taps.budget import BudgetController
+from taps_cl.taps.model import TAPSModel
+from taps_cl.training.batching import TaskStream, epoch_steps, make_loader
+from taps_cl.training.runtime import Runtime, all_reduce_, seed_everything, world, wrap_ddp
+from taps_cl.training.step import (  # noqa: F401  (re-exported: the loop's public pieces)
     Stepper,
     auto_score_lr,
     build_optimizer,
@@ -35,8 +37,6 @@ from taps_cl.step import (  # noqa: F401  (re-exported: the loop's public pieces
     task_groups,
     task_loss,
 )
-from taps_cl.taps.budget import BudgetController
-from taps_cl.taps.model import TAPSModel
 
 
 @dataclass
@@ -170,11 +170,11 @@ def fit_tasks(
 ) -> RunResult:
     """Train ``tasks`` (name -> preprocessed ``(x, y)`` data; each added to ``model`` and not
     finalised) in one run; see the module docstring. ``epoch_length="own"``: each task makes
-    ``config.epochs`` passes over its own data; else every task steps ``epochs * L`` times
-    with ``L`` from :func:`~taps_cl.batching.epoch_steps`. ``batch_sizes`` are global per-task
+    ``config.epochs`` passes over its own data; else every task steps ``epochs * L`` times with
+    ``L`` from :func:`~taps_cl.training.batching.epoch_steps`. ``batch_sizes`` are global per-task
     minibatch sizes (default ``config.batch_size``); ``extra_groups`` are more optimizer groups
-    (e.g. the shared base weights of a joint run), clipped and scheduled over the whole run.
-    Under an initialised process group the run is data-parallel (DDP). A NaN/inf loss raises
+    (e.g. the shared base weights of a joint run), clipped and scheduled over the whole run. Under
+    an initialised process group the run is data-parallel (DDP). A NaN/inf loss raises
     :class:`TrainingDivergedError`; the base and finalised tasks are never trained.
     """
     config = config or TrainConfig()

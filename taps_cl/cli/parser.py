@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from taps_cl.cli_options import add_training_options
+from taps_cl.cli.options import add_training_options
 
 DESCRIPTION = """`taps-cl`: a thin command line over the library.
 

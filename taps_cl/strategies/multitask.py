@@ -10,21 +10,32 @@ untrained head: a label whose experience was never trained raises :class:`Unknow
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from avalanche.models import MultiTaskModule
 
 from taps_cl.errors import UnknownTaskError
+from taps_cl.strategies.experiences import (
+    PAD_LOGIT,
+    experience_classes,
+    experience_num_classes,
+    experience_task_labels,
+)
 from taps_cl.taps.model import TAPSModel
 
-if TYPE_CHECKING:
-    from taps_cl.strategies.classinc import ClassIncremental
 
-# Logit given to the padded columns of a task with fewer classes than the widest task. Finite (so
-# that cross-entropy and KL stay finite in fp16) and far below any real logit (so argmax never
-# picks a padded class; Avalanche pads with 0, which can beat an all-negative row).
-PAD_LOGIT = -1e4
+class ClassSpace(Protocol):
+    """What the router needs of class-incremental mode (the global class space and its
+    forward; :class:`~taps_cl.strategies.classinc.ClassIncremental` is the implementation)."""
+
+    width: int
+
+    def begin(self, name: str, classes: Iterable[int]) -> None: ...
+
+    def see(self, classes: Iterable[int]) -> None: ...
+
+    def forward(self, taps: TAPSModel, x: torch.Tensor, training_task: str | None) -> Any: ...
 
 
 class TAPSRouter(MultiTaskModule):
@@ -41,7 +52,7 @@ class TAPSRouter(MultiTaskModule):
         self.training_task: str | None = None  # the TAPS task being trained (both modes)
         # Class-incremental state (global class ids per task, route statistics, task router);
         # None in task-incremental mode, where task labels pick the task.
-        self.classinc: ClassIncremental | None = None
+        self.classinc: ClassSpace | None = None
 
     # -- labels and tasks --------------------------------------------------------------------
 
@@ -116,8 +127,6 @@ class TAPSRouter(MultiTaskModule):
         """Avalanche calls this before each train/eval experience: only check in eval; the
         strategy creates tasks itself (so that it, not Avalanche, owns when parameters appear)."""
         if self.classinc is not None:  # task labels carry nothing: widen to its classes
-            from taps_cl.strategies.classinc import experience_classes
-
             self.classinc.see(experience_classes(experience))
         elif not self.training:
             self.check_trained(experience_task_labels(experience))
@@ -153,22 +162,10 @@ class TAPSRouter(MultiTaskModule):
         return {t: self.forward_single_task(x, t) for t in sorted(self.started)}
 
 
-def experience_task_labels(experience: object) -> list[int]:
-    """The task labels of an Avalanche experience (new and deprecated benchmark APIs)."""
-    labels = getattr(experience, "task_labels", None)
-    if labels is None:
-        raise ValueError(
-            "TAPS needs task labels: build a task-incremental benchmark "
-            "(taps_cl.scenarios.as_avalanche_benchmark or avalanche task_incremental_benchmark)"
-        )
-    return sorted({int(t) for t in labels})
-
-
-def experience_num_classes(experience: object) -> int:
-    """Head size for an experience: its largest class label + 1 (classes start at zero)."""
-    classes = getattr(experience, "classes_in_this_experience", None)
-    if classes is None:
-        classes = experience.dataset.targets.uniques  # type: ignore[attr-defined]
-    if not classes:
-        raise ValueError("experience has no class labels")
-    return int(max(classes)) + 1
+__all__ = [
+    "PAD_LOGIT",
+    "ClassSpace",
+    "TAPSRouter",
+    "experience_num_classes",
+    "experience_task_labels",
+]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from taps_cl.cli.tables import fmt_bytes, fmt_pct, table
 from taps_cl.config import DEFAULT_BASE, TrainConfig
 from taps_cl.engine import Engine
-from taps_cl.report import fmt_bytes, fmt_pct, table
 from taps_cl.scenarios import get_task
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The objective and the step every loop of taps_cl shares (see :mod:`taps_cl.train`).
+"""The objective and the step every loop of taps_cl shares (see :mod:`taps_cl.training.loop`).
 
 - :func:`task_loss` is a task's objective: cross-entropy, plus ``lam * penalty(scores)`` once the
   warm-up (``TAPSConfig.warmup_epochs``) is over. The baselines use it without the penalty and the
@@ -22,8 +22,8 @@ from torch import nn
 
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.errors import TrainingDivergedError
-from taps_cl.runtime import Runtime, all_reduce_
 from taps_cl.taps.model import TAPSModel
+from taps_cl.training.runtime import Runtime, all_reduce_
 
 
 def task_loss(

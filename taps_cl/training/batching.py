@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from taps_cl.config import TrainConfig
-from taps_cl.runtime import Runtime, world
+from taps_cl.training.runtime import Runtime, world
 
 
 def drop_last(num_samples: int, batch_size: int) -> bool:

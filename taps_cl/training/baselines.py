@@ -6,10 +6,10 @@
   excluded), every norm (affine + running statistics) and the head: the natural "adapter" to
   compare TAPS with at the same parameter count (:func:`lastk_parameters` sizes it).
 
-The same objective without the penalty (:func:`~taps_cl.train.task_loss`), the same optimizer,
-clipping and schedule (:class:`~taps_cl.train.Stepper`), the same batching and data order
-(:class:`~taps_cl.batching.TaskStream`) and epochs as TAPS (``TrainConfig``), so a comparison
-differs only in *what* is trained.
+The same objective without the penalty (:func:`~taps_cl.training.step.task_loss`), the same
+optimizer, clipping and schedule (:class:`~taps_cl.training.step.Stepper`), the same batching and
+data order (:class:`~taps_cl.training.batching.TaskStream`) and epochs as TAPS (``TrainConfig``), so
+a comparison differs only in *what* is trained.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from taps_cl.batching import TaskStream, make_loader
 from taps_cl.config import TrainConfig
-from taps_cl.runtime import Runtime, seed_everything
 from taps_cl.taps.layer import gateable_weight_attr
 from taps_cl.taps.model import find_head, set_child
 from taps_cl.taps.modules import is_norm
-from taps_cl.train import Stepper, make_optimizer, make_schedule, task_loss
+from taps_cl.training.batching import TaskStream, make_loader
+from taps_cl.training.loop import Stepper, make_optimizer, make_schedule, task_loss
+from taps_cl.training.runtime import Runtime, seed_everything
 
 MODES = ("linear", "finetune", "lastk")
 

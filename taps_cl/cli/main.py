@@ -1,4 +1,4 @@
-"""`taps-cl`: a thin command line over the library (the parser is in :mod:`taps_cl.cli_parser`).
+"""`taps-cl`: a thin command line over the library (the parser is in :mod:`taps_cl.cli.parser`).
 
 Bad input exits with code 2 and a one-line message (no traceback). Library messages go through
 the ``taps_cl`` logger, which :func:`main` prints to stderr (warnings only with ``--quiet``).
@@ -17,11 +17,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from taps_cl.cli_options import joint_config, taps_config, train_config
-from taps_cl.cli_parser import build_parser
+from taps_cl.cli.options import joint_config, taps_config, train_config
+from taps_cl.cli.parser import build_parser
+from taps_cl.cli.tables import fmt_bytes, fmt_pct, table
 from taps_cl.config import DEFAULT_BASE, environment
 from taps_cl.errors import TAPSError
-from taps_cl.report import fmt_bytes, fmt_pct, table
 
 # Commands that only read the store: they never create one, and open it read-only when
 # SQLite could not write beside the file (a read-only file or directory).
@@ -51,7 +51,7 @@ def _engine(args: argparse.Namespace, **kw):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from taps_cl.demo import run_demo
+    from taps_cl.cli.demo import run_demo
 
     result = run_demo(
         args.store or "taps_cl_demo.db",
@@ -97,7 +97,7 @@ def cmd_add_task(args: argparse.Namespace) -> int:
         train=train_config(args),
         quiet=args.quiet,
     )
-    from taps_cl.demo import task_table
+    from taps_cl.cli.demo import task_table
 
     print(task_table([rec], engine.base.num_parameters))
     return 0
@@ -152,7 +152,7 @@ def cmd_add_tasks(args: argparse.Namespace) -> int:
             quiet=args.quiet,
         )
     if rank == 0:
-        from taps_cl.demo import task_table
+        from taps_cl.cli.demo import task_table
 
         print(task_table(recs, engine.base.num_parameters))
         if args.train_base and recs:
