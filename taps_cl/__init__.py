@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from taps_cl.config import TAPSConfig, TrainConfig, environment
+from taps_cl.config import TAPSConfig, TrainConfig, __version__, environment
 from taps_cl.errors import (
     BaseMismatchError,
     StoreIntegrityError,
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from taps_cl.engine import Engine, TaskRecord
     from taps_cl.router import Routed
     from taps_cl.taps.model import TAPSModel
-
-__version__ = "0.1.0"
 
 # Library messages go to the "taps_cl" logger; applications (and `taps-cl`) decide where.
 logging.getLogger(__name__).addHandler(logging.NullHandler())

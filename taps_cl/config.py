@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+__version__ = "0.1.0"  # the package version (taps_cl.__version__; recorded with MLflow runs)
 DEFAULT_BASE = "efficientnet_lite0"  # the base an Engine uses when none is named
 PENALTIES = ("uniform", "weighted")
 AMP_DTYPES = ("bfloat16", "float16")

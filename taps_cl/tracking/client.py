@@ -159,7 +159,7 @@ def context_tags() -> dict[str, str]:
     version, as ``mlflow.start_run`` would set them."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    from taps_cl import __version__
+    from taps_cl.config import __version__
 
     return {**resolve_tags(), "taps_cl.package_version": __version__}
 
