@@ -5,11 +5,24 @@ arguments every strategy is built with, so both give every strategy the same bud
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import parser
+# Before avalanche is first imported: its import and its strategies warn about optional extras.
+warnings.filterwarnings("ignore", message="no QP solver")  # avalanche imports qpsolvers (GEM)
+warnings.filterwarnings("ignore", message="No loggers specified")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from avalanche.evaluation.metrics import (  # noqa: E402
+    accuracy_metrics,
+    bwt_metrics,
+    forgetting_metrics,
+)
+from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+
+from benchmarks.harness import parser  # noqa: E402
 
 
 def strategy_parser(
@@ -53,6 +66,17 @@ def parse_with_presets(
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {tuple(strategies)}")
     return args
+
+
+def evaluator(*, bwt: bool = False) -> EvaluationPlugin:
+    """Accuracy and forgetting per experience and over the stream (and BWT), no loggers."""
+    metrics = [
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+    ]
+    if bwt:
+        metrics.append(bwt_metrics(experience=True, stream=True))
+    return EvaluationPlugin(*metrics, loggers=[])
 
 
 def strategy_kwargs(args: argparse.Namespace, evaluator: Any, device: str) -> dict[str, Any]:

@@ -23,41 +23,31 @@ import argparse
 import copy
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-warnings.filterwarnings("ignore", message="no QP solver")  # avalanche imports qpsolvers (GEM)
-warnings.filterwarnings("ignore", message="No loggers specified")
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
-from avalanche.evaluation.metrics import (  # noqa: E402
-    accuracy_metrics,
-    bwt_metrics,
-    forgetting_metrics,
-)
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
-
-from benchmarks._strategies import (  # noqa: E402
+from benchmarks._strategies import (  # first: it quiets avalanche's imports
+    evaluator,
     parse_with_presets,
     strategy_kwargs,
     strategy_parser,
 )
-from benchmarks.harness import log_strategies, print_table, write_json  # noqa: E402
-from taps_cl.bases import load_base  # noqa: E402
-from taps_cl.config import TAPSConfig  # noqa: E402
-from taps_cl.scenarios.avalanche import (  # noqa: E402
+from benchmarks.harness import log_strategies, print_table, write_json
+from taps_cl.bases import load_base
+from taps_cl.config import TAPSConfig
+from taps_cl.scenarios.avalanche import (
     as_avalanche_benchmark,
     task_classes,
     task_label_names,
 )
-from taps_cl.scenarios.suite import offline_suite, split_fashion_mnist  # noqa: E402
-from taps_cl.strategies import TAPS  # noqa: E402
-from taps_cl.strategies.multihead import BASELINES, build_baseline  # noqa: E402
+from taps_cl.scenarios.suite import offline_suite, split_fashion_mnist
+from taps_cl.strategies import TAPS
+from taps_cl.strategies.multihead import BASELINES, build_baseline
 
 STRATEGIES = ("taps", *BASELINES)
 SETTINGS = {
@@ -90,15 +80,6 @@ def make_suite(name: str, max_train: int, max_test: int, seed: int) -> list[Any]
     if name == "split_fmnist":
         return split_fashion_mnist(5, max_train=max_train, max_test=max_test, seed=seed)
     raise ValueError(f"unknown scenario {name!r}; use 'offline' or 'split_fmnist'")
-
-
-def make_evaluator() -> EvaluationPlugin:
-    return EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        bwt_metrics(experience=True, stream=True),
-        loggers=[],
-    )
 
 
 # -- sizes ---------------------------------------------------------------------------------------
@@ -153,7 +134,7 @@ def taps_sizes(strategy: TAPS, base: torch.nn.Module) -> tuple[float, int]:
 
 
 def build(name: str, base: torch.nn.Module, bench: Any, args: argparse.Namespace, names) -> Any:
-    common = strategy_kwargs(args, make_evaluator(), args.device)
+    common = strategy_kwargs(args, evaluator(bwt=True), args.device)
     if name == "taps":
         # The penalty waits for a warm-up (as in the authors' code): at step 0 every delta is zero,
         # so the task gives the scores no gradient and the penalty alone would close every gate.

@@ -37,41 +37,33 @@ from typing import Any
 import torch
 from torch import nn
 
-warnings.filterwarnings("ignore", message="no QP solver")
-warnings.filterwarnings("ignore", message="No loggers specified")
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
-from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
-from avalanche.training import EWC, LwF, Naive, Replay  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
-from avalanche.training.supervised import Cumulative  # noqa: E402
-
-from benchmarks._strategies import (  # noqa: E402
+from benchmarks._strategies import (  # first: it quiets avalanche's imports
+    evaluator,
     parse_with_presets,
     strategy_kwargs,
     strategy_parser,
 )
-from benchmarks.harness import (  # noqa: E402
+from benchmarks.harness import (
     RESULTS,
     log_strategies,
     median_seconds,
     print_table,
     write_json,
 )
-from taps_cl.bases import load_base  # noqa: E402
-from taps_cl.config import TAPSConfig  # noqa: E402
-from taps_cl.scenarios.classinc import (  # noqa: E402
+from taps_cl.bases import load_base
+from taps_cl.config import TAPSConfig
+from taps_cl.scenarios.classinc import (
     class_incremental_from_suite,
     multi_domain_ci,
     split_fashion_mnist_ci,
 )
-from taps_cl.scenarios.suite import digits, split_fashion_mnist  # noqa: E402
-from taps_cl.strategies import TAPS  # noqa: E402
-from taps_cl.strategies.classinc import ClassIncremental  # noqa: E402
-from taps_cl.strategies.multihead import split_head  # noqa: E402
-from taps_cl.taps.routing import TaskRouter  # noqa: E402
+from taps_cl.scenarios.suite import digits, split_fashion_mnist
+from taps_cl.strategies import TAPS
+from taps_cl.strategies.classinc import ClassIncremental
+from taps_cl.strategies.multihead import split_head
+from taps_cl.taps.routing import TaskRouter
 
 STRATEGIES = ("taps", "naive", "ewc", "lwf", "replay", "cumulative", "ncm")
 SCENARIOS = ("split_fmnist", "multi_domain")
@@ -112,15 +104,10 @@ class SingleHead(nn.Module):
         return self.head(self.features(x))
 
 
-def evaluator() -> EvaluationPlugin:
-    return EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        loggers=[],
-    )
-
-
 def build(name: str, base: nn.Module, num_classes: int, args: argparse.Namespace) -> Any:
+    from avalanche.training import EWC, LwF, Naive, Replay  # after _strategies quieted avalanche
+    from avalanche.training.supervised import Cumulative
+
     common = strategy_kwargs(args, evaluator(), "cpu")
     if name == "taps":
         config = TAPSConfig(lam=args.lam, warmup_epochs=args.warmup_epochs)
@@ -348,6 +335,7 @@ def make_bench(scenario: str, base: Any, args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(args.threads)
     base = load_base("efficientnet_lite0")
     results: list[Result] = []
