@@ -70,7 +70,7 @@ def parser(
 ) -> argparse.ArgumentParser:
     """The script's parser, described by its docstring's first line, with ``--out`` (the result
     JSON) and ``--experiment`` (log to MLflow when given)."""
-    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0] or None)
     shown = Path(out).relative_to(ROOT) if out and Path(out).is_relative_to(ROOT) else out
     where = "" if out is None else f" (default: {shown})"
     p.add_argument("--out", default=None if out is None else str(out), help=f"result JSON{where}")
@@ -130,6 +130,11 @@ def _numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _plain(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` as JSON would store it (values JSON cannot hold, such as paths, as text)."""
+    return json.loads(json.dumps(data, default=str))
+
+
 def log_run(
     experiment: str, run_name: str, settings: Mapping[str, Any], result: Mapping[str, Any]
 ) -> str | None:
@@ -144,6 +149,7 @@ def log_run(
     except ImportError as err:
         print(f"MLflow logging skipped: taps_cl.tracking unavailable ({err})", file=sys.stderr)
         return None
+    settings, result = _plain(settings), _plain(result)  # paths and the like as their text
     uri = tc.resolve_tracking_uri()
     client = MlflowClient(uri)
     exp_id = tc.get_or_create_experiment(client, experiment, uri)
@@ -154,8 +160,7 @@ def log_run(
         tc.log_params(client, run_id, settings)
         metrics = [(sanitize_key(k), v, 0) for k, v in _numbers(result).items()]
         tc.log_metrics(client, run_id, metrics)
-        client.log_dict(run_id, tc.json_safe(json.loads(json.dumps(result, default=str))),
-                        "result.json")  # fmt: skip
+        client.log_dict(run_id, tc.json_safe(result), "result.json")
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)
