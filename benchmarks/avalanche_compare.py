@@ -21,38 +21,33 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-warnings.filterwarnings("ignore", message="no QP solver")  # avalanche imports qpsolvers (GEM)
-warnings.filterwarnings("ignore", message="No loggers specified")
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
-from avalanche.evaluation.metrics import (  # noqa: E402
-    accuracy_metrics,
-    bwt_metrics,
-    forgetting_metrics,
+from benchmarks._strategies import (  # first: it quiets avalanche's imports
+    evaluator,
+    parse_with_presets,
+    strategy_kwargs,
+    strategy_parser,
 )
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
-
-from taps_cl.bases import load_base  # noqa: E402
-from taps_cl.config import TAPSConfig  # noqa: E402
-from taps_cl.scenarios.avalanche import (  # noqa: E402
+from benchmarks.harness import log_strategies, print_table, write_json
+from taps_cl.bases import load_base
+from taps_cl.config import TAPSConfig
+from taps_cl.scenarios.avalanche import (
     as_avalanche_benchmark,
     task_classes,
     task_label_names,
 )
-from taps_cl.scenarios.suite import offline_suite, split_fashion_mnist  # noqa: E402
-from taps_cl.strategies import TAPS  # noqa: E402
-from taps_cl.strategies.multihead import BASELINES, build_baseline  # noqa: E402
+from taps_cl.scenarios.suite import offline_suite, split_fashion_mnist
+from taps_cl.strategies import TAPS
+from taps_cl.strategies.multihead import BASELINES, build_baseline
 
 STRATEGIES = ("taps", *BASELINES)
 SETTINGS = {
@@ -85,15 +80,6 @@ def make_suite(name: str, max_train: int, max_test: int, seed: int) -> list[Any]
     if name == "split_fmnist":
         return split_fashion_mnist(5, max_train=max_train, max_test=max_test, seed=seed)
     raise ValueError(f"unknown scenario {name!r}; use 'offline' or 'split_fmnist'")
-
-
-def make_evaluator() -> EvaluationPlugin:
-    return EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        bwt_metrics(experience=True, stream=True),
-        loggers=[],
-    )
 
 
 # -- sizes ---------------------------------------------------------------------------------------
@@ -148,13 +134,7 @@ def taps_sizes(strategy: TAPS, base: torch.nn.Module) -> tuple[float, int]:
 
 
 def build(name: str, base: torch.nn.Module, bench: Any, args: argparse.Namespace, names) -> Any:
-    common = dict(
-        train_mb_size=args.batch_size,
-        train_epochs=args.epochs,
-        eval_mb_size=128,
-        device=args.device,
-        evaluator=make_evaluator(),
-    )
+    common = strategy_kwargs(args, evaluator(bwt=True), args.device)
     if name == "taps":
         # The penalty waits for a warm-up (as in the authors' code): at step 0 every delta is zero,
         # so the task gives the scores no gradient and the penalty alone would close every gate.
@@ -204,58 +184,31 @@ def _acc_key(j: int) -> str:
 # -- output --------------------------------------------------------------------------------------
 
 
-def print_table(results: list[Result], out: Callable[[str], None] = print) -> None:
-    head = f"{'strategy':<11}{'final acc':>10}{'forgetting':>11}{'BWT':>8}"
-    head += f"{'params/task':>13}{'stored MB':>11}{'time s':>8}"
-    out(head)
-    out("-" * len(head))
-    for r in results:
-        out(
-            f"{r.strategy:<11}{r.final_avg_accuracy:>10.4f}{r.avg_forgetting:>11.4f}"
-            f"{r.bwt:>8.4f}{r.params_per_task:>13,.0f}{r.stored_bytes / 1e6:>11.2f}"
-            f"{r.wall_time_s:>8.1f}"
-        )
+def print_results(results: list[Result]) -> None:
+    headers = ["strategy", "final acc", "forgetting", "BWT", "params/task", "stored MB", "time s"]
+    print_table(headers, [
+        (r.strategy, f"{r.final_avg_accuracy:.4f}", f"{r.avg_forgetting:.4f}", f"{r.bwt:.4f}",
+         f"{r.params_per_task:,.0f}", f"{r.stored_bytes / 1e6:.2f}", f"{r.wall_time_s:.1f}")
+        for r in results
+    ])  # fmt: skip
 
 
 def log_results(results: list[Result], experiment: str, params: dict[str, Any]) -> None:
     """MLflow hook: one run per strategy in ``experiment`` (URI from ``MLFLOW_TRACKING_URI``)."""
-    try:
-        from taps_cl.tracking import log_strategy_result
-    except (ImportError, AttributeError) as err:
-        print(f"MLflow logging skipped: taps_cl.tracking unavailable ({err})", file=sys.stderr)
-        return
-    for r in results:
-        summary = {k: v for k, v in asdict(r).items() if k not in ("accuracy_matrix", "metrics")}
-        log_strategy_result(experiment, r.strategy, summary, r.accuracy_matrix, params)
+    skip = ("accuracy_matrix", "metrics")
+    runs = [(r.strategy, {k: v for k, v in asdict(r).items() if k not in skip},
+             r.accuracy_matrix) for r in results]  # fmt: skip
+    log_strategies(experiment, runs, params)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fast", action="store_true", help="small subsets, 32 px, 1 epoch (< 5 min)")
+    p = strategy_parser(
+        __doc__, STRATEGIES, out=None, experiment_help="MLflow experiment (logs when given)",
+        fast_help="small subsets, 32 px, 2 epochs (< 5 min)", mem_size=100,
+    )  # fmt: skip
     p.add_argument("--scenario", default="offline", choices=("offline", "split_fmnist"))
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (logs when given)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--max-test", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam(W) learning rate, all strategies")
-    p.add_argument("--lam", type=float, default=1.0, help="TAPS sparsity weight")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="TAPS penalty warm-up")
-    p.add_argument("--mem-size", type=int, default=100, help="replay buffer size (samples)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in SETTINGS["fast" if args.fast else "full"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    unknown = sorted(set(args.strategies.split(",")) - set(STRATEGIES))
-    if unknown:
-        p.error(f"unknown strategies {unknown}; choose from {STRATEGIES}")
-    return args
+    return parse_with_presets(p, argv, SETTINGS, STRATEGIES)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -272,11 +225,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for name in args.strategies.split(","):
         results.append(run_one(name, base.module, bench, args))
         print(f"  {name}: {results[-1].final_avg_accuracy:.4f} in {results[-1].wall_time_s:.0f}s")
-    print_table(results)
+    print_results(results)
     params = {k: v for k, v in vars(args).items() if k != "suite"}
     if args.out:
         payload = {"settings": params, "results": [asdict(r) for r in results]}
-        Path(args.out).write_text(json.dumps(payload, indent=2))
+        write_json(args.out, payload)
     if args.experiment:
         log_results(results, args.experiment, params)
     return results

@@ -4,21 +4,24 @@ TAPS at budget 0.1 (real Lite0, 64 px, 3 epochs, lr 1e-3, batch 32) on Fashion-M
 1,000) and digits, for: greedy by importance per stored number vs the exact knapsack, and the
 share of steps before the choice (``TAPSConfig.budget_select``; at least 8 steps either way).
 
-    PYTHONPATH=. python benchmarks/budget_select.py   # writes benchmarks/results/budget_select.json
+    python benchmarks/budget_select.py   # writes benchmarks/results/budget_select.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
 import taps_cl.taps.budget as budget_mod
+from benchmarks.harness import RESULTS, parser, print_table, save
 from benchmarks.transfer import _prepared, _taps_row
 from taps_cl.bases import load_base
-from taps_cl.cli.tables import fmt_pct, table
+from taps_cl.cli.tables import fmt_pct
 from taps_cl.config import TAPSConfig, TrainConfig
 
 EXACT = budget_mod.knapsack
@@ -38,12 +41,11 @@ RULES = {"greedy": greedy, "exact": EXACT}
 SETTINGS = [("greedy", 0.3), ("exact", 0.3), ("exact", 0.15), ("exact", 0.1), ("exact", 0.0)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "digits"])
-    parser.add_argument("--budget", type=float, default=0.1)
-    parser.add_argument("--out", default="benchmarks/results/budget_select.json")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=RESULTS / "budget_select.json")
+    p.add_argument("--tasks", nargs="+", default=["fashion_mnist", "digits"])
+    p.add_argument("--budget", type=float, default=0.1)
+    args = p.parse_args(argv)
     torch.set_num_threads(2)
     base = load_base("efficientnet_lite0")
     data_args = argparse.Namespace(fast=False, max_train=None, image_size=64)
@@ -61,11 +63,11 @@ def main() -> None:
             rows.append({**row, "rule": rule, "budget_select": select})
             print(f"{task} {rule} {select}: {fmt_pct(row['accuracy'])} at "
                   f"{fmt_pct(row['share'])}", flush=True)  # fmt: skip
-    print(table(["task", "rule", "select", "accuracy", "share", "layers"], [
+    print_table(["task", "rule", "select", "accuracy", "share", "layers"], [
         (r["task"], r["rule"], r["budget_select"], fmt_pct(r["accuracy"]), fmt_pct(r["share"]),
          r["layers"]) for r in rows
-    ]))  # fmt: skip
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    ])  # fmt: skip
+    save(args, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
 import sys
 import time
 import warnings
@@ -39,28 +37,33 @@ from typing import Any
 import torch
 from torch import nn
 
-warnings.filterwarnings("ignore", message="no QP solver")
-warnings.filterwarnings("ignore", message="No loggers specified")
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
-from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
-from avalanche.training import EWC, LwF, Naive, Replay  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
-from avalanche.training.supervised import Cumulative  # noqa: E402
-
-from taps_cl.bases import load_base  # noqa: E402
-from taps_cl.config import TAPSConfig  # noqa: E402
-from taps_cl.scenarios.streams import (  # noqa: E402
+from benchmarks._strategies import (  # first: it quiets avalanche's imports
+    evaluator,
+    parse_with_presets,
+    strategy_kwargs,
+    strategy_parser,
+)
+from benchmarks.harness import (
+    RESULTS,
+    log_strategies,
+    median_seconds,
+    print_table,
+    write_json,
+)
+from taps_cl.bases import load_base
+from taps_cl.config import TAPSConfig
+from taps_cl.scenarios.streams import (
     class_incremental_from_suite,
     multi_domain_ci,
     split_fashion_mnist_ci,
 )
-from taps_cl.scenarios.suite import digits, split_fashion_mnist  # noqa: E402
-from taps_cl.strategies import TAPS  # noqa: E402
-from taps_cl.strategies.classinc import ClassIncremental  # noqa: E402
-from taps_cl.strategies.multihead import split_head  # noqa: E402
-from taps_cl.taps.routing import TaskRouter  # noqa: E402
+from taps_cl.scenarios.suite import digits, split_fashion_mnist
+from taps_cl.strategies import TAPS
+from taps_cl.strategies.classinc import ClassIncremental
+from taps_cl.strategies.multihead import split_head
+from taps_cl.taps.routing import TaskRouter
 
 STRATEGIES = ("taps", "naive", "ewc", "lwf", "replay", "cumulative", "ncm")
 SCENARIOS = ("split_fmnist", "multi_domain")
@@ -101,22 +104,11 @@ class SingleHead(nn.Module):
         return self.head(self.features(x))
 
 
-def evaluator() -> EvaluationPlugin:
-    return EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        loggers=[],
-    )
-
-
 def build(name: str, base: nn.Module, num_classes: int, args: argparse.Namespace) -> Any:
-    common = dict(
-        train_mb_size=args.batch_size,
-        train_epochs=args.epochs,
-        eval_mb_size=128,
-        device="cpu",
-        evaluator=evaluator(),
-    )
+    from avalanche.training import EWC, LwF, Naive, Replay  # after _strategies quieted avalanche
+    from avalanche.training.supervised import Cumulative
+
+    common = strategy_kwargs(args, evaluator(), "cpu")
     if name == "taps":
         config = TAPSConfig(lam=args.lam, warmup_epochs=args.warmup_epochs)
         return TAPS(
@@ -274,90 +266,63 @@ def _time_routing(full: ClassIncremental, taps: Any, bench: Any, args: argparse.
         ci.width = full.width
         x = torch.cat(xs[: 2 * k])  # inputs of the first k experiences
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))][: args.cost_batch]
-        routed = _median_time(lambda x=x, ci=ci: ci.forward(taps, x, None), args.repeats)
-        single = _median_time(lambda x=x: taps(x, task="exp0"), args.repeats)
+        routed = median_seconds(lambda x=x, ci=ci: ci.forward(taps, x, None), args.repeats,
+                                warmup=1)  # fmt: skip
+        single = median_seconds(lambda x=x: taps(x, task="exp0"), args.repeats, warmup=1)
         out[str(k)] = {"routed_s": routed, "single_s": single, "ratio": routed / single}
     return out
-
-
-def _median_time(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # -- output --------------------------------------------------------------------------------------
 
 
-def print_table(results: list[Result]) -> None:
-    head = f"{'scenario':<14}{'strategy':<12}{'final acc':>10}{'forgetting':>11}"
-    head += f"{'task id':>9}{'bytes/task':>12}{'time s':>8}"
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        tid = "" if r.task_id_accuracy is None else f"{r.task_id_accuracy:.4f}"
-        size = f"{r.bytes_per_task['total'] / 1e6:.2f} MB" if r.bytes_per_task else ""
-        print(
-            f"{r.scenario:<14}{r.strategy:<12}{r.final_avg_accuracy:>10.4f}"
-            f"{r.avg_forgetting:>11.4f}{tid:>9}{size:>12}{r.wall_time_s:>8.1f}"
-        )
+def print_results(results: list[Result]) -> None:
+    headers = ["scenario", "strategy", "final acc", "forgetting", "task id", "MB/task", "time s"]
+    print_table(headers, [
+        (r.scenario, r.strategy, f"{r.final_avg_accuracy:.4f}", f"{r.avg_forgetting:.4f}",
+         None if r.task_id_accuracy is None else f"{r.task_id_accuracy:.4f}",
+         f"{r.bytes_per_task['total'] / 1e6:.2f}" if r.bytes_per_task else None,
+         f"{r.wall_time_s:.1f}")
+        for r in results
+    ])  # fmt: skip
 
 
 def log_results(results: list[Result], experiment: str, params: dict[str, Any]) -> None:
     """One MLflow run per strategy, one experiment per scenario (``<experiment>-<scenario>``)."""
-    try:
-        from taps_cl.tracking import log_strategy_result
-    except (ImportError, AttributeError) as err:
-        print(f"MLflow logging skipped: taps_cl.tracking unavailable ({err})", file=sys.stderr)
-        return
-    for r in results:
-        summary = {
-            "final_avg_accuracy": r.final_avg_accuracy,
-            "avg_forgetting": r.avg_forgetting,
-            "wall_time_s": r.wall_time_s,
-        }
-        if r.task_id_accuracy is not None:
-            summary["task_id_accuracy"] = r.task_id_accuracy
-            summary["stored_bytes_per_task"] = r.bytes_per_task["total"]
-        name = f"{experiment}-{r.scenario}"
-        log_strategy_result(name, r.strategy, summary, r.accuracy_matrix, params)
+    for scenario in dict.fromkeys(r.scenario for r in results):
+        runs = [(r.strategy, _summary(r), r.accuracy_matrix) for r in results
+                if r.scenario == scenario]  # fmt: skip
+        log_strategies(f"{experiment}-{scenario}", runs, params)
+
+
+def _summary(r: Result) -> dict[str, float]:
+    summary = {
+        "final_avg_accuracy": r.final_avg_accuracy,
+        "avg_forgetting": r.avg_forgetting,
+        "wall_time_s": r.wall_time_s,
+    }
+    if r.task_id_accuracy is not None:
+        summary["task_id_accuracy"] = r.task_id_accuracy
+        summary["stored_bytes_per_task"] = r.bytes_per_task["total"]
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fast", action="store_true", help="smaller caps, 32 px, 1 epoch (~3 min)")
+    p = strategy_parser(
+        __doc__, STRATEGIES, out=None, experiment_help="MLflow experiment prefix (logs if given)",
+        fast_help="smaller caps, 32 px, 1 epoch (~3 min)", mem_size=200,
+    )  # fmt: skip
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
-    p.add_argument("--experiment", default=None, help="MLflow experiment prefix (logs if given)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
-    for name in ("epochs", "image-size", "max-train", "max-test"):
-        p.add_argument(f"--{name}", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam(W) learning rate, all strategies")
-    p.add_argument("--lam", type=float, default=1.0, help="TAPS sparsity weight")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="TAPS penalty warm-up")
     p.add_argument("--route-method", default="lda", choices=("lda", "ncm", "combined"))
-    p.add_argument("--mem-size", type=int, default=200, help="replay buffer (samples)")
     p.add_argument("--cost-batch", type=int, default=64, help="batch of the routing-cost timing")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-cost", action="store_true", help="skip the routing-cost timing")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in SETTINGS["fast" if args.fast else "full"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    unknown = sorted(set(args.strategies.split(",")) - set(STRATEGIES))
-    unknown += sorted(set(args.scenarios.split(",")) - set(SCENARIOS))
+    args = parse_with_presets(p, argv, SETTINGS, STRATEGIES)
+    unknown = sorted(set(args.scenarios.split(",")) - set(SCENARIOS))
     if unknown:
-        p.error(f"unknown strategies/scenarios {unknown}")
-    if args.out is None:
-        suffix = "_fast" if args.fast else ""
-        args.out = str(Path(__file__).parent / "results" / f"class_incremental{suffix}.json")
+        p.error(f"unknown scenarios {unknown}; choose from {SCENARIOS}")
+    if args.out is None:  # default: benchmarks/results/class_incremental[_fast].json
+        args.out = str(RESULTS / f"class_incremental{'_fast' if args.fast else ''}.json")
     return args
 
 
@@ -370,6 +335,7 @@ def make_bench(scenario: str, base: Any, args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(args.threads)
     base = load_base("efficientnet_lite0")
     results: list[Result] = []
@@ -385,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = results[-1]
             print(f"  {name}: acc {r.final_avg_accuracy:.4f} in {r.wall_time_s:.0f}s", flush=True)
     cost = None if args.no_cost else routing_cost(base, args)
-    print_table(results)
+    print_results(results)
     if cost:
         for k in ROUTING_TASKS:
             c = cost[str(k)]
@@ -393,8 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{c['single_s'] * 1e3:.1f} ms = {c['ratio']:.2f}x")  # fmt: skip
     params = {k: v for k, v in vars(args).items() if k != "scenario"}
     payload = {"settings": params, "results": [asdict(r) for r in results], "routing_cost": cost}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    write_json(args.out, payload)
     if args.experiment:
         log_results(results, args.experiment, params)
     return payload

@@ -13,9 +13,10 @@ sizes, against the previous defaults and full fine-tuning:
 5. norm statistics again on a long run (10 epochs)
 
 A knob's winner maximises ``mean accuracy - exchange * mean share of the base`` over the tuning
-tasks (``--exchange`` 0.05: one accuracy point is worth 20% of the base's parameters, about the
-slope of the line from the feature extractor to full fine-tuning on this suite; a configuration
-below that line buys accuracy more dearly than fine-tuning does). Without the size term every
+tasks (``--exchange`` 0.05: one accuracy point is worth 20% of the base's parameters, close to
+the rate at which full fine-tuning buys accuracy over the feature extractor on this suite, see
+``docs/benchmarks.md``; a configuration below that rate buys accuracy more dearly than
+fine-tuning does). Without the size term every
 knob that keeps more layers (lower lam, slower scores) would win. Ties within ``--tolerance``
 go to the previous default.
 
@@ -23,21 +24,24 @@ Held-out check: on the held-out task, every value tried for every knob, varied o
 from the chosen defaults, with the same objective; then the chosen defaults at batch sizes 16,
 32 and 64 against full fine-tuning at the same batch size.
 
-    PYTHONPATH=. python benchmarks/defaults.py        # writes benchmarks/results/defaults.json
+    python benchmarks/defaults.py        # writes benchmarks/results/defaults.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
 import taps_cl.training.loop as train_mod
+from benchmarks.harness import RESULTS, parser, print_table, save
 from benchmarks.transfer import _prepared, _taps_row
 from taps_cl.bases import load_base
-from taps_cl.cli.tables import fmt_pct, table
+from taps_cl.cli.tables import fmt_pct
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.training.baselines import fit_baseline
 
@@ -129,17 +133,34 @@ class Search:
         return {**current, key: winner}, {str(v): s for v, s in scores.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tune", nargs="+", default=["fashion_mnist", "lfw_faces"])
-    parser.add_argument("--held-out", default="digits")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--tolerance", type=float, default=0.005)
-    parser.add_argument("--exchange", type=float, default=0.05, help="accuracy per unit share")
-    parser.add_argument("--long-epochs", type=int, default=10)
-    parser.add_argument("--long-max-train", type=int, default=1000)
-    parser.add_argument("--out", default="benchmarks/results/defaults.json")
-    args = parser.parse_args()
+def held_out(search: Search, cur: dict, args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """On the held-out task: every knob's values one at a time from the chosen defaults, and
+    the chosen defaults at three batch sizes against full fine-tuning at the same size."""
+    held_knobs = {}
+    for key, values in KNOBS.items():
+        _, held_knobs[key] = search.choose(f"held-{key}", cur, key, values, [args.held_out])
+    held = []
+    spec, held_train, held_test = search.datasets[args.held_out]
+    for batch in (16, 32, 64):
+        res = search.evaluate("held-batch", {**cur, "batch": batch}, [args.held_out])
+        held.append({"method": "taps (chosen defaults)", "batch": batch, **res})
+        cfg = TrainConfig(epochs=3, lr=cur["lr"], batch_size=batch, image_size=args.image_size,
+                          seed=0)  # fmt: skip
+        ft = fit_baseline(search.base.module, spec.num_classes, held_train, held_test, cfg)
+        held.append({"method": "finetune", "batch": batch, "accuracy": ft.accuracy, "share": 1.0})
+    return held_knobs, held
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=RESULTS / "defaults.json")
+    p.add_argument("--tune", nargs="+", default=["fashion_mnist", "lfw_faces"])
+    p.add_argument("--held-out", default="digits")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument("--exchange", type=float, default=0.05, help="accuracy per unit share")
+    p.add_argument("--long-epochs", type=int, default=10)
+    p.add_argument("--long-max-train", type=int, default=1000)
+    args = p.parse_args(argv)
     torch.set_num_threads(2)
     base = load_base("efficientnet_lite0")
     size = args.image_size
@@ -156,29 +177,18 @@ def main() -> None:
     long_pick, tuning["long-run norm_stats"] = long_search.choose(
         "long", long, "norm_stats", KNOBS["norm_stats"], args.tune
     )
-    held_knobs = {}
-    for key, values in KNOBS.items():
-        _, held_knobs[key] = search.choose(f"held-{key}", cur, key, values, [args.held_out])
-    held = []
-    spec, held_train, held_test = data[args.held_out]
-    for batch in (16, 32, 64):
-        res = search.evaluate("held-batch", {**cur, "batch": batch}, [args.held_out])
-        held.append({"method": "taps (chosen defaults)", "batch": batch, **res})
-        cfg = TrainConfig(epochs=3, lr=cur["lr"], batch_size=batch, image_size=size, seed=0)
-        ft = fit_baseline(base.module, spec.num_classes, held_train, held_test, cfg)
-        held.append({"method": "finetune", "batch": batch, "accuracy": ft.accuracy, "share": 1.0})
-    print(table(["held-out", "batch", "accuracy", "% of base"], [
+    held_knobs, held = held_out(search, cur, args)
+    print_table(["held-out", "batch", "accuracy", "% of base"], [
         (h["method"], h["batch"], fmt_pct(h["accuracy"]), fmt_pct(h["share"])) for h in held
-    ]))  # fmt: skip
+    ])  # fmt: skip
     agree = {k: max(v, key=lambda x: v[x]["objective"]) for k, v in held_knobs.items()}
     print(f"chosen on {args.tune}: {cur}; long-run norm statistics: {long_pick['norm_stats']}")
     print(f"best on held-out {args.held_out}, one knob at a time: {agree}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    save(args, {
         "args": vars(args), "previous": old, "chosen": cur, "tuning": tuning,
         "long_run_norm_stats": long_pick["norm_stats"], "held_out_knobs": held_knobs,
         "held_out_best": agree, "held_out_batches": held,
-        "rows": search.rows + long_search.rows}, indent=2, default=str))  # fmt: skip
+        "rows": search.rows + long_search.rows})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
+from benchmarks.harness import RESULTS, ROOT, parser, print_table, save, write_json
 
 
 def _engine(store: str, args: argparse.Namespace):
@@ -140,7 +142,7 @@ def worker(args: argparse.Namespace) -> None:
         last = res.history[-1]
         out = {"processes": world, "threads": args.threads, "global_batch_per_step": 3 * args.batch}
         out["images_per_second"] = last["examples"] / last["seconds"]
-        Path(args.worker_out).write_text(json.dumps(out))
+        write_json(args.worker_out, out)
 
 
 def throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -158,7 +160,7 @@ def throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 
 def _print(modes: list[dict], tput: list[dict]) -> None:
-    from taps_cl.cli.tables import fmt_bytes, fmt_pct, table
+    from taps_cl.cli.tables import fmt_bytes, fmt_pct
 
     rows = []
     for m in modes:
@@ -168,35 +170,29 @@ def _print(modes: list[dict], tput: list[dict]) -> None:
                 (m["mode"], name, fmt_pct(t["accuracy"]), layers, fmt_bytes(t["patch_bytes"]))
             )
         rows.append((m["mode"], "ALL", "", "", fmt_bytes(m["patch_bytes"])))
-    print(table(["mode", "task", "accuracy", "layers", "patch bytes"], rows))
+    print_table(["mode", "task", "accuracy", "layers", "patch bytes"], rows)
     rows = [
         (m["mode"], f"{m['wall_seconds']:.0f} s", fmt_bytes(m["store_blob_bytes"])) for m in modes
     ]
-    print(table(["mode", "wall time", "store bytes (all blobs)"], rows))
+    print_table(["mode", "wall time", "store bytes (all blobs)"], rows)
     rows = [(t["processes"], t["threads"], f"{t['images_per_second']:.1f}") for t in tput]
-    print(table(["processes", "threads each", "images/s"], rows))
+    print_table(["processes", "threads each", "images/s"], rows)
 
 
 def _print_split(split: dict) -> None:
-    from taps_cl.cli.tables import fmt_pct, table
+    from taps_cl.cli.tables import fmt_pct
 
     names = split["settings"]["tasks"]
     rows = [
         (m, *(fmt_pct(split[m]["accuracy"][n]) for n in names), fmt_pct(split[m]["mean_accuracy"]))
         for m in ("incremental", "joint")
     ]
-    print(table(["digits split, 32 px, 3 epochs", *names, "mean"], rows))
+    print_table(["digits split, 32 px, 3 epochs", *names, "mean"], rows)
     print(f"joint - incremental (mean): {100 * split['joint_minus_incremental']:+.2f} points")
 
 
-def _merge_json(path: Path, update: dict) -> None:
-    old = json.loads(path.read_text()) if path.exists() else {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**old, **update}, indent=2))
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=RESULTS / "joint.json")
     p.add_argument("--max-train", type=int, default=400)
     p.add_argument("--max-test", type=int, default=200)
     p.add_argument("--size", type=int, default=48)
@@ -212,8 +208,7 @@ def main() -> None:
     p.add_argument("--split-only", action="store_true", help="only the digits-split check")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/joint.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return
@@ -226,7 +221,7 @@ def main() -> None:
         split = digits_split(args, tmp)
         _print_split(split)
         if args.split_only:
-            _merge_json(Path(args.out), {"digits_split": split})
+            save(args, {"digits_split": split}, merge=True)
             return
         if not args.skip_accuracy:
             suite = offline_suite(max_train=args.max_train, max_test=args.max_test)
@@ -244,8 +239,7 @@ def main() -> None:
     _print(modes, tput)
     print(f"2 processes / 1 process (2 threads): {result['ratio_2proc_over_1proc_same_cores']:.2f}")
     print(f"2 processes / 1 process (1 thread):  {result['ratio_2proc_over_1proc_1thread']:.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    save(args, result)
 
 
 if __name__ == "__main__":

@@ -10,22 +10,23 @@ class) of lda / ncm / energy / combined, and the time of ``Engine.route`` agains
     python benchmarks/routing.py --sizes 48,48,64    # tasks trained at different input sizes
     python benchmarks/routing.py --suite split       # harder: Fashion-MNIST split in 2 tasks
 
-Each run is stored in the JSON under its label (suite and sizes). From a source checkout run
-with ``PYTHONPATH=.`` so that this tree's ``taps_cl`` is the one imported.
+Each run is stored in the JSON under its label (suite and sizes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from taps_cl.cli.tables import fmt_pct, table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
+from benchmarks.harness import RESULTS, median_seconds, parser, print_table, save
+from taps_cl.cli.tables import fmt_pct
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.engine import Engine
 from taps_cl.scenarios import get_task, split_fashion_mnist
@@ -82,30 +83,22 @@ def timing(engine: Engine, specs: dict, repeats: int) -> dict:
     x = [img for s in specs.values() for img in s.test.tensors[0][:per]][:32]
     first = next(iter(specs))
     engine.route(x), engine.predict(first, x)  # warm: router built, patches loaded
-
-    def median(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    out = {"batch": len(x), "predict_seconds": median(lambda: engine.predict(first, x))}
+    predict = median_seconds(lambda: engine.predict(first, x), repeats)
+    out = {"batch": len(x), "predict_seconds": predict}
     for method in METHODS:
-        out[f"route_{method}_seconds"] = median(lambda m=method: engine.route(x, method=m))
+        route = median_seconds(lambda m=method: engine.route(x, method=m), repeats)
+        out[f"route_{method}_seconds"] = route
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=RESULTS / "routing.json")
     p.add_argument("--suite", default="offline", choices=["offline", "split"])
     p.add_argument("--sizes", default=None, help="train size per task, e.g. 48,48,64 (def. 48)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "routing.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     specs = suite(args.suite)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [48] * len(specs)
@@ -126,15 +119,10 @@ def main() -> None:
          f"{results['timing'][f'route_{m}_seconds'] * 1e3:.0f} ms")
         for m, r in results["methods"].items()
     ]  # fmt: skip
-    print(table(["method", "task id", "end-to-end", *specs, "route 32 imgs"], rows))
+    print_table(["method", "task id", "end-to-end", *specs, "route 32 imgs"], rows)
     print(f"predict (one task, 32 imgs): {results['timing']['predict_seconds'] * 1e3:.0f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs = json.loads(out.read_text()) if out.exists() else {}
     label = f"{args.suite}_" + "_".join(map(str, sizes))
-    runs[label] = results
-    out.write_text(json.dumps(runs, indent=2))
-    print(f"wrote {out} [{label}]")
+    print(f"wrote {save(args, {label: results}, merge=True)} [{label}]")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ Run: ``python benchmarks/routing_synthetic.py`` (a few seconds on CPU); prints a
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
+from benchmarks.harness import RESULTS, parser, print_table, save
 from taps_cl.taps.routing import (
     CalibrationAccumulator,
     RouteStats,
@@ -92,15 +95,14 @@ def run_setting(cfg: dict) -> dict[str, float]:
     return results
 
 
-def main() -> None:
-    table = {name: run_setting(cfg) for name, cfg in SETTINGS.items()}
-    cols = list(next(iter(table.values())))
-    print(f"{'setting':<12}" + "".join(f"{c:>14}" for c in cols))
-    for name, row in table.items():
-        print(f"{name:<12}" + "".join(f"{row[c]:>14.3f}" for c in cols))
-    out = Path(__file__).parent / "results" / "routing_synthetic.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"settings": SETTINGS, "task_accuracy": table}, indent=2) + "\n")
+def main(argv: list[str] | None = None) -> None:
+    args = parser(__doc__, out=RESULTS / "routing_synthetic.json").parse_args(argv)
+    results = {name: run_setting(cfg) for name, cfg in SETTINGS.items()}
+    cols = list(next(iter(results.values())))
+    print_table(
+        ["setting", *cols], [(n, *(f"{r[c]:.3f}" for c in cols)) for n, r in results.items()]
+    )
+    save(args, {"settings": SETTINGS, "task_accuracy": results})
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ Measured in one run, interleaved where two sides are compared, medians reported:
 
 Two tasks are trained quickly (1 epoch at 32 px on sklearn digits). The machine is shared, so
 the load average is recorded beside the numbers.
-Run: ``PYTHONPATH=. python benchmarks/serving.py [--repeats 30 --threads 2]``.
+Run: ``python benchmarks/serving.py [--repeats 30 --threads 2]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -25,21 +24,23 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
+from benchmarks.harness import (
+    RESULTS,
+    interleaved_medians,
+    median_seconds,
+    parser,
+    print_table,
+    save,
+    timed,
+)
 from taps_cl.config import TrainConfig
 from taps_cl.data import preprocess
 from taps_cl.engine import Engine
 from taps_cl.scenarios import get_task
 
 NAMES = ("digits_a", "digits_b")
-
-
-def _ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _train(store: str, size: int) -> tuple[Engine, torch.Tensor]:
@@ -60,14 +61,10 @@ def _cold(store: str, x: torch.Tensor, repeats: int) -> dict:
         engine = Engine("efficientnet_lite0", store=store, device="cpu")
         engine.server.model  # noqa: B018 - the loader model is built once per engine, not per load
         engine.server.current_version(NAMES[0])
-        start = time.perf_counter()
-        engine.predict(NAMES[0], x[:1])
-        first = time.perf_counter() - start
-        warm = _ms(lambda e=engine: e.predict(NAMES[0], x[:1]), 3) / 1e3
+        _, first = timed(lambda e=engine: e.predict(NAMES[0], x[:1]))
+        warm = median_seconds(lambda e=engine: e.predict(NAMES[0], x[:1]), 3)
         loads.append(first - warm)
-        start = time.perf_counter()
-        engine.store.load(NAMES[0], base=engine.fingerprint)
-        reads.append(time.perf_counter() - start)
+        reads.append(timed(lambda e=engine: e.store.load(NAMES[0], base=e.fingerprint))[1])
     load, read = 1e3 * statistics.median(loads), 1e3 * statistics.median(reads)
     return {"load_ms": load, "store_read_ms": read, "load_beyond_read_ms": load - read}
 
@@ -84,11 +81,19 @@ def _latency(engine: Engine, x: torch.Tensor, repeats: int) -> dict:
             with torch.no_grad():
                 merged(preprocess(xs, prep, size))
 
-        pairs = [(_ms(lambda xs=xs: engine.predict(NAMES[0], xs), 1), _ms(plain, 1))
-                 for _ in range(repeats)]  # fmt: skip
-        p, m = (statistics.median(v) for v in zip(*pairs, strict=True))
-        out[n] = {"predict_ms": p, "merged_forward_plus_preprocess_ms": m, "ratio": p / m}
-    switch = _ms(lambda: [engine.predict(n, x[:1]) for n in NAMES], repeats) / 2
+        fns = {"predict": lambda xs=xs: engine.predict(NAMES[0], xs), "plain": plain}
+        t = {k: 1e3 * v for k, v in interleaved_medians(fns, repeats).items()}
+        out[n] = {
+            "predict_ms": t["predict"],
+            "merged_forward_plus_preprocess_ms": t["plain"],
+            "ratio": t["predict"] / t["plain"],
+        }
+
+    def both() -> None:
+        for name in NAMES:
+            engine.predict(name, x[:1])
+
+    switch = 1e3 * median_seconds(both, repeats) / 2
     return {"latency": out, "warm_switch_predict_1_ms": switch}
 
 
@@ -114,14 +119,27 @@ def _throughput(engine: Engine, x: torch.Tensor, seconds: float) -> dict:
     return {"images_per_s": out, "vs_one_thread": {k: v / out[1] for k, v in out.items()}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--out", default="benchmarks/results/serving.json")
-    args = parser.parse_args()
+def summary_rows(r: dict) -> list[tuple[str, str]]:
+    cold, lat, tput = r["cold"], r["latency"], r["throughput_32"]["images_per_s"]
+    rows = [
+        ("cold load / store read", f"{cold['load_ms']:.1f} / {cold['store_read_ms']:.1f} ms"),
+        ("warm switch (predict 1 image)", f"{r['warm_switch_predict_1_ms']:.1f} ms"),
+    ]
+    for n, v in lat.items():
+        rows.append((f"predict {n} / merged forward + preprocess",
+                     f"{v['predict_ms']:.1f} / {v['merged_forward_plus_preprocess_ms']:.1f} ms "
+                     f"= {v['ratio']:.3f}"))  # fmt: skip
+    rows += [(f"images/s, {k} thread(s)", f"{v:.0f}") for k, v in tput.items()]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=RESULTS / "serving.json")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{Path(tmp) / 'tasks.db'}"
@@ -136,8 +154,8 @@ def main() -> None:
     result["patch"] = {"active_layers": len(patch.active_layers), "bytes": patch.nbytes}
     result["settings"] = {**vars(args), "cpus": os.cpu_count(), "torch": torch.__version__}
     result["loadavg_before_after"] = [load_before, os.getloadavg()]
-    print(json.dumps(result, indent=2))
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(["measure", "value"], summary_rows(result))
+    print(f"wrote {save(args, result)}")
 
 
 if __name__ == "__main__":

@@ -5,29 +5,28 @@ and a fraction of gates switched off (as trained TAPS tasks look), then measures
 load latency, bytes per task against a full model copy, export/import, dedup savings when a
 task is re-trained with most layers unchanged, and storing the whole base's weights.
 
-    .venv/bin/python benchmarks/store.py [--active 0.25] [--repeats 3] [--out PATH]
+    python benchmarks/store.py [--active 0.25] [--repeats 3] [--out PATH]
 
 Prints a table and writes JSON (default ``benchmarks/results/store.json``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
+from benchmarks.harness import RESULTS, median_seconds, parser, print_table, save, timed
 from taps_cl.bases import load_base
 from taps_cl.storage import TaskStore
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
-
-RESULTS = Path(__file__).parent / "results" / "store.json"
 
 
 def make_task(model: TAPSModel, name: str, active: float, seed: int) -> TaskPatch:
@@ -59,10 +58,47 @@ def retrained(patch: TaskPatch, changed_layers: int, seed: int) -> TaskPatch:
     return TaskPatch(**{**patch.__dict__, "tensors": tensors, "version": None})
 
 
-def timed(fn):  # noqa: ANN001, ANN201
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def _commit_and_load(store: TaskStore, patches: list[TaskPatch], full_bytes: int) -> dict:
+    commits = [timed(lambda p=p: store.commit(p, metrics={"acc": 0.0}))[1] for p in patches]
+    added = [v.added_bytes for p in patches for v in store.versions(p.name)]
+    load = median_seconds(lambda: store.load("task0"), 5)
+    loaded = store.load("task0").tensors
+    if not all(torch.equal(loaded[k], v) for k, v in patches[0].tensors.items()):
+        raise RuntimeError("task0 came back from the store with other tensors than committed")
+    return {
+        "stored_bytes_per_task": added,
+        "stored_vs_full_copy": statistics.mean(added) / full_bytes,
+        "commit_s": commits,
+        "commit_median_s": statistics.median(commits),
+        "load_median_s": load,
+    }
+
+
+def _export_import(store: TaskStore, tmp: Path) -> dict:
+    path, t_export = timed(lambda: store.export("task0", tmp / "task0.safetensors"))
+    with TaskStore(tmp / "other.db") as other:
+        _, t_import = timed(lambda: other.import_file(path, allow_new_base=True))
+    return {"export_s": t_export, "export_file_bytes": path.stat().st_size, "import_s": t_import}
+
+
+def _retrain_and_base(store: TaskStore, patch: TaskPatch, fp: str, state: dict, name: str) -> dict:
+    before = store.stats()
+    _, t_retrain = timed(lambda: store.commit(retrained(patch, 2, seed=99)))
+    v2 = store.versions("task0")[-1]
+    after = store.stats()
+    _, t_save_base = timed(lambda: store.save_base_weights(fp, state, name=name))
+    _, t_load_base = timed(lambda: store.load_base_weights(fp))
+    with_base = store.stats()
+    return {
+        "retrain_commit_s": t_retrain,
+        "retrain_patch_bytes": v2.nbytes,
+        "retrain_added_bytes": v2.added_bytes,
+        "retrain_dedup_saved_bytes": after.dedup_saved_bytes - before.dedup_saved_bytes,
+        "save_base_weights_s": t_save_base,
+        "load_base_weights_s": t_load_base,
+        "base_weights_added_bytes": with_base.blob_bytes - after.blob_bytes,
+        "store_stats": after.__dict__,
+    }
 
 
 def run(active: float, repeats: int) -> dict:
@@ -76,60 +112,29 @@ def run(active: float, repeats: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="taps_cl_bench_"))
     store = TaskStore(tmp / "tasks.db")
     store.register_base(fp, base.name, base.source, num_params)
-
-    commits = [timed(lambda p=p: store.commit(p, metrics={"acc": 0.0}))[1] for p in patches]
-    added = [v.added_bytes for p in patches for v in store.versions(p.name)]
-    loads = [timed(lambda: store.load("task0"))[1] for _ in range(5)]
-    assert all(
-        torch.equal(store.load("task0").tensors[k], v) for k, v in patches[0].tensors.items()
-    )
-
-    path, t_export = timed(lambda: store.export("task0", tmp / "task0.safetensors"))
-    with TaskStore(tmp / "other.db") as other:
-        _, t_import = timed(lambda: other.import_file(path, allow_new_base=True))
-
-    before = store.stats()
-    _, t_retrain = timed(lambda: store.commit(retrained(patches[0], 2, seed=99)))
-    v2 = store.versions("task0")[-1]
-    after = store.stats()
-    _, t_save_base = timed(lambda: store.save_base_weights(fp, state, name=base.name))
-    _, t_load_base = timed(lambda: store.load_base_weights(fp))
-    with_base = store.stats()
-    store.close()
-
-    p0 = patches[0]
-    return {
+    result = {
         "base": base.name,
         "base_parameters": num_params,
         "full_model_bytes": full_bytes,
-        "gated_layers": p0.num_layers,
+        "gated_layers": patches[0].num_layers,
         "active_fraction_target": active,
         "active_layers_per_task": [len(p.active_layers) for p in patches],
         "patch_bytes": [p.nbytes for p in patches],
         "patch_parameters": [p.num_parameters for p in patches],
-        "stored_bytes_per_task": added,
-        "stored_vs_full_copy": statistics.mean(added) / full_bytes,
-        "commit_s": commits,
-        "commit_median_s": statistics.median(commits),
-        "load_median_s": statistics.median(loads),
-        "export_s": t_export,
-        "export_file_bytes": path.stat().st_size,
-        "import_s": t_import,
-        "retrain_commit_s": t_retrain,
-        "retrain_patch_bytes": v2.nbytes,
-        "retrain_added_bytes": v2.added_bytes,
-        "retrain_dedup_saved_bytes": after.dedup_saved_bytes - before.dedup_saved_bytes,
-        "save_base_weights_s": t_save_base,
-        "load_base_weights_s": t_load_base,
-        "base_weights_added_bytes": with_base.blob_bytes - after.blob_bytes,
-        "store_stats": after.__dict__,
+        **_commit_and_load(store, patches, full_bytes),
+        **_export_import(store, tmp),
+        **_retrain_and_base(store, patches[0], fp, state, base.name),
+    }
+    store.close()
+    return {
+        **result,
         "sqlite_file_bytes": sum(f.stat().st_size for f in tmp.glob("tasks.db*")),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
 
 
-def table(r: dict) -> str:
+def summary_rows(r: dict) -> list[tuple[str, str]]:
     mb = 1e6
     rows = [
         ("base", f"{r['base']} ({r['base_parameters'] / 1e6:.2f} M params)"),
@@ -156,23 +161,19 @@ def table(r: dict) -> str:
         ),  # fmt: skip
         ("sqlite file", f"{r['sqlite_file_bytes'] / mb:.2f} MB"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--active", type=float, default=0.25, help="fraction of gates left on")
-    parser.add_argument("--repeats", type=int, default=3, help="tasks committed (commit timing)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=RESULTS / "store.json")
+    p.add_argument("--active", type=float, default=0.25, help="fraction of gates left on")
+    p.add_argument("--repeats", type=int, default=3, help="tasks committed (commit timing)")
+    args = p.parse_args(argv)
     if not 0 < args.active <= 1 or args.repeats < 1:
-        parser.error("--active must be in (0, 1] and --repeats >= 1")
+        p.error("--active must be in (0, 1] and --repeats >= 1")
     result = run(args.active, args.repeats)
-    print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print_table(["measure", "value"], summary_rows(result))
+    print(f"\nwrote {save(args, result)}")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,17 @@ import argparse
 import copy
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
+
+from benchmarks.harness import RESULTS, parser, print_table, save
 from taps_cl.bases import load_base
-from taps_cl.cli.tables import fmt_bytes, fmt_pct, table
+from taps_cl.cli.tables import fmt_bytes, fmt_pct
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import prepare
 from taps_cl.scenarios import get_task
@@ -187,22 +191,19 @@ def budget_sweep(base, args: argparse.Namespace) -> None:
     rows, lrs = best_lr(rows)
     means = mean_rows(rows)
     n_base = base.num_parameters
-    print(table(["task", "method", "lr", "accuracy", "% of base", "stored", "layers", "time"], [
+    print_table(["task", "method", "lr", "accuracy", "% of base", "stored", "layers", "time"], [
         (r["task"], r["method"], f"{lrs[r['method']]:g}", fmt_pct(r["accuracy"]),
          fmt_pct(r["params"] / n_base), fmt_bytes(r["bytes"]), r.get("layers", "-"),
          f"{r['seconds']:.0f} s")
         for r in rows + means
-    ]))  # fmt: skip
+    ])  # fmt: skip
     goals = targets(means, rows, n_base)
     print(f"\nTAPS runs over budget by more than 10%: {len(goals['share_over_budget_by_10pct'])}")
     print(json.dumps({k: v for k, v in goals.items() if not k.startswith("share_")}, indent=1))
     print(f"TAPS runs under budget by more than 10%: {len(goals['share_under_budget_by_10pct'])}")
-    out = Path(args.out).with_name("transfer_budget.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    args_json = {k: v for k, v in vars(args).items()}
-    out.write_text(json.dumps({"args": args_json, "base_parameters": n_base, "lrs": lrs,
-                               "targets": goals, "rows": rows, "means": means},
-                              indent=2))  # fmt: skip
+    out = save(args, {"args": vars(args), "base_parameters": n_base, "lrs": lrs,
+                      "targets": goals, "rows": rows, "means": means},
+               path=Path(args.out).with_name("transfer_budget.json"))  # fmt: skip
     plot(means, str(out.with_suffix(".png")), 4 * n_base)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -220,43 +221,42 @@ def _row(task, method, acc, params, nbytes, seconds) -> dict:
             "bytes": nbytes, "seconds": seconds}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--lam", type=float, default=TAPSConfig.lam)
-    parser.add_argument("--penalty", default=TAPSConfig.penalty, choices=["uniform", "weighted"])
-    parser.add_argument("--tasks", nargs="+", default=list(CAPS))
-    parser.add_argument("--out", default="benchmarks/results/transfer.json")
-    parser.add_argument("--budgets", type=_floats, default=[], help="e.g. 0.05,0.1,0.2,0.35")
-    parser.add_argument(
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser(__doc__, out=RESULTS / "transfer.json")
+    p.add_argument("--fast", action="store_true")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--lam", type=float, default=TAPSConfig.lam)
+    p.add_argument("--penalty", default=TAPSConfig.penalty, choices=["uniform", "weighted"])
+    p.add_argument("--tasks", nargs="+", default=list(CAPS))
+    p.add_argument("--budgets", type=_floats, default=[], help="e.g. 0.05,0.1,0.2,0.35")
+    p.add_argument(
         "--variants",
         default="taps,taps-int8,taps-r8,taps-r8-int8,taps-r32-int8",
         help=f"TAPS configurations of the sweep, from {list(VARIANTS)}",
     )
-    parser.add_argument(
+    p.add_argument(
         "--lrs",
         type=_floats,
         default=[1e-3, 3e-3],
         help="budget sweep: every method runs at each and keeps its better",
     )
-    parser.add_argument("--cache", default=None, help="JSON-lines file of finished sweep rows")
-    parser.add_argument("--lora-ranks", type=_ints, default=[4, 16], help="PEFT LoRA ranks")
-    parser.add_argument("--max-train", type=int, default=None, help="cap on training samples")
-    args = parser.parse_args()
+    p.add_argument("--cache", default=None, help="JSON-lines file of finished sweep rows")
+    p.add_argument("--lora-ranks", type=_ints, default=[4, 16], help="PEFT LoRA ranks")
+    p.add_argument("--max-train", type=int, default=None, help="cap on training samples")
+    args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
-        parser.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
+        p.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
     if args.fast:
         args.epochs = 1
-    torch.set_num_threads(2)
-    base = load_base("efficientnet_lite0")
-    if args.budgets:
-        budget_sweep(base, args)
-        return
+    return args
+
+
+def table_one(base, args: argparse.Namespace) -> None:
+    """The paper's Table 1: feature extractor, fine-tuning and TAPS per task, and the means."""
     n_base = base.num_parameters
     rows = [r for name in args.tasks for r in run_task(base, name, args)]
     means = []
@@ -270,12 +270,12 @@ def main() -> None:
             "seconds": sum(r["seconds"] for r in sel),
         })  # fmt: skip
     headers = ["task", "method", "accuracy", "task params", "% of base", "stored", "layers", "time"]
-    print(table(headers, [
+    print_table(headers, [
         (r["task"], r["method"], fmt_pct(r["accuracy"]), f"{r['params']:,.0f}",
          fmt_pct(r["params"] / n_base), fmt_bytes(r["bytes"]), r.get("layers", "-"),
          f"{r['seconds']:.0f} s")
         for r in rows + means
-    ]))  # fmt: skip
+    ])  # fmt: skip
     ft, tp, lin = (
         next(m for m in means if m["method"] == k) for k in ("finetune", "taps", "linear")
     )
@@ -284,10 +284,17 @@ def main() -> None:
     )
     print(f"TAPS - feature extractor: {100 * (tp['accuracy'] - lin['accuracy']):+.2f} points")
     print(f"TAPS stores {tp['params'] / n_base:.1%} of the base's parameters per task on average")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps({"args": vars(args), "rows": rows, "means": means}, indent=2)
-    )
+    save(args, {"args": vars(args), "rows": rows, "means": means})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(2)
+    base = load_base("efficientnet_lite0")
+    if args.budgets:
+        budget_sweep(base, args)
+    else:
+        table_one(base, args)
 
 
 if __name__ == "__main__":

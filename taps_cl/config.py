@@ -1,17 +1,16 @@
 """Validated, JSON round-trippable configuration for the method and for training.
 
-One comment per field is the single source of documentation for that field.
+Each field's ``metadata["help"]`` (set with :func:`_doc`) is the single source of documentation
+for that field; the CLI builds its option help from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import numbers
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,26 +30,20 @@ DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 T = TypeVar("T", bound="_JSONConfig")
 
 
+def _doc(default: Any, help: str) -> Any:
+    """A field with ``default`` whose ``metadata["help"]`` documents it, so that the dataclass,
+    ``field_docs`` and the CLI's ``--help`` read one text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class _JSONConfig:
     """JSON round-trip shared by the config dataclasses (unknown keys are an error, not ignored)."""
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
-        """Field name -> its comment in the class body, trailing or on the lines just above (the
-        field's only documentation, reused by the CLI's ``--help``)."""
-        field_re = re.compile(r"^\s+(\w+): [^=\n]+ = [^#\n]+(?:#\s*(.+))?$")
-        docs: dict[str, str] = {}
-        above: list[str] = []
-        for line in inspect.getsource(cls).splitlines():
-            stripped = line.strip()
-            if stripped.startswith("#"):
-                above.append(stripped.lstrip("#").strip())
-                continue
-            match = field_re.match(line)
-            if match:
-                docs[match.group(1)] = (match.group(2) or " ".join(above)).strip()
-            above = []
-        return docs
+        """Field name -> its help (``metadata["help"]``), the field's only documentation; the
+        CLI's ``--help`` shows it."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
 
     def _check_types(self) -> None:
         """Numbers must be real numbers (not bools, NaN or inf), flags must be bools: a NaN
@@ -97,22 +90,35 @@ class _JSONConfig:
 class TAPSConfig(_JSONConfig):
     """How TAPS gates layers. Defaults follow the authors' code unless noted."""
 
-    lam: float = 0.5  # sparsity penalty weight; larger -> fewer adapted layers (see docs)
-    tau: float = 0.1  # gate threshold: layer i is adapted iff score_i >= tau
-    score_init: float = 0.15  # initial score; > tau, so every layer starts adapted
-    penalty: str = "uniform"  # "uniform": mean |s_i|; "weighted": |s_i| weighted by layer size
-    warmup_epochs: float = 0.0  # epochs (may be fractional) before the penalty switches on
-    task_norms: bool = True  # each task owns its norm layers (BN affine + stats, LN/GN affine)
-    # how a task's own BatchNorm running statistics start: "base" copies the base's and moves
-    # them by its momentum; "reset" starts empty and keeps a cumulative average (momentum None)
-    norm_stats: str = "base"
-    # largest share of the base's parameters a task may store (deltas, norms, head, scores);
-    # None = lam alone decides. With a budget the gates are chosen once (see budget_select)
-    budget: float | None = None
-    budget_select: float = 0.1  # with a budget: share of a task's steps before gates are chosen
-    delta_rank: int | None = None  # None = dense deltas (the paper); N = low-rank B @ A, rank N
-    delta_alpha: float | None = None  # low-rank deltas scale by alpha / rank; None = rank
-    delta_dtype: str = "float32"  # how finalised deltas are stored: float32, bfloat16 or int8
+    lam: float = _doc(0.5, "sparsity penalty weight; larger -> fewer adapted layers (see docs)")
+    tau: float = _doc(0.1, "gate threshold: layer i is adapted iff score_i >= tau")
+    score_init: float = _doc(0.15, "initial score; > tau, so every layer starts adapted")
+    penalty: str = _doc(
+        "uniform", '"uniform": mean |s_i|; "weighted": |s_i| weighted by layer size'
+    )
+    warmup_epochs: float = _doc(0.0, "epochs (may be fractional) before the penalty switches on")
+    task_norms: bool = _doc(
+        True, "each task owns its norm layers (BN affine + stats, LN/GN affine)"
+    )
+    norm_stats: str = _doc(
+        "base",
+        "how a task's own BatchNorm running statistics start: \"base\" copies the base's and "
+        'moves them by its momentum; "reset" starts empty and keeps a cumulative average '
+        "(momentum None)",
+    )
+    budget: float | None = _doc(
+        None,
+        "largest share of the base's parameters a task may store (deltas, norms, head, scores); "
+        "None = lam alone decides. With a budget the gates are chosen once (see budget_select)",
+    )
+    budget_select: float = _doc(
+        0.1, "with a budget: share of a task's steps before gates are chosen"
+    )
+    delta_rank: int | None = _doc(
+        None, "None = dense deltas (the paper); N = low-rank B @ A, rank N"
+    )
+    delta_alpha: float | None = _doc(None, "low-rank deltas scale by alpha / rank; None = rank")
+    delta_dtype: str = _doc("float32", "how finalised deltas are stored: float32, bfloat16 or int8")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -151,21 +157,23 @@ class TAPSConfig(_JSONConfig):
 class TrainConfig(_JSONConfig):
     """How one task (or one joint run) is trained."""
 
-    epochs: int = 3  # passes over the training data
-    batch_size: int = 32  # minibatch size
-    image_size: int | None = None  # input side in pixels; None = the base's own (e.g. 224)
-    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9)
-    lr: float = 1e-3  # learning rate of deltas, norms and head
-    score_lr: float | None = None  # None = auto: scores can cross (init - tau) ~4x in training
-    weight_decay: float = 0.0  # decoupled weight decay of deltas and head (never of scores)
-    schedule: str = "cosine"  # learning-rate schedule over all steps
-    seed: int = 0  # seeds torch, the data order and head initialisation
-    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
-    amp: bool = True  # mixed precision (bf16 autocast) on CUDA; ignored on CPU unless amp_cpu
-    amp_cpu: bool = False  # also use bf16 autocast on CPU (slower on most CPUs; for testing)
-    amp_dtype: str = "bfloat16"  # autocast dtype: "bfloat16" or "float16" (with loss scaling)
-    num_workers: int = 0  # DataLoader worker processes
-    max_grad_norm: float | None = 5.0  # gradient clipping; None disables
+    epochs: int = _doc(3, "passes over the training data")
+    batch_size: int = _doc(32, "minibatch size")
+    image_size: int | None = _doc(None, "input side in pixels; None = the base's own (e.g. 224)")
+    optimizer: str = _doc("adamw", '"adamw" or "sgd" (momentum 0.9)')
+    lr: float = _doc(1e-3, "learning rate of deltas, norms and head")
+    score_lr: float | None = _doc(
+        None, "None = auto: scores can cross (init - tau) ~4x in training"
+    )
+    weight_decay: float = _doc(0.0, "decoupled weight decay of deltas and head (never of scores)")
+    schedule: str = _doc("cosine", "learning-rate schedule over all steps")
+    seed: int = _doc(0, "seeds torch, the data order and head initialisation")
+    device: str = _doc("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    amp: bool = _doc(True, "mixed precision (bf16 autocast) on CUDA; ignored on CPU unless amp_cpu")
+    amp_cpu: bool = _doc(False, "also use bf16 autocast on CPU (slower on most CPUs; for testing)")
+    amp_dtype: str = _doc("bfloat16", 'autocast dtype: "bfloat16" or "float16" (with loss scaling)')
+    num_workers: int = _doc(0, "DataLoader worker processes")
+    max_grad_norm: float | None = _doc(5.0, "gradient clipping; None disables")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -196,11 +204,15 @@ class TrainConfig(_JSONConfig):
 class JointConfig(_JSONConfig):
     """How a joint run samples its tasks (training itself is set by :class:`TrainConfig`)."""
 
-    # None: "own" (each task makes its own passes, exactly as alone), "max" with train_base;
-    # "max"/"min": every task steps each step, epochs of the longest/shortest task; or N steps
-    epoch_length: int | str | None = None
-    ratios: dict[str, float] | None = None  # task -> multiple of batch_size per step (default 1)
-    base_lr: float | None = None  # lr of the shared base weights (train_base); None = lr
+    epoch_length: int | str | None = _doc(
+        None,
+        'None: "own" (each task makes its own passes, exactly as alone), "max" with train_base; '
+        '"max"/"min": every task steps each step, epochs of the longest/shortest task; or N steps',
+    )
+    ratios: dict[str, float] | None = _doc(
+        None, "task -> multiple of batch_size per step (default 1)"
+    )
+    base_lr: float | None = _doc(None, "lr of the shared base weights (train_base); None = lr")
 
     def __post_init__(self) -> None:
         self._check_types()

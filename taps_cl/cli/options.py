@@ -1,5 +1,6 @@
-"""CLI options built from the config dataclasses: one flag per field, its help the field's own
-comment and its shown default the dataclass default, so no default is ever written twice."""
+"""CLI options built from the config dataclasses: one flag per field, its help the field's
+``metadata["help"]`` and its shown default the dataclass default, so neither a default nor a
+field's documentation is ever written twice."""
 
 from __future__ import annotations
 
@@ -68,7 +69,6 @@ def add_config_options(
     """Add ``--field-name`` options for ``names`` of the config dataclass ``cls``. An option
     that is not given leaves the attribute unset, so the config's own default applies."""
     group = parser.add_argument_group(title or f"{cls.__name__} options")
-    docs = cls.field_docs()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in names:
         field = fields[name]
@@ -80,7 +80,7 @@ def add_config_options(
             type=kind,
             default=argparse.SUPPRESS,
             metavar=name.upper(),
-            help=f"{docs.get(name, '')}{hint} (default: {field.default})",
+            help=f"{field.metadata.get('help', '')}{hint} (default: {field.default})",
         )
 
 
