@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from taps_cl.registry import DELTA_KINDS
+
 DEFAULT_BASE = "efficientnet_lite0"  # the base an Engine uses when none is named
 PENALTIES = ("uniform", "weighted")
 AMP_DTYPES = ("bfloat16", "float16")
@@ -112,6 +114,9 @@ class TAPSConfig(_JSONConfig):
     delta_rank: int | None = None  # None = dense deltas (the paper); N = low-rank B @ A, rank N
     delta_alpha: float | None = None  # low-rank deltas scale by alpha / rank; None = rank
     delta_dtype: str = "float32"  # how finalised deltas are stored: float32, bfloat16 or int8
+    # a registered delta kind by name (taps_cl.taps.deltas: "dense", "lowrank", your own);
+    # None = "lowrank" if delta_rank is set, else "dense"
+    delta_kind: str | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -144,6 +149,11 @@ class TAPSConfig(_JSONConfig):
             raise ValueError(f"delta_alpha must be None or > 0, got {self.delta_alpha}")
         if self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(f"delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}")
+        if self.delta_kind is not None:
+            if not isinstance(self.delta_kind, str):
+                raise TypeError(f"delta_kind must be a str or None, got {self.delta_kind!r}")
+            # unknown kind or settings the kind lacks: ValueError (the kind checks its own)
+            DELTA_KINDS.get(self.delta_kind).from_config(self)
 
 
 @dataclass
