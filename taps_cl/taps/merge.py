@@ -46,11 +46,13 @@ def merge_patch(model: TAPSModel, patch: TaskPatch, *, consume: bool = False) ->
     ``consume=True`` lets the result take over (and overwrite) the patch's tensors instead of
     copying them; only for a patch the caller drops afterwards (e.g. one just read)."""
     if not all(isinstance(m, _FAST) for m in _wrappers(model)):  # e.g. gated attention
-        model.load_patch(patch, name=_SCRATCH)
+        scratch = next(f"{_SCRATCH}{i}" for i in range(len(model.tasks) + 1)
+                       if f"{_SCRATCH}{i}" not in model.tasks)  # fmt: skip
+        model.load_patch(patch, name=scratch)
         try:
-            out = shared_merged(model, _SCRATCH)
+            out = shared_merged(model, scratch)
         finally:
-            model.remove_task(_SCRATCH)
+            model.remove_task(scratch)
         describe_task(out, patch.num_classes, patch.class_names)
         return out
     _check_patch(model, patch)
@@ -74,7 +76,7 @@ def merge_patch(model: TAPSModel, patch: TaskPatch, *, consume: bool = False) ->
     return out
 
 
-_SCRATCH = "_serving_scratch_"  # task name a patch is loaded under when it must be loaded
+_SCRATCH = "merge-scratch-"  # a patch that must be loaded is, under the first free such name
 
 
 def _wrappers(model: TAPSModel) -> list[Transparent]:
