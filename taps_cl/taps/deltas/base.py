@@ -94,6 +94,8 @@ def register_delta_kind(cls: type[DeltaKind]) -> type[DeltaKind]:
     and tensor names another kind (or the rest of a patch) already uses."""
     if not (isinstance(cls, type) and issubclass(cls, DeltaKind)):
         raise TypeError(f"register_delta_kind needs a DeltaKind subclass, got {cls!r}")
+    if cls.name in DELTA_KINDS:
+        raise ValueError(f"delta kind {cls.name!r} is already registered")
     if not cls.params or not cls.stored:
         raise ValueError(f"delta kind {cls.__name__} must name its params and stored tensors")
     names = {*cls.params, *cls.stored}
