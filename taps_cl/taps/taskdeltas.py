@@ -43,7 +43,7 @@ class TaskDeltas(TaskModule):
         raise NotImplementedError
 
     @property
-    def kind(self) -> DeltaKind:
+    def new_task_kind(self) -> DeltaKind:
         """The kind new tasks get here: the configured one where it applies, else dense."""
         return self.delta_kind if self.delta_kind.applies(self.base_weight.shape) else _DENSE
 
@@ -51,16 +51,16 @@ class TaskDeltas(TaskModule):
     def factorised(self) -> bool:
         """Whether new tasks here train a kind of their own (e.g. low-rank factors), not a
         dense delta."""
-        return bool(self._extra) and self.kind is self.delta_kind
+        return bool(self._extra) and self.new_task_kind is self.delta_kind
 
     def stored_size(self) -> int:
         """Numbers a new task stores for this weight if its gate stays on (its kind's stored
         tensors, plus per-row scales for int8)."""
-        return stored_numbers(self.kind.shapes(self.base_weight.shape), self.delta_dtype)
+        return stored_numbers(self.new_task_kind.shapes(self.base_weight.shape), self.delta_dtype)
 
     def add_task(self, info: TaskInfo) -> None:
         super().add_task(info)
-        for key, value in self.kind.init(self.base_weight, info.seed).items():
+        for key, value in self.new_task_kind.init(self.base_weight, info.seed).items():
             getattr(self, key)[info.name] = nn.Parameter(value)
 
     def remove_task(self, name: str) -> None:

@@ -137,9 +137,11 @@ def kind_of(keys: Iterable[str]) -> type[DeltaKind] | None:
     return kinds[0] if kinds else None
 
 
-def misfit(kind: type[DeltaKind], shape: torch.Size, given: Mapping[str, Shape]) -> tuple:
+def misfit(
+    kind: type[DeltaKind], shape: torch.Size, given: Mapping[str, Shape]
+) -> tuple[str, str] | None:
     """``(key, reason)`` of the first stored tensor (local key) that does not fit a weight of
-    ``shape``, or ``()`` if all fit. ``given``: the stored shapes of the kind's tensors."""
+    ``shape``, or None if all fit. ``given``: the stored shapes of the kind's tensors."""
     missing = [k for k in kind.stored if k not in given]
     if missing:
         present = next(k for k in kind.stored if k in given)
@@ -149,7 +151,7 @@ def misfit(kind: type[DeltaKind], shape: torch.Size, given: Mapping[str, Shape])
         need, got = list(want[key]), list(given[key])
         if got != need or min(need, default=1) < 1:
             return key, f"is {got}, the base needs {need}"
-    return ()
+    return None
 
 
 def stored_numbers(shapes: Mapping[str, Shape], dtype: str) -> int:
