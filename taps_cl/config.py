@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from taps_cl.registry import DELTA_KINDS
+
 __version__ = "0.1.0"  # the package version (taps_cl.__version__; recorded with MLflow runs)
 DEFAULT_BASE = "efficientnet_lite0"  # the base an Engine uses when none is named
 PENALTIES = ("uniform", "weighted")
@@ -119,6 +121,11 @@ class TAPSConfig(_JSONConfig):
     )
     delta_alpha: float | None = _doc(None, "low-rank deltas scale by alpha / rank; None = rank")
     delta_dtype: str = _doc("float32", "how finalised deltas are stored: float32, bfloat16 or int8")
+    delta_kind: str | None = _doc(
+        None,
+        'a registered delta kind by name (taps_cl.taps.deltas: "dense", "lowrank", your own); '
+        'None = "lowrank" if delta_rank is set, else "dense"',
+    )
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -151,6 +158,11 @@ class TAPSConfig(_JSONConfig):
             raise ValueError(f"delta_alpha must be None or > 0, got {self.delta_alpha}")
         if self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(f"delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}")
+        if self.delta_kind is not None:
+            if not isinstance(self.delta_kind, str):
+                raise TypeError(f"delta_kind must be a str or None, got {self.delta_kind!r}")
+            # unknown kind or settings the kind lacks: ValueError (the kind checks its own)
+            DELTA_KINDS.get(self.delta_kind).from_config(self)
 
 
 @dataclass

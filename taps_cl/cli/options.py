@@ -36,6 +36,7 @@ TAPS_FIELDS = (
     "delta_rank",
     "delta_alpha",
     "delta_dtype",
+    "delta_kind",
 )
 JOINT_FIELDS = ("epoch_length", "base_lr")
 
@@ -58,6 +59,7 @@ _TYPES: dict[str, Any] = {
     "str": str,
     "int | None": _none_or(int),
     "float | None": _none_or(float),
+    "str | None": _none_or(str),
     "int | str": _int_or_str,
     "int | str | None": _none_or(_int_or_str),
 }

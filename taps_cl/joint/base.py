@@ -18,9 +18,9 @@ def base_parameters(model: TAPSModel) -> list[nn.Parameter]:
     """The shared base weights: every parameter of the base that no task owns, minus the base
     norms and head kept for the no-task path (tasks use their own copies, not these)."""
     owned: set[int] = {id(p) for p in model.heads.parameters()}
-    for _, layer in model.layers():
-        owned |= {id(p) for d in (layer.delta, layer.lora_a, layer.lora_b, layer.score)
-                  for p in d.parameters()}  # fmt: skip
+    for _, layer in model.layers():  # every per-task dict (deltas of any kind, scores)
+        per_task = (d for d in layer.children() if isinstance(d, nn.ParameterDict))
+        owned |= {id(p) for d in per_task for p in d.parameters()}
     for _, norm in model.norms():
         owned |= {id(p) for p in norm.parameters()}
     return [p for p in model.base.parameters() if id(p) not in owned]

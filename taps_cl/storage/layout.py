@@ -3,12 +3,13 @@
 A base's *layout* maps every tensor name a patch of that base may carry (``delta.<layer>``,
 ``score.<layer>``, ``norm.<module>.<key>``, ``head.<key>``) to its dtype and shape; the first
 dimension of ``head.*`` tensors is the task's class count and is stored as ``-1``. ``delta.*``
-entries give the gated weight's shape: a patch may store the delta dense (``delta.<layer>``, in
-float32, bfloat16, float16 or int8 with a per-output-channel ``scale.delta.<layer>``) or as
-low-rank factors (``lora_b.<layer>``: out x r, ``lora_a.<layer>``: r x the rest, each optionally
-int8 with its ``scale.``), whatever the config of the model that computed the layout. The store
-keeps it per base (``bases.layout``) so that a file can be checked against its base without
-the model; an :class:`~taps_cl.engine.Engine` computes it from its live model.
+entries give the gated weight's shape: a patch may store a layer's delta as any registered
+delta kind (:mod:`taps_cl.taps.deltas`: dense ``delta.<layer>``, low-rank factors
+``lora_a.<layer>`` and ``lora_b.<layer>``, ...), each tensor in float32, bfloat16, float16 or
+int8 with a per-output-channel ``scale.<key>.<layer>``, whatever the config of the model that
+computed the layout; the kind says which shapes fit the weight. The store keeps the layout per
+base (``bases.layout``) so that a file can be checked against its base without the model; an
+:class:`~taps_cl.engine.Engine` computes it from its live model.
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ from typing import Any
 import torch
 
 from taps_cl.errors import InvalidPatchError
+from taps_cl.registry import DELTA_KINDS
+from taps_cl.taps.deltas import delta_keys, kind_of, misfit
 from taps_cl.taps.patch import TaskPatch
 
 LAYOUT_FORMAT = 1
 _CLASSES = -1  # placeholder for the class count in head shapes
 _PROBE = "layout_probe"
 _PROBE_CLASSES = 7
-_DELTA_FORMS = ("delta", "lora_a", "lora_b", "scale")
 _DELTA_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def _delta_forms() -> tuple[str, ...]:
+    """Tensor kinds that hold (part of) a stored delta: every kind's tensors and int8 scales."""
+    return (*delta_keys(), "scale")
 
 
 def model_layout(model: Any) -> dict[str, Any]:
@@ -40,8 +47,9 @@ def model_layout(model: Any) -> dict[str, Any]:
     tensors = {}
     for name, layer in model.layers():
         tensors[f"delta.{name}"] = ["float32", list(layer.base_weight.shape)]
+    forms = _delta_forms()
     for key, t in patch.tensors.items():
-        if key.split(".", 1)[0] in _DELTA_FORMS:
+        if key.split(".", 1)[0] in forms:
             continue  # the probe's own delta form; delta.* above holds the weight shapes
         shape = list(t.shape)
         if key.startswith("head.") and shape and shape[0] == _PROBE_CLASSES:
@@ -66,25 +74,24 @@ def validate_layout(layout: object) -> dict[str, Any]:
 def check_values(patch: TaskPatch, where: str) -> None:
     """What holds for every patch of any base: float parameters (integer norm counters
     allowed), 0-d scores, finite values, active layers that carry deltas."""
+    floats = (*_delta_forms(), "score", "head")
     for key, t in patch.tensors.items():
         kind = key.split(".", 1)[0]
         quantised = t.dtype == torch.int8 and f"scale.{key}" in patch.tensors
-        if kind in ("delta", "lora_a", "lora_b", "score", "head", "scale") and not (
-            t.is_floating_point() or quantised
-        ):
+        if kind in floats and not (t.is_floating_point() or quantised):
             raise InvalidPatchError(f"{where}: tensor {key!r} has dtype {t.dtype}, not a float")
         if kind == "score" and t.dim() != 0:
             raise InvalidPatchError(f"{where}: score {key!r} has shape {list(t.shape)}, not 0-d")
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise InvalidPatchError(f"{where}: tensor {key!r} holds NaN or infinite values")
-    missing = [
-        n
-        for n in patch.active_layers
-        if f"delta.{n}" not in patch.tensors
-        and not {f"lora_a.{n}", f"lora_b.{n}"} <= set(patch.tensors)
-    ]
+    missing = [n for n in patch.active_layers if not _keeps_delta(patch, n)]
     if missing:
         raise InvalidPatchError(f"{where}: active layers without deltas: {missing[:5]}")
+
+
+def _keeps_delta(patch: TaskPatch, layer: str) -> bool:
+    """Whether ``patch`` stores every tensor of some delta kind for ``layer``."""
+    return any(all(f"{k}.{layer}" in patch.tensors for k in kind.stored) for kind in DELTA_KINDS)
 
 
 def check_layout(patch: TaskPatch, layout: Mapping[str, Any], where: str, base: str) -> None:
@@ -95,11 +102,12 @@ def check_layout(patch: TaskPatch, layout: Mapping[str, Any], where: str, base: 
         f"it does not fit base {base[:12]} (a file relabelled to another base, or a damaged or "
         "edited file)"
     )
+    forms = _delta_forms()
     for key, t in patch.tensors.items():
         if key.startswith("route."):
             continue  # statistics of base features; checked by the store against the classes
-        if key.split(".", 1)[0] in _DELTA_FORMS:
-            _check_delta_form(patch, key, t, expected, f"{where}: tensor {key!r}", hint)
+        if key.split(".", 1)[0] in forms:
+            _check_delta_form(patch, key, t, expected, where, hint)
             continue
         if key not in expected:
             raise InvalidPatchError(f"{where}: tensor {key!r} is not a tensor of this base; {hint}")
@@ -118,8 +126,10 @@ def check_layout(patch: TaskPatch, layout: Mapping[str, Any], where: str, base: 
         )
 
 
-def _check_delta_form(patch, key, t, expected, what: str, hint: str) -> None:
-    """A dense delta, a low-rank factor or an int8 scale must fit its gated weight's shape."""
+def _check_delta_form(patch, key, t, expected, where: str, hint: str) -> None:
+    """A delta kind's tensor must fit its gated weight's shape with the kind's other tensors
+    (:func:`~taps_cl.taps.deltas.misfit`); an int8 scale must fit the tensor it scales."""
+    what = f"{where}: tensor {key!r}"
     kind, rest = key.split(".", 1)
     if kind == "scale":
         kind, rest = rest.split(".", 1)
@@ -129,22 +139,17 @@ def _check_delta_form(patch, key, t, expected, what: str, hint: str) -> None:
         if list(t.shape) != [owner.shape[0]]:
             raise InvalidPatchError(f"{what} has shape {list(t.shape)}, needs [{owner.shape[0]}]")
         return
-    weight = expected.get(f"delta.{rest}")
+    weight = expected.get(f"delta.{rest}")  # the layout keeps every gated weight's shape here
     if weight is None:
         raise InvalidPatchError(f"{what} names no gated layer of this base; {hint}")
-    shape = weight[1]
     if str(t.dtype).removeprefix("torch.") not in _DELTA_DTYPES:
         raise InvalidPatchError(f"{what} has dtype {t.dtype}; deltas are {_DELTA_DTYPES}")
-    if kind == "delta":
-        want = list(shape)
-    else:
-        a = patch.tensors.get(f"lora_a.{rest}")
-        if a is None or f"lora_b.{rest}" not in patch.tensors:
-            raise InvalidPatchError(f"{what} comes without its other low-rank factor; {hint}")
-        rank = a.shape[0] if a.dim() == 2 else -1  # the rank both factors must agree on
-        fan_in = 1
-        for d in shape[1:]:
-            fan_in *= d
-        want = [rank, fan_in] if kind == "lora_a" else [shape[0], rank]
-    if list(t.shape) != want or (kind != "delta" and want[0] < 1):
-        raise InvalidPatchError(f"{what} is {list(t.shape)}, the base needs {want}; {hint}")
+    present = [k for k in delta_keys() if f"{k}.{rest}" in patch.tensors]
+    try:
+        delta_kind = kind_of(present)
+    except ValueError as err:
+        raise InvalidPatchError(f"{what}: layer {rest!r} stores two delta kinds; {hint}") from err
+    given = {k: tuple(patch.tensors[f"{k}.{rest}"].shape) for k in present}
+    bad = misfit(delta_kind, torch.Size(weight[1]), given)
+    if bad:
+        raise InvalidPatchError(f"{where}: tensor {f'{bad[0]}.{rest}'!r} {bad[1]}; {hint}")

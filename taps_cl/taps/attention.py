@@ -38,7 +38,7 @@ class ProjectionGate(GatedWeight):
         score_init: float,
         **delta: object,
     ) -> None:
-        super().__init__(tau, score_init, **delta)  # delta: rank, alpha, dtype (GatedWeight)
+        super().__init__(tau, score_init, **delta)  # delta: kind, dtype (GatedWeight)
         # Kept out of _modules: the owner is registered once, under the attention wrapper.
         self.__dict__["_owner"] = owner
         self.weight_attr = attr

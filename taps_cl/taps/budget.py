@@ -17,38 +17,57 @@ deltas dropped; the chosen ones train on with fixed gates. The finalise-time che
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from taps_cl.taps.model import TAPSModel
+from taps_cl.config import TAPSConfig
+from taps_cl.taps.layer import GatedWeight
+from taps_cl.taps.modules import TaskHeads, TaskNorm
+
+
+class BudgetedModel(Protocol):
+    """What the budget reads of a :class:`~taps_cl.taps.model.TAPSModel` (which calls it)."""
+
+    config: TAPSConfig
+    base_parameters: int
+    num_layers: int
+    layer_names: list[str]
+    heads: TaskHeads
+
+    def layers(self) -> Iterator[tuple[str, GatedWeight]]: ...
+
+    def norms(self) -> Iterator[tuple[str, TaskNorm]]: ...
+
+    def gates(self, name: str) -> dict[str, bool]: ...
+
+    def scores(self, name: str) -> dict[str, float]: ...
 
 
 def _count(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in tensors.values() if t.is_floating_point())
 
 
-def fixed_size(model: TAPSModel, name: str) -> int:
+def fixed_size(model: BudgetedModel, name: str) -> int:
     """Parameters every patch of task ``name`` holds whatever its gates: head, norms, scores."""
     size = _count(model.heads.export_task(name)) + model.num_layers
     return size + sum(_count(norm.export_task(name)) for _, norm in model.norms())
 
 
-def task_size(model: TAPSModel, name: str) -> int:
+def task_size(model: BudgetedModel, name: str) -> int:
     """Parameters the task's patch holds with its current gates (fixed part first)."""
     kept = sum(layer.stored_size() for _, layer in model.layers() if layer.is_active(name))
     return fixed_size(model, name) + kept
 
 
-def budget_limit(model: TAPSModel) -> int | None:
+def budget_limit(model: BudgetedModel) -> int | None:
     budget = model.config.budget
     return None if budget is None else int(budget * model.base_parameters)
 
 
-def check_budget(model: TAPSModel, name: str) -> None:
+def check_budget(model: BudgetedModel, name: str) -> None:
     """Refuse a budget smaller than the task's fixed part, naming the smallest that works."""
     limit = budget_limit(model)
     fixed = fixed_size(model, name)
@@ -91,7 +110,7 @@ def knapsack(values: Mapping[str, float], sizes: Mapping[str, int], room: int) -
     return chosen
 
 
-def select_gates(model: TAPSModel, name: str, importance: Mapping[str, float]) -> list[str]:
+def select_gates(model: BudgetedModel, name: str, importance: Mapping[str, float]) -> list[str]:
     """Keep the open gates of largest total importance that fit the budget (:func:`knapsack`);
     close the others (and those of no positive importance). Returns the kept layer names."""
     limit = budget_limit(model)
@@ -109,7 +128,7 @@ def select_gates(model: TAPSModel, name: str, importance: Mapping[str, float]) -
 
 
 def enforce_budget(
-    model: TAPSModel, name: str, importance: Mapping[str, float] | None = None
+    model: BudgetedModel, name: str, importance: Mapping[str, float] | None = None
 ) -> list[str]:
     """Close the least important open gates (by ``importance``, else by score) until the task
     fits its budget. Returns the layers closed."""
@@ -138,7 +157,7 @@ MIN_SELECT_STEPS = 8  # fewest steps of importance before the gates are chosen (
 class BudgetController:
     """Per task: accumulates layer importance until the selection step, then picks the gates."""
 
-    def __init__(self, model: TAPSModel, name: str, total_steps: int) -> None:
+    def __init__(self, model: BudgetedModel, name: str, total_steps: int) -> None:
         self.model, self.name = model, name
         # After budget_select of the steps, but deltas start at zero, so a score's first
         # gradient is zero: no earlier than MIN_SELECT_STEPS (or the last step of a short run).

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from taps_cl.errors import BaseMismatchError
-from taps_cl.taps.layer import STORED_KEYS, TaskAdaptiveLayer
+from taps_cl.taps.deltas import decode_delta, kind_of, stored_keys
+from taps_cl.taps.layer import TaskAdaptiveLayer
 from taps_cl.taps.model import TAPSModel, _check_patch_layers, describe_task, set_child
 from taps_cl.taps.modules import TaskHeads, TaskNorm
-from taps_cl.taps.patch import PARAMETER_KINDS, TaskPatch
+from taps_cl.taps.patch import TaskPatch, parameter_kinds
 from taps_cl.taps.wrap import Transparent
 
 _FAST = (TaskAdaptiveLayer, TaskNorm, TaskHeads)  # wrappers merge_patch folds without a load
@@ -45,11 +46,13 @@ def merge_patch(model: TAPSModel, patch: TaskPatch, *, consume: bool = False) ->
     ``consume=True`` lets the result take over (and overwrite) the patch's tensors instead of
     copying them; only for a patch the caller drops afterwards (e.g. one just read)."""
     if not all(isinstance(m, _FAST) for m in _wrappers(model)):  # e.g. gated attention
-        model.load_patch(patch, name=_SCRATCH)
+        scratch = next(f"{_SCRATCH}{i}" for i in range(len(model.tasks) + 1)
+                       if f"{_SCRATCH}{i}" not in model.tasks)  # fmt: skip
+        model.load_patch(patch, name=scratch)
         try:
-            out = shared_merged(model, _SCRATCH)
+            out = shared_merged(model, scratch)
         finally:
-            model.remove_task(_SCRATCH)
+            model.remove_task(scratch)
         describe_task(out, patch.num_classes, patch.class_names)
         return out
     _check_patch(model, patch)
@@ -64,7 +67,8 @@ def merge_patch(model: TAPSModel, patch: TaskPatch, *, consume: bool = False) ->
     base = model.heads.base
     head = nn.Linear(base.in_features, patch.num_classes, base.bias is not None, device="meta")
     replace[id(model.heads)] = _filled(head, _own(patch, "head.", used, consume, device), "head")
-    unused = sorted({k for k in patch.tensors if k.split(".")[0] in PARAMETER_KINDS} - used)
+    kinds = parameter_kinds()
+    unused = sorted({k for k in patch.tensors if k.split(".")[0] in kinds} - used)
     if unused:
         raise ValueError(f"patch {patch.name!r} holds tensors this model lacks: {unused[:5]}")
     out = _assemble(model, replace)
@@ -72,7 +76,7 @@ def merge_patch(model: TAPSModel, patch: TaskPatch, *, consume: bool = False) ->
     return out
 
 
-_SCRATCH = "_serving_scratch_"  # task name a patch is loaded under when it must be loaded
+_SCRATCH = "merge-scratch-"  # a patch that must be loaded is, under the first free such name
 
 
 def _wrappers(model: TAPSModel) -> list[Transparent]:
@@ -107,19 +111,18 @@ def _folded(
 ) -> nn.Module:
     """The layer's base module with ``w_base + dw`` (the decoded stored delta, as a frozen
     task computes it) if the patch keeps a delta there, else with the base weight itself."""
-    keys = {k: f"{k}.{where}" for k in ("delta", *STORED_KEYS)}
+    keys = {k: f"{k}.{where}" for k in stored_keys()}
     stored = {k: patch.tensors[p] for k, p in keys.items() if p in patch.tensors}
     used.update(keys[k] for k in stored)
     used.add(f"score.{where}")
     plain = _clone(layer.base_layer, {})
-    if "delta" in stored or "lora_a" in stored:
+    if kind_of(stored) is not None:
         w = layer.base_weight
-        delta = layer._decode(stored)  # the one decode a loaded task uses
-        if tuple(delta.shape) != tuple(w.shape):
-            raise ValueError(f"delta: patch shape {tuple(delta.shape)} != model {w.shape}")
+        delta = decode_delta(stored, w)  # the one decode a loaded task uses
         delta = delta.to(w.device)
         with torch.no_grad():  # w + dw, as a frozen task computes it (+ commutes bit for bit)
-            own = consume or all(delta is not t for t in stored.values())
+            ptr = delta.untyped_storage().data_ptr()  # a kind may hand back a stored tensor
+            own = consume or all(ptr != t.untyped_storage().data_ptr() for t in stored.values())
             weight = delta.add_(w) if own and delta.dtype == w.dtype else w + delta
         setattr(plain, layer.weight_attr, nn.Parameter(weight, requires_grad=False))
     return plain

@@ -1,17 +1,17 @@
 """TAPSModel: inject task-adaptive layers into any ``nn.Module`` and manage tasks on it.
 
-The base is frozen and wrapped in place: every gateable layer becomes a
-:class:`TaskAdaptiveLayer`, every ``nn.MultiheadAttention`` a :class:`TaskAdaptiveAttention`,
-every norm a :class:`TaskNorm`, the classifier a :class:`TaskHeads`. With no active task the
-model computes exactly what the base computes. Everything that holds per-task state is a
-:class:`TaskModule`; adding, freezing, exporting and loading a task are loops over them.
+The base is frozen and wrapped in place (:mod:`taps_cl.taps.inject`): every gateable layer
+becomes a :class:`TaskAdaptiveLayer`, every ``nn.MultiheadAttention`` a
+:class:`TaskAdaptiveAttention`, every norm a :class:`TaskNorm`, the classifier a
+:class:`TaskHeads`. With no active task the model computes exactly what the base computes.
+Everything that holds per-task state is a :class:`TaskModule`; adding, removing and switching
+tasks are loops over them (:class:`~taps_cl.taps.multitask.MultiTaskModule`), and so are
+settling, freezing, exporting and loading a task (here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import re
 from collections.abc import Iterator
 
 import torch
@@ -19,56 +19,22 @@ from torch import nn
 
 from taps_cl.bases import fingerprint
 from taps_cl.config import TAPSConfig
-from taps_cl.errors import BaseMismatchError, DuplicateTaskError, UnknownTaskError
-from taps_cl.taps.attention import TaskAdaptiveAttention
+from taps_cl.errors import BaseMismatchError
 from taps_cl.taps.budget import check_budget, enforce_budget, task_size
-from taps_cl.taps.layer import GatedWeight, TaskAdaptiveLayer, gateable_weight_attr
+from taps_cl.taps.deltas import delta_keys
+from taps_cl.taps.inject import find_head, inject, set_child
+from taps_cl.taps.layer import GatedWeight
 from taps_cl.taps.modules import TaskHeads, TaskNorm, is_norm
-from taps_cl.taps.patch import PARAMETER_KINDS, TaskPatch, validate_task_name
+from taps_cl.taps.multitask import MultiTaskModule
+from taps_cl.taps.patch import TaskPatch, parameter_kinds
 from taps_cl.taps.penalty import sparsity_penalty
-from taps_cl.taps.task import TaskInfo, TaskModule
+from taps_cl.taps.task import TaskModule
 from taps_cl.taps.wrap import Transparent
 
-
-def find_head(model: nn.Module, head: str | None = None) -> str:
-    """Dotted name of the classifier ``nn.Linear``: ``head`` if given, else timm's
-    ``get_classifier()``, torchvision's ``fc``/``classifier``/``heads``, else the last Linear."""
-    names = {id(m): n for n, m in model.named_modules()}
-    if head is not None:
-        try:
-            module = model.get_submodule(head)
-        except AttributeError as err:
-            raise ValueError(f"head {head!r} is not a submodule of {type(model).__name__}") from err
-        candidates = [(head, module)]
-    else:
-        candidates = []
-        if hasattr(model, "get_classifier"):
-            module = model.get_classifier()
-            if isinstance(module, nn.Module) and id(module) in names:
-                candidates.append((names[id(module)], module))
-        for attr in ("fc", "classifier", "heads", "head"):
-            if isinstance(getattr(model, attr, None), nn.Module):
-                candidates.append((attr, getattr(model, attr)))
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        candidates += linears[-1:]
-    for name, module in candidates:
-        if isinstance(module, nn.Linear):
-            return name
-        inner = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        if inner:
-            return f"{name}.{inner[-1][0]}"
-    raise ValueError(
-        f"no classifier nn.Linear found in {type(model).__name__}; pass head='<dotted name>'"
-    )
+__all__ = ["TAPSModel", "describe_task", "find_head", "set_child"]
 
 
-def set_child(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, module)
-
-
-class TAPSModel(nn.Module):
+class TAPSModel(MultiTaskModule):
     """A frozen base shared by many tasks, each with gated deltas, its own norms and head."""
 
     def __init__(
@@ -87,38 +53,11 @@ class TAPSModel(nn.Module):
         self.base = base
         self.heads = TaskHeads(base.get_submodule(self.head_name))
         set_child(base, self.head_name, self.heads)
-        self._layer_paths: dict[str, str] = {}  # layer name -> path of its GatedWeight
-        self.norm_names: list[str] = []
-        self._inject()
+        # layer name -> path of its GatedWeight; paths of the wrapped norms
+        self._layer_paths, self.norm_names = inject(base, self.config, skip=self.head_name)
         self.layer_names: list[str] = list(self._layer_paths)
-        self._tasks: dict[str, TaskInfo] = {}
+        self.num_layers = len(self.layer_names)
         self.base.eval()
-
-    def _inject(self) -> None:
-        cfg = self.config
-        tau, score_init = cfg.tau, cfg.score_init
-        delta = {"rank": cfg.delta_rank, "alpha": cfg.delta_alpha, "dtype": cfg.delta_dtype}
-        done = [self.head_name]  # wrapped subtrees: their insides are the wrapper's business
-        for name, module in list(self.base.named_modules()):
-            if not name or any(name == d or name.startswith(d + ".") for d in done):
-                continue
-            if isinstance(module, nn.MultiheadAttention):
-                attn = TaskAdaptiveAttention(module, tau, score_init, **delta)
-                for local, path in attn.gated_layers().items():
-                    self._layer_paths[f"{name}.{local}"] = f"{name}.{path}"
-                wrapper: nn.Module = attn
-            elif gateable_weight_attr(module) is not None:
-                wrapper = TaskAdaptiveLayer(module, tau, score_init, **delta)
-                self._layer_paths[name] = name
-            elif self.config.task_norms and is_norm(module):
-                wrapper = TaskNorm(module, reset_stats=self.config.norm_stats == "reset")
-                self.norm_names.append(name)
-            else:
-                continue
-            set_child(self.base, name, wrapper)
-            done.append(name)
-        if not self._layer_paths:
-            raise ValueError(f"{type(self.base).__name__} has no gateable layers (Conv/Linear)")
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -137,96 +76,16 @@ class TAPSModel(nn.Module):
         yield from self.layers()
         yield from self.norms()
 
-    @property
-    def tasks(self) -> list[str]:
-        return list(self._tasks)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_names)
-
-    def num_classes(self, name: str) -> int:
-        return self.task_info(name).num_classes
-
-    def class_names(self, name: str) -> list[str] | None:
-        return self.task_info(name).class_names
-
-    def task_info(self, name: str) -> TaskInfo:
-        """The task's :class:`TaskInfo` (the one object every module of the task shares)."""
-        if name not in self._tasks:
-            raise UnknownTaskError(f"unknown task {name!r}; known tasks: {self.tasks or 'none'}")
-        return self._tasks[name]
-
-    def is_frozen(self, name: str) -> bool:
-        return self.task_info(name).frozen
-
     # -- tasks -------------------------------------------------------------------------------
 
-    def add_task(
-        self, name: str, num_classes: int, class_names: list[str] | None = None, seed: int = 0
-    ) -> None:
-        """Create the task's zero deltas, scores, norm copies and a new head. A ``budget`` the
-        task cannot meet (smaller than its head, norms and scores) is refused here."""
-        validate_task_name(name)
-        if name in self._tasks:
-            raise DuplicateTaskError(f"task {name!r} already exists; remove it or pick a new name")
-        info = TaskInfo(name, num_classes, class_names, seed)
-        try:
-            for _, module in self.task_modules():
-                module.add_task(info)
-            check_budget(self, name)
-        except Exception:
-            for _, module in self.task_modules():
-                module.remove_task(name)
-            raise
-        self._tasks[name] = info
-
-    def remove_task(self, name: str) -> None:
-        self.task_info(name)
-        for _, module in self.task_modules():
-            module.remove_task(name)
-        del self._tasks[name]
-
-    def set_task(self, name: str | None) -> None:
-        """Route every following forward through task ``name`` (None = the plain base)."""
-        if name is not None:
-            self.task_info(name)
-        for _, module in self.task_modules():
-            module.active_task = name
-
-    @property
-    def active_task(self) -> str | None:
-        return self.heads.active_task
-
-    @contextlib.contextmanager
-    def using(self, name: str | None) -> Iterator[None]:
-        previous = self.active_task
-        self.set_task(name)
-        try:
-            yield
-        finally:
-            self.set_task(previous)
+    def _check_new_task(self, name: str) -> None:
+        check_budget(self, name)  # a budget the task cannot meet (below its head, norms, scores)
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         if task is None:
             return _logits(self.base(x))
         with self.using(task):
             return _logits(self.base(x))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; a state_dict holding tasks this model lacks raises a
-        ``ValueError`` that says which tasks to add first (tasks are structure, not state)."""
-        missing = sorted(
-            {m.group(1) for k in state_dict if (m := _TASK_KEY.search(k))} - set(self._tasks)
-        )
-        if missing and strict:
-            raise ValueError(
-                f"the state_dict holds tasks {missing} that this model lacks: add them first "
-                f"with model.add_task(name, num_classes) (same names and class counts), then "
-                "load_state_dict; tasks finalized before saving are moved with their patch "
-                "(export_patch/load_patch) instead"
-            )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def train(self, mode: bool = True) -> TAPSModel:
         # The frozen base stays in eval; only per-task modules of trainable tasks follow mode
@@ -346,7 +205,7 @@ class TAPSModel(nn.Module):
         except Exception:
             self.remove_task(name)
             raise
-        self._tasks[name].frozen = True  # before freeze(): keep exactly the patch's deltas
+        self.task_info(name).frozen = True  # before freeze(): keep exactly the patch's deltas
         for _, module in self.task_modules():
             module.freeze(name)
 
@@ -366,9 +225,6 @@ class TAPSModel(nn.Module):
         if name is not None:
             describe_task(out, self.num_classes(name), self.class_names(name))
         return out.requires_grad_(False).eval()
-
-
-_TASK_KEY = re.compile(r"(?:^|\.)(?:delta|score|lora_a|lora_b|tasks)\.([A-Za-z][\w-]*)")
 
 
 def _logits(out: object) -> torch.Tensor:
@@ -398,9 +254,7 @@ def _export(t: torch.Tensor) -> torch.Tensor:
 
 def _check_patch_layers(model: TAPSModel, patch: TaskPatch) -> None:
     layers = set(model.layer_names)
-    unknown = [
-        k for kind in ("delta", "score", "lora_a") for k in patch.kind(kind) if k not in layers
-    ]
+    unknown = [k for kind in (*delta_keys(), "score") for k in patch.kind(kind) if k not in layers]
     if unknown:
         raise ValueError(f"patch {patch.name!r} names layers this model lacks: {unknown[:5]}")
     missing = [k for k in layers if k not in patch.kind("score")]
@@ -420,7 +274,8 @@ def _fill_task(model: TAPSModel, name: str, patch: TaskPatch) -> None:
                 own[key] = patch.tensors[patch_key]
                 used.add(patch_key)
         module.load_task(name, own)
-    model_keys = {k for k in patch.tensors if k.split(".", 1)[0] in PARAMETER_KINDS}
+    kinds = parameter_kinds()
+    model_keys = {k for k in patch.tensors if k.split(".", 1)[0] in kinds}
     unused = sorted(model_keys - used)
     if unused:
         raise ValueError(f"patch {patch.name!r} holds tensors this model lacks: {unused[:5]}")

@@ -6,7 +6,8 @@ Tensor names follow one scheme so that storage, export and loading need no other
   stored as float32, bfloat16 or int8 (``TAPSConfig.delta_dtype``)
 - ``lora_a.<layer>``, ``lora_b.<layer>``: instead of ``delta``, the low-rank factors of a kept
   delta (``TAPSConfig.delta_rank``): ``delta = (lora_b @ lora_a).view(weight.shape)``, the
-  ``alpha / rank`` scaling already folded into ``lora_b``
+  ``alpha / rank`` scaling already folded into ``lora_b``; every registered delta kind
+  (:mod:`taps_cl.taps.deltas`) stores its own tensors ``<key>.<layer>`` this way
 - ``scale.<tensor>``: per-output-channel scales of an int8 tensor, e.g. ``scale.delta.<layer>``
 - ``score.<layer>``: the gate score of every gated layer (0-d; kept for pictures and audits)
 - ``norm.<module>.<name>``: the task's own normalisation parameters and buffers
@@ -25,10 +26,20 @@ from typing import Any
 
 import torch
 
+from taps_cl.taps.deltas import delta_keys
+
 TASK_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")  # used with fullmatch: no "\n"
-TENSOR_KINDS = ("delta", "score", "norm", "head", "route", "lora_a", "lora_b", "scale")
-# Kinds that are the task's trained parameters; "route" holds data statistics, not parameters.
-PARAMETER_KINDS = ("delta", "score", "norm", "head", "lora_a", "lora_b", "scale")
+
+
+def tensor_kinds() -> tuple[str, ...]:
+    """The kinds of tensor a patch may hold (``<kind>.<name>``): the registered delta kinds'
+    stored tensors, then ``score``, ``norm``, ``head``, ``route`` and int8 ``scale``."""
+    return (*delta_keys(), "score", "norm", "head", "route", "scale")
+
+
+def parameter_kinds() -> tuple[str, ...]:
+    """The kinds that are the task's trained parameters ("route" holds data statistics)."""
+    return tuple(k for k in tensor_kinds() if k != "route")
 
 
 def validate_task_name(name: object) -> str:
@@ -80,9 +91,10 @@ class TaskPatch:
             raise ValueError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
             )
+        kinds = tensor_kinds()
         for key, value in self.tensors.items():
-            if key.split(".", 1)[0] not in TENSOR_KINDS or "." not in key:
-                raise ValueError(f"tensor name {key!r} must start with one of {TENSOR_KINDS}")
+            if key.split(".", 1)[0] not in kinds or "." not in key:
+                raise ValueError(f"tensor name {key!r} must start with one of {kinds}")
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"tensor {key!r} is {type(value).__name__}, not a torch.Tensor")
 
@@ -94,8 +106,8 @@ class TaskPatch:
     def without(self, kind: str) -> TaskPatch:
         """A shallow copy without the tensors of one kind (e.g. ``without("route")`` gives the
         patch as code that predates routing statistics expects it)."""
-        if kind not in TENSOR_KINDS:
-            raise ValueError(f"unknown tensor kind {kind!r}; kinds: {TENSOR_KINDS}")
+        if kind not in tensor_kinds():
+            raise ValueError(f"unknown tensor kind {kind!r}; kinds: {tensor_kinds()}")
         prefix = kind + "."
         kept = {k: v for k, v in self.tensors.items() if not k.startswith(prefix)}
         return replace(self, tensors=kept)
@@ -104,11 +116,11 @@ class TaskPatch:
     def num_parameters(self) -> int:
         """Task-specific parameter count (float and int8 tensors of the parameter kinds; norm
         counters and routing statistics excluded: users pay parameters for what is trained)."""
+        kinds = parameter_kinds()
         return sum(
             t.numel()
             for k, t in self.tensors.items()
-            if (t.is_floating_point() or t.dtype == torch.int8)
-            and k.split(".", 1)[0] in PARAMETER_KINDS
+            if (t.is_floating_point() or t.dtype == torch.int8) and k.split(".", 1)[0] in kinds
         )
 
     @property

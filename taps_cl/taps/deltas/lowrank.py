@@ -1,0 +1,77 @@
+"""Low-rank deltas as peft's LoRA makes them: ``(lora_b @ lora_a).view(w.shape) * alpha / rank``.
+
+``lora_b`` starts at zero (identity at start), ``lora_a`` kaiming-uniform; a convolution's
+``lora_a`` is ``rank x (in/groups * kh * kw)``. A weight whose factors would not be smaller than
+itself (e.g. a depthwise 3x3 conv) keeps a dense delta. The stored factors have the scaling
+folded into ``lora_b``, so a stored low-rank delta needs no config to be read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from taps_cl.taps.deltas.base import DeltaKind, Shape, register_delta_kind
+
+if TYPE_CHECKING:
+    from taps_cl.config import TAPSConfig
+
+
+@register_delta_kind
+class LowRank(DeltaKind):
+    name = "lowrank"
+    params = ("lora_a", "lora_b")
+    stored = ("lora_a", "lora_b")
+
+    def __init__(self, rank: int, alpha: float | None = None) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"a low-rank delta needs a rank >= 1 (delta_rank), got {rank!r}")
+        self.rank, self.alpha = rank, alpha
+
+    @classmethod
+    def from_config(cls, config: TAPSConfig) -> LowRank:
+        if config.delta_rank is None:
+            raise ValueError("delta_kind 'lowrank' needs delta_rank (an int >= 1)")
+        return cls(config.delta_rank, config.delta_alpha)
+
+    @property
+    def scaling(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def applies(self, shape: torch.Size) -> bool:
+        return self.rank * (math.prod(shape[1:]) + shape[0]) < math.prod(shape)
+
+    def init(self, weight: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        # peft's init (kaiming-uniform A, zero B), seeded so a task inits alike anywhere.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + weight.numel())
+        bound = 1.0 / weight[0].numel() ** 0.5
+        a = torch.empty(self.rank, weight[0].numel()).uniform_(-bound, bound, generator=gen)
+        return {"lora_a": a.to(weight), "lora_b": weight.new_zeros(weight.shape[0], self.rank)}
+
+    def value(self, params: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        product = params["lora_b"] @ params["lora_a"]
+        return product.view(weight.shape) * self.scaling
+
+    def to_stored(
+        self, params: Mapping[str, torch.Tensor], weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return {"lora_a": params["lora_a"], "lora_b": params["lora_b"] * self.scaling}
+
+    def shapes(self, shape: torch.Size) -> dict[str, Shape]:
+        return {"lora_a": (self.rank, math.prod(shape[1:])), "lora_b": (shape[0], self.rank)}
+
+    @classmethod
+    def expected(cls, shape: torch.Size, given: Mapping[str, Shape]) -> dict[str, Shape]:
+        a = given.get("lora_a", ())
+        rank = a[0] if len(a) == 2 else -1  # the rank both factors must agree on
+        return {"lora_a": (rank, math.prod(shape[1:])), "lora_b": (shape[0], rank)}
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        return (stored["lora_b"] @ stored["lora_a"]).view(weight.shape)
+
+    def __repr__(self) -> str:
+        return f"LowRank(rank={self.rank}, alpha={self.alpha})"
