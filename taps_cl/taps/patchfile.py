@@ -1,5 +1,10 @@
 """Tensors <-> raw bytes, content hashes, and the single-file ``.safetensors`` patch format.
 
+The method's own I/O: :meth:`TaskPatch.save`/:meth:`TaskPatch.load` and the store's export and
+import (:mod:`taps_cl.storage.serialize`) all read and write patch files here. It imports
+nothing of taps_cl but the errors, so the method never reaches into storage; whoever reads a
+file says which patch type to build from it.
+
 Nothing here unpickles: a tensor is its raw little-endian bytes plus a dtype string and a
 shape, and everything else is JSON.
 """
@@ -13,14 +18,15 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from taps_cl.errors import StoreIntegrityError, UnsafeTargetError
-from taps_cl.taps.patch import TaskPatch
+
+P = TypeVar("P")
 
 FORMAT = "taps_cl.patch"
 FORMAT_VERSION = 1
@@ -133,15 +139,19 @@ def _file_kind(mode: int) -> str:
 
 
 def write_patch_file(
-    path: Path, patch: TaskPatch, meta: dict[str, Any], *, allow_symlink: bool = False
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    meta: dict[str, Any],
+    *,
+    allow_symlink: bool = False,
 ) -> Path:
-    """Write ``patch`` and ``meta`` to one ``.safetensors`` file: to a temporary file in the
+    """Write ``tensors`` and ``meta`` to one ``.safetensors`` file: to a temporary file in the
     target's directory, then renamed over the target (see :func:`safe_target`), mode 0644
     less the umask."""
     from safetensors.torch import save_file
 
     path = safe_target(Path(path), allow_symlink)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in patch.tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
     meta["tensor_sha256"] = {k: sha256(tensor_to_bytes(v)[0]) for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -170,8 +180,11 @@ def _umask() -> int:
     return mask
 
 
-def read_patch_file(path: str | os.PathLike) -> tuple[TaskPatch, dict[str, Any]]:
-    """Read a file written by :func:`write_patch_file`; every tensor is checked by sha256."""
+def read_patch_file(
+    path: str | os.PathLike, patch_type: Callable[..., P]
+) -> tuple[P, dict[str, Any]]:
+    """Read a file written by :func:`write_patch_file`; every tensor is checked by sha256.
+    ``patch_type`` (e.g. ``TaskPatch``) is called with the patch's fields and tensors."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -193,12 +206,14 @@ def read_patch_file(path: str | os.PathLike) -> tuple[TaskPatch, dict[str, Any]]
     for key, tensor in tensors.items():
         if sha256(tensor_to_bytes(tensor)[0]) != hashes[key]:
             raise StoreIntegrityError(f"{path}: tensor {key!r} fails its sha256 check")
-    return _patch_from_meta(path, meta, tensors), meta
+    return _patch_from_meta(path, meta, tensors, patch_type), meta
 
 
-def _patch_from_meta(path: Path, meta: dict[str, Any], tensors: dict) -> TaskPatch:
+def _patch_from_meta(
+    path: Path, meta: dict[str, Any], tensors: dict, patch_type: Callable[..., P]
+) -> P:
     try:
-        patch = TaskPatch(
+        patch = patch_type(
             name=meta["name"],
             num_classes=int(meta["num_classes"]),
             tensors=tensors,
