@@ -51,6 +51,7 @@ from avalanche.training.supervised import Cumulative  # noqa: E402
 
 from taps_cl.bases import load_base  # noqa: E402
 from taps_cl.config import TAPSConfig  # noqa: E402
+from taps_cl.routing import TaskRouter  # noqa: E402
 from taps_cl.scenarios.classinc import (  # noqa: E402
     class_incremental_from_suite,
     multi_domain_ci,
@@ -60,7 +61,6 @@ from taps_cl.scenarios.suite import digits, split_fashion_mnist  # noqa: E402
 from taps_cl.strategies import TAPS  # noqa: E402
 from taps_cl.strategies.classinc import ClassIncremental  # noqa: E402
 from taps_cl.strategies.multihead import split_head  # noqa: E402
-from taps_cl.taps.routing import TaskRouter  # noqa: E402
 
 STRATEGIES = ("taps", "naive", "ewc", "lwf", "replay", "cumulative", "ncm")
 SCENARIOS = ("split_fmnist", "multi_domain")

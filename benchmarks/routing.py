@@ -28,8 +28,8 @@ import torch
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.engine import Engine
 from taps_cl.report import fmt_pct, table
+from taps_cl.routing import METHODS
 from taps_cl.scenarios import get_task, split_fashion_mnist
-from taps_cl.taps.routing import METHODS
 
 TASKS = ("fashion_mnist", "digits", "lfw_faces")
 CAPS = {"fashion_mnist": (600, 300), "digits": (600, 300), "lfw_faces": (None, None)}

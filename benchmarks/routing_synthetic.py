@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from taps_cl.taps.routing import (
+from taps_cl.routing import (
     CalibrationAccumulator,
     RouteStats,
     RouteStatsAccumulator,

@@ -1,6 +1,6 @@
 """Task-free serving: route each input to the stored task (and class) whose data it looks like.
 
-The engine-level side of :mod:`taps_cl.taps.routing`. Per call: the task list (cached by the
+The engine-level side of :mod:`taps_cl.routing`. Per call: the task list (cached by the
 server for ``version_ttl`` seconds); inputs preprocessed once per distinct trained input
 size; one forward of the plain base feature extractor per size; the router's scores; then each
 chosen (or, for ``"combined"``, shortlisted) task's merged module runs ONCE on its inputs.
@@ -27,10 +27,10 @@ from taps_cl.batching import make_loader
 from taps_cl.config import TrainConfig
 from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
+from taps_cl.routing import METHODS, RouteResult, RouteStats, TaskRouter
+from taps_cl.routing.features import collect_route_stats
 from taps_cl.runtime import Runtime
-from taps_cl.taps.features import collect_route_stats
 from taps_cl.taps.model import TAPSModel
-from taps_cl.taps.routing import METHODS, RouteResult, RouteStats, TaskRouter
 
 __all__ = ["DEFAULT_METHOD", "Routed", "TaskRouting", "route_stats"]
 

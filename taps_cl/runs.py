@@ -93,7 +93,7 @@ def finalize_run(
 
 
 def attach_route_stats(patches: Sequence[TaskPatch], stats: Mapping[str, Any]) -> None:
-    """Put each task's :class:`~taps_cl.taps.routing.RouteStats` on its patch as ``route.*``
+    """Put each task's :class:`~taps_cl.routing.RouteStats` on its patch as ``route.*``
     tensors, so they commit in the same transaction as the patch (routable from v1)."""
     for patch in patches:
         patch.tensors.update(stats[patch.name].to_tensors())

@@ -33,7 +33,8 @@ from taps_cl.bases import Preprocessing, version_preprocessing
 from taps_cl.config import TrainConfig
 from taps_cl.data import prepare, preprocess
 from taps_cl.errors import BaseMismatchError, UnknownTaskError
-from taps_cl.taps.merge import base_feature_extractor, merge_patch
+from taps_cl.routing.features import base_feature_extractor
+from taps_cl.taps.merge import merge_patch
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
 from taps_cl.train import evaluate

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from taps_cl.bases import state_fingerprint
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError
+from taps_cl.routing.stats import RouteStats
 from taps_cl.storage import files, ops, queries
 from taps_cl.storage.connection import StoreConnection
 from taps_cl.storage.database import (
@@ -24,7 +25,6 @@ from taps_cl.storage.models import BaseRow, VersionRow
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
 from taps_cl.storage.serialize import json_dict, validate_fingerprint  # noqa: F401
 from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
-from taps_cl.taps.routestats import RouteStats
 
 
 class TaskStore(StoreConnection):

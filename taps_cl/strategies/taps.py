@@ -29,6 +29,7 @@ from torch import nn
 
 from taps_cl.batching import drop_last
 from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.routing import METHODS
 from taps_cl.runtime import Runtime
 from taps_cl.strategies.classinc import (
     MODES,
@@ -42,7 +43,6 @@ from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
 from taps_cl.strategies.router import TAPSRouter, experience_num_classes, experience_task_labels
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
-from taps_cl.taps.routing import METHODS
 from taps_cl.train import Stepper, auto_score_lr, build_optimizer, make_schedule, task_groups
 
 # Builds one experience's optimizer from that task's parameter groups (torch's format).
@@ -70,7 +70,7 @@ class TAPS(SupervisedTemplate):
     ``mode="class"`` (class-incremental, e.g. ``nc_benchmark(..., task_labels=False)``): each
     training experience becomes a new task ``exp<i>`` over its own classes; outputs are logits
     over the global class space, each input routed to one trained task by ``route_method``
-    (:meth:`taps_cl.taps.routing.TaskRouter.route`, default ``"lda"``) on base features; see
+    (:meth:`taps_cl.routing.TaskRouter.route`, default ``"lda"``) on base features; see
     :mod:`taps_cl.strategies.classinc`. Evaluating before any training raises
     :class:`~taps_cl.errors.UnknownTaskError`; afterwards every experience (trained or not) is
     routed among the trained tasks.

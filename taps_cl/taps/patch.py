@@ -12,7 +12,7 @@ Tensor names follow one scheme so that storage, export and loading need no other
 - ``norm.<module>.<name>``: the task's own normalisation parameters and buffers
 - ``head.<name>``: the task's classifier head (``weight``, ``bias``)
 - ``route.<name>``: optional statistics of the base features of the task's data, used to route
-  inputs to tasks without a task name (see :mod:`taps_cl.taps.routing`); not parameters
+  inputs to tasks without a task name (see :mod:`taps_cl.routing`); not parameters
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Task-free routing: choose, for each input, the task (and class) whose data it looks like.
 
-Public API of task-free TAPS (statistics and feature capture live in
-:mod:`~taps_cl.taps.routestats` and :mod:`~taps_cl.taps.features` and are re-exported here).
-Methods of :meth:`TaskRouter.route`, all on base features ``z`` (one base forward per input):
+The router works on base features (:mod:`~taps_cl.routing.features`) and per-task statistics
+(:mod:`~taps_cl.routing.stats`). Methods of :meth:`TaskRouter.route`, all on base features
+``z`` (one base forward per input):
 
 - ``"lda"``: Gaussian linear discriminant with the covariance pooled over every task,
   ``Sigma = sum_t S_t / (N - C)``, shrunk ``(1 - a) Sigma + a tr(Sigma)/d I`` (``a`` fixed or
@@ -30,30 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from taps_cl.taps.features import base_features, collect_route_stats
-from taps_cl.taps.routestats import (
-    Calibration,
-    CalibrationAccumulator,
-    RouteStats,
-    RouteStatsAccumulator,
-    pack_symmetric,
-    unpack_symmetric,
-)
+from taps_cl.routing.stats import RouteStats
 
-__all__ = [
-    "METHODS",
-    "Calibration",
-    "CalibrationAccumulator",
-    "RouteResult",
-    "RouteStats",
-    "RouteStatsAccumulator",
-    "TaskRouter",
-    "base_features",
-    "collect_route_stats",
-    "oas_shrinkage",
-    "pack_symmetric",
-    "unpack_symmetric",
-]
+__all__ = ["METHODS", "RouteResult", "TaskRouter", "oas_shrinkage"]
 
 METHODS = ("lda", "ncm", "energy", "combined")
 PatchedLogits = Callable[[str, torch.Tensor], torch.Tensor]
