@@ -74,9 +74,9 @@ class TaskStoreAPI(Protocol):
         base_weights: tuple[str, Mapping[str, torch.Tensor], str | None, str] | None = None,
     ) -> list[int]: ...
 
-    def load(
-        self, name: str, version: int | None = None, *, base: str | None = None
-    ) -> TaskPatch: ...
+    def load(self, name: str, version: int | None = None, *, base: str | None = None) -> TaskPatch:
+        """The patch of ``name`` at ``version`` (default: current); the caller owns it (the
+        server folds its tensors into a module in place)."""
 
     def list_tasks(self, *, base: str | None = None) -> list[StoredTask]: ...
 
