@@ -31,9 +31,8 @@ from taps_cl.errors import BaseMismatchError, UnknownBaseError
 from taps_cl.route_training import route_stats
 from taps_cl.runtime import resolve_device, world
 from taps_cl.serving import Routed, TaskRouting, TaskServer
-from taps_cl.storage import TaskStore, TaskStoreAPI, VersionRecord, read_patch_file
+from taps_cl.storage import TaskStoreAPI, VersionRecord, open_store, read_patch_file
 from taps_cl.storage.layout import model_layout
-from taps_cl.storage.protocol import missing_members
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import validate_task_name, validate_version
 
@@ -57,15 +56,15 @@ class Engine(Inference):
         max_loaded: int = 8,
         version_ttl: float = 2.0,
     ) -> None:
-        """``store``: a URL or path (the SQL :class:`TaskStore` opens it) or any object
-        implementing :class:`TaskStoreAPI`. ``max_loaded``: task versions kept loaded for
-        serving (least recently used are dropped). ``version_ttl``: seconds a task's current
-        version is cached before the store is asked again (see :mod:`taps_cl.serving.server`
-        for the staleness rule)."""
+        """``store``: a URL or path (the SQL ``TaskStore`` opens it; None: the default store)
+        or any object implementing :class:`~taps_cl.storage.TaskStoreAPI`. ``max_loaded``:
+        task versions kept loaded for serving (least recently used are dropped).
+        ``version_ttl``: seconds a task's current version is cached before the store is asked
+        again (see :mod:`taps_cl.serving.server` for the staleness rule)."""
         self.base = load_base(base if base is not None else environment().base)
         self.base.module.requires_grad_(False).eval()
         self.fingerprint = fingerprint(self.base.module)
-        self.store = _open_store(store)
+        self.store = open_store(store)
         self.head = head
         self._layout: dict | None = None
         _register_base(self.store, self.base, self.fingerprint, self.patch_layout)
@@ -293,19 +292,6 @@ class Engine(Inference):
         record = self.store.import_file(path, layout=self.patch_layout())  # the live model's
         self.server.unload(patch.name)
         return record
-
-
-def _open_store(store: str | os.PathLike | TaskStoreAPI | None) -> TaskStoreAPI:
-    """``store`` itself if it implements :class:`TaskStoreAPI`, else the SQL store at that
-    URL or path (the default store for None)."""
-    if isinstance(store, TaskStoreAPI):
-        return store
-    if store is None or isinstance(store, (str, os.PathLike)):
-        return TaskStore(store)
-    raise TypeError(
-        f"store must be a URL, a path or a TaskStoreAPI; {type(store).__name__} lacks "
-        f"{missing_members(store)}"
-    )
 
 
 def _register_base(store: TaskStoreAPI, base: Base, fp: str, layout: Callable[[], dict]) -> None:

@@ -13,7 +13,7 @@ from taps_cl.storage.database import ENV_VAR, default_store_path, resolve_url
 from taps_cl.storage.protocol import TaskStoreAPI
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
 from taps_cl.storage.serialize import read_patch_file
-from taps_cl.storage.store import TaskStore
+from taps_cl.storage.store import TaskStore, open_store
 
 __all__ = [
     "ENV_VAR",
@@ -24,6 +24,7 @@ __all__ = [
     "TaskStoreAPI",
     "VersionRecord",
     "default_store_path",
+    "open_store",
     "read_patch_file",
     "resolve_url",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from sqlalchemy import select
+from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 import taps_cl.storage.files as files
@@ -22,6 +23,7 @@ from taps_cl.storage.database import checkpoint
 from taps_cl.storage.failures import translated
 from taps_cl.storage.layout import validate_layout
 from taps_cl.storage.models import BaseRow, VersionRow
+from taps_cl.storage.protocol import TaskStoreAPI, missing_members
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
 from taps_cl.storage.serialize import json_dict, validate_fingerprint
 from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
@@ -401,3 +403,16 @@ def _base_weights_work(
         ops.replace_base_weights(session, fingerprint, encoded)
 
     return work
+
+
+def open_store(store: str | os.PathLike | URL | TaskStoreAPI | None) -> TaskStoreAPI:
+    """``store`` itself if it implements :class:`TaskStoreAPI`, else the SQL
+    :class:`TaskStore` at that URL or path (None: the default store)."""
+    if isinstance(store, TaskStoreAPI):
+        return store
+    if store is None or isinstance(store, (str, os.PathLike, URL)):
+        return TaskStore(store)
+    raise TypeError(
+        f"store must be a URL, a path or a TaskStoreAPI; {type(store).__name__} lacks "
+        f"{missing_members(store)}"
+    )
