@@ -19,10 +19,17 @@ from taps_cl.routing.stats import (
     pack_symmetric,
     unpack_symmetric,
 )
-from taps_cl.routing.task_router import METHODS, RouteResult, TaskRouter, oas_shrinkage
+from taps_cl.routing.task_router import (
+    METHODS,
+    PATCHED_METHODS,
+    RouteResult,
+    TaskRouter,
+    oas_shrinkage,
+)
 
 __all__ = [
     "METHODS",
+    "PATCHED_METHODS",
     "Calibration",
     "CalibrationAccumulator",
     "RouteResult",

@@ -32,9 +32,10 @@ import torch
 
 from taps_cl.routing.stats import RouteStats
 
-__all__ = ["METHODS", "RouteResult", "TaskRouter", "oas_shrinkage"]
+__all__ = ["METHODS", "PATCHED_METHODS", "RouteResult", "TaskRouter", "oas_shrinkage"]
 
 METHODS = ("lda", "ncm", "energy", "combined")
+PATCHED_METHODS = ("energy", "combined")  # methods that run task patches while choosing the task
 PatchedLogits = Callable[[str, torch.Tensor], torch.Tensor]
 # Base features [n, d] of the inputs, or task name -> its own view of them: tasks trained at
 # different input sizes compare an input by its features at each task's size.
@@ -261,7 +262,7 @@ class TaskRouter:
         """
         if method not in METHODS:
             raise ValueError(f"unknown routing method {method!r}; methods: {METHODS}")
-        if method in ("lda", "ncm"):
+        if method not in PATCHED_METHODS:
             class_scores = self.class_scores(features, method)
             scores = self._reduce(class_scores, method)
             within = _best_class(self._prepared(False), class_scores, scores.argmax(1))

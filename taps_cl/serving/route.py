@@ -25,7 +25,7 @@ import torch
 from taps_cl.bases import Preprocessing, version_preprocessing
 from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
-from taps_cl.routing import METHODS, RouteResult, TaskRouter
+from taps_cl.routing import METHODS, PATCHED_METHODS, RouteResult, TaskRouter
 from taps_cl.storage import StoredTask, TaskStoreAPI
 
 __all__ = ["DEFAULT_METHOD", "Routed", "RoutingHost", "TaskRouting"]
@@ -152,8 +152,7 @@ class TaskRouting:
             logits[name] = host.task_logits(name, cand.versions[name], view)
             return logits[name]
 
-        result = cand.router.route(views, method, patched if method in ("energy", "combined")
-                                   else None)  # fmt: skip
+        result = cand.router.route(views, method, patched if method in PATCHED_METHODS else None)
         return self._finish(result, cand, patched, logits, method)
 
     def _finish(
@@ -168,7 +167,7 @@ class TaskRouting:
         labels = torch.empty(n, dtype=torch.int64)
         prob = torch.empty(n, dtype=torch.float64)
         for name, idx in result.groups().items():
-            if method in ("lda", "ncm"):
+            if method not in PATCHED_METHODS:
                 out = patched(name, idx)  # the chosen patch, once, on its group
             else:  # the patch already ran on every input it shortlisted (which hold idx)
                 pos = _positions(self._shortlist(result, name), idx)
