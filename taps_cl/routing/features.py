@@ -7,8 +7,8 @@ a plain module (the tensors are the model's own, nothing is copied, as in
 eval mode. It reads and writes no task state, so any number of threads may run it while other
 code uses the model. Training (:func:`collect_route_stats`, the class-incremental strategy)
 and serving (:class:`~taps_cl.serving.TaskServer`) both go through it; serving keeps one
-extractor, training builds one per pass (a few milliseconds: new module objects, no tensors),
-so it always sees the base weights the model holds right now.
+extractor, training builds one per pass (cheap: new module objects, no tensor copies), so it
+always sees the base weights the model holds right now.
 """
 
 from __future__ import annotations
