@@ -54,6 +54,7 @@ from benchmarks.harness import (
 )
 from taps_cl.bases import load_base
 from taps_cl.config import TAPSConfig
+from taps_cl.routing import TaskRouter
 from taps_cl.scenarios.streams import (
     class_incremental_from_suite,
     multi_domain_ci,
@@ -63,7 +64,6 @@ from taps_cl.scenarios.suite import digits, split_fashion_mnist
 from taps_cl.strategies import TAPS
 from taps_cl.strategies.classinc import ClassIncremental
 from taps_cl.strategies.multihead import split_head
-from taps_cl.taps.routing import TaskRouter
 
 STRATEGIES = ("taps", "naive", "ewc", "lwf", "replay", "cumulative", "ncm")
 SCENARIOS = ("split_fmnist", "multi_domain")

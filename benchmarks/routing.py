@@ -29,8 +29,8 @@ from benchmarks.harness import RESULTS, median_seconds, parser, print_table, sav
 from taps_cl.cli.tables import fmt_pct
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.engine import Engine
+from taps_cl.routing import METHODS
 from taps_cl.scenarios import get_task, split_fashion_mnist
-from taps_cl.taps.routing import METHODS
 
 TASKS = ("fashion_mnist", "digits", "lfw_faces")
 CAPS = {"fashion_mnist": (600, 300), "digits": (600, 300), "lfw_faces": (None, None)}

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
 from benchmarks.harness import RESULTS, parser, print_table, save
-from taps_cl.taps.routing import (
+from taps_cl.routing import (
     CalibrationAccumulator,
     RouteStats,
     RouteStatsAccumulator,

@@ -25,7 +25,7 @@ from taps_cl.taps.patch import TaskPatch
 
 if TYPE_CHECKING:
     from taps_cl.engine import Engine, TaskRecord
-    from taps_cl.router import Routed
+    from taps_cl.serving import Routed
     from taps_cl.taps.model import TAPSModel
 
 # Library messages go to the "taps_cl" logger; applications (and `taps-cl`) decide where.
@@ -87,7 +87,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(engine, name)
     if name == "Routed":
-        from taps_cl.router import Routed
+        from taps_cl.serving import Routed
 
         return Routed
     if name == "TAPSModel":

@@ -26,7 +26,7 @@ rank = int(os.environ["RANK"])
 torch.set_num_threads(1)
 engine = tiny_engine("sqlite://")
 captured = {{}}
-import taps_cl.engine as je
+import taps_cl.engine.taskrun as je
 export = je.finalize_run
 def spy(model, names, template, train_base):
     patches, base = export(model, names, template, train_base)

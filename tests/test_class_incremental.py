@@ -12,13 +12,13 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import TensorDataset
 
 from taps_cl.errors import UnknownTaskError
+from taps_cl.routing import RouteStats
 from taps_cl.scenarios.avalanche import benchmark_from_tensors
 from taps_cl.scenarios.streams import class_incremental_from_tensors
 from taps_cl.strategies import TAPS
 from taps_cl.strategies.classinc import ClassIncremental
 from taps_cl.strategies.experiences import detect_mode
 from taps_cl.strategies.multitask import PAD_LOGIT
-from taps_cl.taps.routing import RouteStats
 from tests.tiny import tiny_cnn
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

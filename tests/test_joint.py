@@ -15,9 +15,9 @@ import torch
 from taps_cl.bases import fingerprint
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import prepare
+from taps_cl.engine.taskrun import finalize_run
 from taps_cl.errors import TrainingDivergedError
 from taps_cl.joint import JointConfig, fit_joint, task_batch_sizes
-from taps_cl.runs import finalize_run
 from taps_cl.taps.model import TAPSModel
 from tests.test_engine import tiny_engine
 from tests.tiny import tiny_cnn, tiny_images
@@ -209,7 +209,7 @@ rank = int(os.environ["RANK"])
 torch.set_num_threads(1)
 engine = tiny_engine(store if rank == 0 else "sqlite://")  # only rank 0 writes to the store
 captured = {}
-import taps_cl.engine as je
+import taps_cl.engine.taskrun as je
 export = je.finalize_run
 def spy(model, names, template, train_base):
     patches, base = export(model, names, template, train_base)

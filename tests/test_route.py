@@ -13,9 +13,9 @@ from PIL import Image
 import taps_cl
 from taps_cl.cli import main
 from taps_cl.errors import UnknownTaskError
+from taps_cl.routing import TaskRouter
 from taps_cl.serving import TaskServer
 from taps_cl.storage import TaskStore
-from taps_cl.taps.routing import TaskRouter
 from tests.test_engine import tiny_engine
 from tests.tiny import tiny_images
 
@@ -156,7 +156,7 @@ def test_tasks_trained_at_different_sizes(store):
 
 def test_router_features_per_task_equal_shared_features():
     g = torch.Generator().manual_seed(0)
-    from taps_cl.taps.routing import RouteStatsAccumulator
+    from taps_cl.routing import RouteStatsAccumulator
 
     stats = {}
     for t, name in enumerate(("a", "b")):

@@ -8,12 +8,12 @@ import torch
 from sqlalchemy import create_engine, inspect, select
 
 from taps_cl.config import TAPSConfig
+from taps_cl.routing import Calibration, RouteStats, RouteStatsAccumulator, collect_route_stats
 from taps_cl.storage import TaskStore
 from taps_cl.storage.database import _alembic_config
 from taps_cl.storage.models import BlobRow
 from taps_cl.storage.serialize import sha256, tensor_to_bytes
 from taps_cl.taps.model import TAPSModel
-from taps_cl.taps.routing import Calibration, RouteStats, RouteStatsAccumulator, collect_route_stats
 from tests._store_child import make_patch
 from tests.tiny import tiny_cnn, tiny_images
 

@@ -1,24 +1,25 @@
-"""Export of one task version to a ``.safetensors`` file, and import of such files, for
-:class:`~taps_cl.storage.store.TaskStore` (which owns the transactions)."""
+"""Export of one task version to a ``.safetensors`` file, and the checks a file passes before
+it is imported, on any :class:`~taps_cl.storage.protocol.TaskStoreAPI` (the store owns the
+transactions)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from taps_cl.errors import UnknownBaseError
 from taps_cl.storage.layout import check_layout, check_values, validate_layout
-from taps_cl.storage.records import VersionRecord
+from taps_cl.storage.protocol import TaskStoreAPI
 from taps_cl.storage.serialize import read_patch_file, safe_target, write_patch_file
+from taps_cl.taps.patch import TaskPatch
 
-if TYPE_CHECKING:
-    from taps_cl.storage.store import TaskStore
+BaseLabel = tuple[str, str, int | None]  # (name, source, parameters) of a base a file brings
 
 
 def export_version(
-    store: TaskStore,
+    store: TaskStoreAPI,
     name: str,
     path: str | os.PathLike,
     version: int | None,
@@ -50,26 +51,31 @@ def export_version(
     return write_patch_file(target, patch, meta, allow_symlink=allow_symlink)
 
 
-def import_patch_file(
-    store: TaskStore,
+def checked_import(
+    store: TaskStoreAPI,
     path: str | os.PathLike,
     allow_new_base: bool,
     layout: Mapping[str, Any] | None,
-) -> VersionRecord:
-    """Check the file's patch completely, then commit it (and a new base) in one transaction."""
+) -> tuple[TaskPatch, dict[str, Any], BaseLabel]:
+    """The file's patch, its metrics and the label of its base, checked completely before
+    anything is written (the store then commits the patch, and a new base, in one
+    transaction)."""
     patch, meta = read_patch_file(path)
     fp = patch.base_fingerprint
     check_values(patch, str(path))
-    known = {b.fingerprint: b for b in store.list_bases()}
+    try:
+        known = store.base(fp) is not None
+    except UnknownBaseError:
+        known = False
     info = meta.get("base") if isinstance(meta.get("base"), dict) else {}
-    if fp not in known and not allow_new_base:
+    if not known and not allow_new_base:
         label = f"{info.get('name', '?')} ({info.get('source') or 'unknown source'})"
         raise UnknownBaseError(
             f"{path} holds task {patch.name!r} for base {fp} = {label}, which this store has "
             "never seen; register that base (TaskStore.register_base) or pass "
             "allow_new_base=True"
         )
-    if layout is None and fp in known:
+    if layout is None and known:
         layout = store.base_layout(fp)
     if layout is not None:
         check_layout(patch, validate_layout(layout), str(path), fp)
@@ -80,5 +86,4 @@ def import_patch_file(
         num if isinstance(num, int) and not isinstance(num, bool) and num >= 0 else None,
     )
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-    version = store._commit_imported(patch, metrics, label)
-    return next(v for v in store.versions(patch.name, base=fp) if v.version == version)
+    return patch, metrics, label

@@ -11,6 +11,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError, UnknownTaskError
+from taps_cl.routing.stats import ROUTE_PREFIX, RouteStats
 from taps_cl.storage.digest import version_digest
 from taps_cl.storage.models import (
     BaseRow,
@@ -22,7 +23,6 @@ from taps_cl.storage.models import (
 )
 from taps_cl.storage.serialize import sha256, tensor_from_bytes, tensor_to_bytes
 from taps_cl.taps.patch import TaskPatch
-from taps_cl.taps.routestats import ROUTE_PREFIX, RouteStats
 
 _CHUNK = 500  # keeps IN (...) lists well below every driver's parameter limit
 

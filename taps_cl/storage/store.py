@@ -9,22 +9,24 @@ from typing import Any
 
 import torch
 from sqlalchemy import select
+from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
+import taps_cl.storage.files as files
+import taps_cl.storage.ops as ops
+import taps_cl.storage.queries as queries
 from taps_cl.bases import state_fingerprint
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError
-from taps_cl.storage import files, ops, queries
+from taps_cl.routing.stats import RouteStats
 from taps_cl.storage.connection import StoreConnection
-from taps_cl.storage.database import (
-    checkpoint,
-)
+from taps_cl.storage.database import checkpoint
 from taps_cl.storage.failures import translated
 from taps_cl.storage.layout import validate_layout
 from taps_cl.storage.models import BaseRow, VersionRow
+from taps_cl.storage.protocol import TaskStoreAPI, missing_members
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
-from taps_cl.storage.serialize import json_dict, validate_fingerprint  # noqa: F401
+from taps_cl.storage.serialize import json_dict, validate_fingerprint
 from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
-from taps_cl.taps.routestats import RouteStats
 
 
 class TaskStore(StoreConnection):
@@ -118,36 +120,8 @@ class TaskStore(StoreConnection):
     ) -> BaseRecord:
         """Store a whole base's state_dict (e.g. the new base of joint training), deduplicated
         against every other blob. ``fingerprint`` must be the state_dict's own fingerprint."""
-        self._write(self._base_weights_work(fingerprint, state_dict, name, source))
+        self._write(_base_weights_work(fingerprint, state_dict, name, source))
         return self.base(fingerprint)
-
-    def _base_weights_work(
-        self,
-        fingerprint: str,
-        state_dict: Mapping[str, torch.Tensor],
-        name: str | None,
-        source: str,
-    ) -> Callable[[Session], None]:
-        """Validate and encode base weights now; return the write to run inside a transaction."""
-        validate_fingerprint(fingerprint)
-        if not isinstance(state_dict, Mapping) or not state_dict:
-            raise ValueError("state_dict must be a non-empty mapping of name -> tensor")
-        actual = state_fingerprint(state_dict)
-        if actual != fingerprint:
-            raise ValueError(f"state_dict has fingerprint {actual[:12]}, not {fingerprint[:12]}")
-        encoded = ops.Encoded.of(dict(state_dict))
-        num = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
-
-        def work(session: Session) -> None:
-            if session.get(BaseRow, fingerprint) is None:
-                label = name or f"base-{fingerprint[:12]}"
-                session.add(
-                    BaseRow(fingerprint=fingerprint, name=label, source=source, num_parameters=num)
-                )
-                session.flush()
-            ops.replace_base_weights(session, fingerprint, encoded)
-
-        return work
 
     def load_base_weights(self, fingerprint: str) -> dict[str, torch.Tensor]:
         """The state_dict stored by :meth:`save_base_weights`, in its original order, with
@@ -164,19 +138,6 @@ class TaskStore(StoreConnection):
 
     # -- tasks -------------------------------------------------------------------------------
 
-    def _prepare(
-        self, patch: TaskPatch, metrics: Mapping | None, config: Mapping | None
-    ) -> ops.PreparedVersion:
-        if not isinstance(patch, TaskPatch):
-            raise TypeError(f"expected a TaskPatch, got {type(patch).__name__}")
-        validate_task_name(patch.name)
-        validate_fingerprint(patch.base_fingerprint)
-        merged = {**json_dict(patch.config, "patch.config"), **json_dict(config, "config")}
-        routable = ops.check_route_tensors(patch.tensors, patch.num_classes)
-        return ops.PreparedVersion(
-            patch, json_dict(metrics, "metrics"), merged, ops.Encoded.of(patch.tensors), routable
-        )
-
     def commit(
         self,
         patch: TaskPatch,
@@ -190,7 +151,7 @@ class TaskStore(StoreConnection):
         ``patch.config`` (e.g. to add the training settings). The patch's base is recorded by
         fingerprint and registered under a placeholder name the first time it is seen.
         """
-        prep = self._prepare(patch, metrics, config)
+        prep = _prepared(patch, metrics, config)
         return self._write(lambda session: ops.insert_version(session, prep))
 
     def commit_many(
@@ -216,10 +177,10 @@ class TaskStore(StoreConnection):
         unknown = sorted(set(metrics) - {name for _, name in keys})
         if unknown:
             raise ValueError(f"metrics given for tasks not in patches: {unknown}")
-        preps = [self._prepare(p, metrics.get(p.name), config) for p in patches]
+        preps = [_prepared(p, metrics.get(p.name), config) for p in patches]
         # A fixed locking order keeps two concurrent commit_many calls from deadlocking.
         order = sorted(range(len(preps)), key=lambda i: keys[i])
-        base_work = self._base_weights_work(*base_weights) if base_weights else None
+        base_work = _base_weights_work(*base_weights) if base_weights else None
 
         def work(session: Session) -> list[int]:
             if base_work is not None:
@@ -382,14 +343,8 @@ class TaskStore(StoreConnection):
         layouts existed, or new from the file) gets only the checks that need no model.
         Refusals raise :class:`~taps_cl.errors.InvalidPatchError` and change nothing.
         """
-        return files.import_patch_file(self, path, allow_new_base, layout)
-
-    def _commit_imported(
-        self, patch: TaskPatch, metrics: Mapping | None, label: tuple[str, str, int | None]
-    ) -> int:
-        """Commit an imported patch; a base it introduces is registered with ``label`` (name,
-        source, parameters) in the same transaction."""
-        prep = self._prepare(patch, metrics, None)
+        patch, metrics, label = files.checked_import(self, path, allow_new_base, layout)
+        prep = _prepared(patch, metrics, None)
 
         def work(session: Session) -> int:
             if session.get(BaseRow, patch.base_fingerprint) is None:
@@ -397,9 +352,67 @@ class TaskStore(StoreConnection):
                 row.name, row.source, row.num_parameters = label
             return ops.insert_version(session, prep)
 
-        return self._write(work)
+        version = self._write(work)  # the base it introduces, if any, in the same transaction
+        fp = patch.base_fingerprint
+        return next(v for v in self.versions(patch.name, base=fp) if v.version == version)
 
     def stats(self) -> StoreStats:
         """Counts and bytes; ``dedup_saved_bytes`` is what content addressing saved."""
         with self._read() as session:
             return queries.store_stats(session)
+
+
+def _prepared(
+    patch: TaskPatch, metrics: Mapping | None, config: Mapping | None
+) -> ops.PreparedVersion:
+    """Validate and encode one version before any lock is taken."""
+    if not isinstance(patch, TaskPatch):
+        raise TypeError(f"expected a TaskPatch, got {type(patch).__name__}")
+    validate_task_name(patch.name)
+    validate_fingerprint(patch.base_fingerprint)
+    merged = {**json_dict(patch.config, "patch.config"), **json_dict(config, "config")}
+    routable = ops.check_route_tensors(patch.tensors, patch.num_classes)
+    return ops.PreparedVersion(
+        patch, json_dict(metrics, "metrics"), merged, ops.Encoded.of(patch.tensors), routable
+    )
+
+
+def _base_weights_work(
+    fingerprint: str,
+    state_dict: Mapping[str, torch.Tensor],
+    name: str | None,
+    source: str,
+) -> Callable[[Session], None]:
+    """Validate and encode base weights now; return the write to run inside a transaction."""
+    validate_fingerprint(fingerprint)
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise ValueError("state_dict must be a non-empty mapping of name -> tensor")
+    actual = state_fingerprint(state_dict)
+    if actual != fingerprint:
+        raise ValueError(f"state_dict has fingerprint {actual[:12]}, not {fingerprint[:12]}")
+    encoded = ops.Encoded.of(dict(state_dict))
+    num = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+
+    def work(session: Session) -> None:
+        if session.get(BaseRow, fingerprint) is None:
+            label = name or f"base-{fingerprint[:12]}"
+            session.add(
+                BaseRow(fingerprint=fingerprint, name=label, source=source, num_parameters=num)
+            )
+            session.flush()
+        ops.replace_base_weights(session, fingerprint, encoded)
+
+    return work
+
+
+def open_store(store: str | os.PathLike | URL | TaskStoreAPI | None) -> TaskStoreAPI:
+    """``store`` itself if it implements :class:`TaskStoreAPI`, else the SQL
+    :class:`TaskStore` at that URL or path (None: the default store)."""
+    if isinstance(store, TaskStoreAPI):
+        return store
+    if store is None or isinstance(store, (str, os.PathLike, URL)):
+        return TaskStore(store)
+    raise TypeError(
+        f"store must be a URL, a path or a TaskStoreAPI; {type(store).__name__} lacks "
+        f"{missing_members(store)}"
+    )

@@ -4,8 +4,8 @@ In a class-incremental benchmark (``nc_benchmark(..., task_labels=False)``, ``Sp
 experience carries task label 0 and its own slice of one global class space. TAPS then learns
 one task per experience (``exp0``, ``exp1``, ...) whose head covers that experience's classes,
 global class ids mapped to the head's indices ``0..k-1``. While a task trains, the route
-statistics of :mod:`taps_cl.taps.routing` are accumulated on its training data; afterwards a
-:class:`~taps_cl.taps.routing.TaskRouter` over every trained task decides, per input, which
+statistics of :mod:`taps_cl.routing` are accumulated on its training data; afterwards a
+:class:`~taps_cl.routing.TaskRouter` over every trained task decides, per input, which
 patch answers. The model's output is then logits over the global class space: the routed task's
 logits at its global ids, ``PAD_LOGIT`` everywhere else, which is what Avalanche's metrics expect.
 
@@ -28,9 +28,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from taps_cl.errors import UnknownTaskError
-from taps_cl.strategies.experiences import PAD_LOGIT
-from taps_cl.taps.model import TAPSModel
-from taps_cl.taps.routing import (
+from taps_cl.routing import (
     CalibrationAccumulator,
     RouteResult,
     RouteStats,
@@ -38,6 +36,8 @@ from taps_cl.taps.routing import (
     TaskRouter,
     base_features,
 )
+from taps_cl.strategies.experiences import PAD_LOGIT
+from taps_cl.taps.model import TAPSModel
 
 MODES = ("auto", "task", "class")
 

@@ -28,6 +28,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from taps_cl.config import TAPSConfig, TrainConfig
+from taps_cl.routing import METHODS
 from taps_cl.strategies.classinc import MODES, ClassIncremental, RouteStatsPlugin
 from taps_cl.strategies.experiences import (
     detect_mode,
@@ -40,7 +41,6 @@ from taps_cl.strategies.multitask import TAPSRouter
 from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
-from taps_cl.taps.routing import METHODS
 from taps_cl.training.batching import drop_last
 from taps_cl.training.loop import (
     Stepper,
@@ -76,7 +76,7 @@ class TAPS(SupervisedTemplate):
     ``mode="class"`` (class-incremental, e.g. ``nc_benchmark(..., task_labels=False)``): each
     training experience becomes a new task ``exp<i>`` over its own classes; outputs are logits
     over the global class space, each input routed to one trained task by ``route_method``
-    (:meth:`taps_cl.taps.routing.TaskRouter.route`, default ``"lda"``) on base features; see
+    (:meth:`taps_cl.routing.TaskRouter.route`, default ``"lda"``) on base features; see
     :mod:`taps_cl.strategies.classinc`. Evaluating before any training raises
     :class:`~taps_cl.errors.UnknownTaskError`; afterwards every experience (trained or not) is
     routed among the trained tasks.

@@ -22,7 +22,7 @@ from torch import nn
 from taps_cl.errors import BaseMismatchError
 from taps_cl.taps.deltas import decode_delta, kind_of, stored_keys
 from taps_cl.taps.layer import TaskAdaptiveLayer
-from taps_cl.taps.model import TAPSModel, _check_patch_layers, describe_task, set_child
+from taps_cl.taps.model import TAPSModel, _check_patch_layers, describe_task
 from taps_cl.taps.modules import TaskHeads, TaskNorm
 from taps_cl.taps.patch import TaskPatch, parameter_kinds
 from taps_cl.taps.wrap import Transparent
@@ -168,12 +168,3 @@ def _clone(module: nn.Module, replace: dict[int, nn.Module]) -> nn.Module:
     new._modules = {k: (None if m is None else _clone(m, replace))
                     for k, m in module._modules.items()}  # fmt: skip
     return new
-
-
-def base_feature_extractor(model: TAPSModel) -> nn.Module:
-    """The frozen base with its classifier replaced by ``nn.Identity`` (tensors shared with
-    ``model``): its output is the classifier's input, what :func:`~taps_cl.taps.features.
-    base_features` reads with a hook, computed by the same modules, without any task state."""
-    out = shared_merged(model, None)
-    set_child(out, model.head_name, nn.Identity())
-    return out

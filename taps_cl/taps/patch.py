@@ -13,7 +13,7 @@ Tensor names follow one scheme so that storage, export and loading need no other
 - ``norm.<module>.<name>``: the task's own normalisation parameters and buffers
 - ``head.<name>``: the task's classifier head (``weight``, ``bias``)
 - ``route.<name>``: optional statistics of the base features of the task's data, used to route
-  inputs to tasks without a task name (see :mod:`taps_cl.taps.routing`); not parameters
+  inputs to tasks without a task name (see :mod:`taps_cl.routing`); not parameters
 """
 
 from __future__ import annotations
@@ -128,13 +128,13 @@ class TaskPatch:
         """Bytes of all tensors as stored."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    # The file format is the store's export format (taps_cl.storage.serialize); imported
-    # lazily because taps/ depends on nothing above it at import time.
+    # The file format is the store's export format: both read and write it through the
+    # method's own file I/O (taps_cl.taps.patchfile), never through storage.
 
     def save(self, path: str | os.PathLike, *, allow_symlink: bool = False) -> Path:
         """Write the patch to one ``.safetensors`` file, the format ``taps-cl export`` writes
         (``taps-cl import`` and ``TaskStore.import_file`` read it). Atomic; returns the path."""
-        from taps_cl.storage.serialize import write_patch_file
+        from taps_cl.taps.patchfile import write_patch_file
 
         meta = {
             "name": self.name,
@@ -146,15 +146,15 @@ class TaskPatch:
             "active_layers": self.active_layers,
             "config": self.config,
         }
-        return write_patch_file(Path(path), self, meta, allow_symlink=allow_symlink)
+        return write_patch_file(Path(path), self.tensors, meta, allow_symlink=allow_symlink)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskPatch:
         """Read a patch file written by :meth:`save` or ``taps-cl export`` (every tensor is
         checked against its sha256)."""
-        from taps_cl.storage.serialize import read_patch_file
+        from taps_cl.taps.patchfile import read_patch_file
 
-        patch, meta = read_patch_file(path)
+        patch, meta = read_patch_file(path, cls)
         version = meta.get("version")
         patch.version = version if type(version) is int and version >= 1 else None
         return patch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from taps_cl.storage import TaskStore
+from taps_cl.storage import TaskStoreAPI
 from taps_cl.taps.patch import TaskPatch
 from taps_cl.tracking import plots
 
@@ -33,7 +33,7 @@ def ordered_layers(patch: TaskPatch, layer_order: list[str] | None = None) -> li
     return sorted(layers, key=_natural)
 
 
-def _single_base(store: TaskStore, base_fingerprint: str | None) -> str:
+def _single_base(store: TaskStoreAPI, base_fingerprint: str | None) -> str:
     tasks = store.list_tasks(base=base_fingerprint)
     bases = sorted({t.base_fingerprint for t in tasks})
     if not tasks:
@@ -50,7 +50,7 @@ def _single_base(store: TaskStore, base_fingerprint: str | None) -> str:
 
 
 def gates_figure(
-    store: TaskStore,
+    store: TaskStoreAPI,
     out_path: str | Path,
     base_fingerprint: str | None = None,
     layer_order: list[str] | None = None,
@@ -62,8 +62,8 @@ def gates_figure(
     ``.`` shared with the base) and ``k/N``; the column legend follows. ``layer_order`` (e.g.
     ``TAPSModel.layer_names`` of the base) fixes the column order; see :func:`ordered_layers`.
     """
-    if not isinstance(store, TaskStore):
-        raise TypeError(f"store must be a TaskStore, got {type(store).__name__}")
+    if not isinstance(store, TaskStoreAPI):
+        raise TypeError(f"store must be a TaskStore (TaskStoreAPI), got {type(store).__name__}")
     base = _single_base(store, base_fingerprint)
     patches = [store.load(t.name, base=base) for t in store.list_tasks(base=base)]
     layers: list[str] = []

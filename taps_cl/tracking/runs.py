@@ -1,4 +1,8 @@
-"""One MLflow run per strategy of a benchmark, and one per ``add_task`` of the engine."""
+"""One MLflow run per strategy of a benchmark, and one per task version the engine commits.
+
+:func:`track_task` is handed what it logs (the committed patch, the model that trained it,
+the run's config and metrics, the base's name), never the engine.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
@@ -16,6 +20,10 @@ from taps_cl.tracking import client as tc
 from taps_cl.tracking import matrix as mx
 from taps_cl.tracking import names, plots
 from taps_cl.tracking.names import is_number, sanitize_key
+
+if TYPE_CHECKING:
+    from taps_cl.taps.model import TAPSModel
+    from taps_cl.taps.patch import TaskPatch
 
 
 def _mapping(value: object, what: str) -> Mapping:
@@ -220,3 +228,59 @@ def _log_gate_artifacts(client, run_id, task, gates, scores, tau) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         png = plots.gate_scores(task, scores, gates, tau, Path(tmp) / f"{tc.slug(task)}.png")
         client.log_artifact(run_id, os.fspath(png), "gates")
+
+
+def track_task(
+    uri: str | None,
+    experiment: str,
+    *,
+    patch: TaskPatch,
+    model: TAPSModel,
+    config: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    metrics: Mapping[str, Any],
+    base_name: str,
+    channels: int,
+    parent: str | None = None,
+) -> str:
+    """The MLflow run of one committed task version (:func:`log_task_run`): ``model`` still
+    holds the task, so its gates, scores and merged module are logged; the merged module is
+    registered under the task's name, the registry version tagged with the store version.
+    ``config`` is the version's config (with its ``image_size``), ``metrics`` its metrics."""
+    size = int(config["image_size"])
+    return log_task_run(
+        uri,
+        experiment,
+        task=patch.name,
+        config=config,
+        base=base_name,
+        dataset_sizes={"train": metrics["train_size"], "eval": metrics["eval_size"]},
+        history=history,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        gates=model.gates(patch.name),
+        scores=model.scores(patch.name),
+        patch_summary=patch_summary(patch),
+        parent=parent,
+        model=model.merged(patch.name).cpu(),
+        input_shape=(channels, size, size),
+        registry_tags={
+            "taps_cl.task": patch.name,
+            "taps_cl.store_version": str(patch.version),
+            "taps_cl.base_fingerprint": patch.base_fingerprint,
+        },
+    )
+
+
+def patch_summary(patch: TaskPatch) -> dict[str, Any]:
+    """The patch's description logged as ``patch_summary.json``."""
+    return {
+        "name": patch.name,
+        "version": patch.version,
+        "num_classes": patch.num_classes,
+        "class_names": patch.class_names,
+        "active_layers": patch.active_layers,
+        "num_layers": patch.num_layers,
+        "num_parameters": patch.num_parameters,
+        "nbytes": patch.nbytes,
+        "base_fingerprint": patch.base_fingerprint,
+    }

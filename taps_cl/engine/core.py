@@ -1,55 +1,51 @@
-"""Engine = one frozen base + a task store (+ optional MLflow tracking).
+"""Engine = one frozen base + a task store (+ optional MLflow tracking): a thin facade.
 
 ``add_task(dataset)`` validates the data, trains the task's gates and deltas on a private copy
 of the base, evaluates, and commits the pruned patch as a new version. Only then is the task
 loaded into the serving model, so a failed or interrupted training changes nothing anywhere.
+
+The engine ties parts together and hands each what it uses: training runs through
+:func:`taps_cl.joint.fit_joint` and a :class:`~taps_cl.engine.taskrun.TaskRun` (commit and
+tracking); serving and routing through a :class:`~taps_cl.serving.TaskServer` built from the
+base's fingerprint and preprocessing, the store and the device (the read-only methods are
+:class:`~taps_cl.engine.inference.Inference`); the store is any
+:class:`~taps_cl.storage.TaskStoreAPI`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from taps_cl.bases import Base, fingerprint, load_base
 from taps_cl.config import JointConfig, TAPSConfig, TrainConfig, environment
-from taps_cl.data import TaskData, prepare, preprocess
+from taps_cl.data import TaskData, prepare
+from taps_cl.engine.inference import Inference
+from taps_cl.engine.taskrun import TaskRecord, TaskRun, prepare_all
 from taps_cl.errors import BaseMismatchError, UnknownBaseError
-from taps_cl.router import Routed, TaskRouting, route_stats
-from taps_cl.runs import (
-    TaskRecord,
-    attach_route_stats,
-    commit_run,
-    finalize_run,
-    parent_run,
-    prepare_all,
-    run_config,
-    task_metrics,
-    task_record,
-    track_task,
-)
-from taps_cl.serving import TaskServer
-from taps_cl.storage import TaskStore, VersionRecord, read_patch_file
+from taps_cl.serving import Routed, TaskRouting, TaskServer
+from taps_cl.storage import TaskStoreAPI, VersionRecord, open_store, read_patch_file
+from taps_cl.storage.layout import model_layout
 from taps_cl.taps.model import TAPSModel
-from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
+from taps_cl.taps.patch import validate_task_name, validate_version
+from taps_cl.training.route_stats import route_stats
 from taps_cl.training.runtime import resolve_device, world
 
 __all__ = ["Engine", "Routed", "TaskRecord"]
 
 
-class Engine:
+class Engine(Inference):
     """A frozen base, a versioned task store and (optionally) MLflow tracking, tied together."""
 
     def __init__(
         self,
         base: str | nn.Module | Base | None = None,
-        store: str | TaskStore | None = None,
+        store: str | os.PathLike | TaskStoreAPI | None = None,
         tracking: str | None = None,
         device: str = "auto",
         *,
@@ -60,48 +56,42 @@ class Engine:
         max_loaded: int = 8,
         version_ttl: float = 2.0,
     ) -> None:
-        """``max_loaded``: task versions kept loaded for serving (least recently used are
-        dropped). ``version_ttl``: seconds a task's current version is cached before the store
-        is asked again (see :mod:`taps_cl.serving` for the staleness rule)."""
+        """``store``: a URL or path (the SQL ``TaskStore`` opens it; None: the default store)
+        or any object implementing :class:`~taps_cl.storage.TaskStoreAPI`. ``max_loaded``:
+        task versions kept loaded for serving (least recently used are dropped).
+        ``version_ttl``: seconds a task's current version is cached before the store is asked
+        again (see :mod:`taps_cl.serving.server` for the staleness rule)."""
         self.base = load_base(base if base is not None else environment().base)
         self.base.module.requires_grad_(False).eval()
         self.fingerprint = fingerprint(self.base.module)
-        self.store = store if isinstance(store, TaskStore) else TaskStore(store)
+        self.store = open_store(store)
         self.head = head
-        self._register_base()
+        self._layout: dict | None = None
+        _register_base(self.store, self.base, self.fingerprint, self.patch_layout)
         self.tracking = tracking
         self.experiment = experiment
         self.device = resolve_device(device)
         self.config = config or TAPSConfig()
         self.train_config = train or TrainConfig()
         self.server = TaskServer(
-            self, lambda: self._new_model(self.config), max_loaded, version_ttl
+            fingerprint=self.fingerprint,
+            preprocessing=self.base.preprocessing,
+            store=self.store,
+            device=self.device,
+            new_model=lambda: self._new_model(self.config),
+            max_loaded=max_loaded,
+            version_ttl=version_ttl,
         )
-        self.routing = TaskRouting(self)
 
-    def _register_base(self) -> None:
-        """Name the base in the store once; opening an engine on a known base writes nothing
-        (no write lock per CLI call, and read-only database users can still predict)."""
-        if self.store.readonly:
-            return  # serving from a read-only store: imports need a writable one anyway
-        try:
-            known = self.store.base(self.fingerprint)
-        except UnknownBaseError:
-            known = None
-        if known is None or known.name == f"base-{self.fingerprint[:12]}":  # placeholder name
-            self.store.register_base(
-                self.fingerprint, self.base.name, self.base.source, self.base.num_parameters,
-                layout=self.patch_layout(),
-            )  # fmt: skip
-        elif self.store.base_layout(self.fingerprint) is None:  # registered before layouts
-            self.store.set_base_layout(self.fingerprint, self.patch_layout())
+    @property
+    def routing(self) -> TaskRouting:
+        """The server's task-free routing (its router cache)."""
+        return self.server.routing
 
     def patch_layout(self) -> dict:
         """What a patch of this base may hold (tensor names, dtypes, shapes), from a throwaway
         model; the store keeps it so that imported files are checked against the base."""
-        if getattr(self, "_layout", None) is None:
-            from taps_cl.storage.layout import model_layout
-
+        if self._layout is None:
             base = copy.deepcopy(self.base.module)
             self._layout = model_layout(TAPSModel(base, TAPSConfig(), head=self.head))
         return self._layout
@@ -134,14 +124,6 @@ class Engine:
             **kw,
         )
 
-    def _train_config(self, train: TrainConfig | None) -> TrainConfig:
-        train = train or self.train_config
-        if not isinstance(train, TrainConfig):
-            raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
-        if train.device == "auto":
-            train = TrainConfig.from_dict({**train.to_dict(), "device": str(self.device)})
-        return train
-
     def _new_model(self, config: TAPSConfig) -> TAPSModel:
         base = copy.deepcopy(self.base.module)
         return TAPSModel(base, config, head=self.head, base_fingerprint=self.fingerprint)
@@ -164,8 +146,8 @@ class Engine:
         ``TypeError`` and nothing is trained or stored. This is the one-task case of
         :meth:`add_tasks`: the same loop, the same commit, the same record.
         """
-        name = validate_task_name(name or _default_name(dataset, self))
-        train = self._train_config(train)
+        name = validate_task_name(name or _default_name(dataset, self.tasks))
+        train = _resolved_train(train, self.train_config, self.device)
         data = self.prepare(dataset, train, num_classes=num_classes, class_names=class_names)
         evals = {}
         if eval_dataset is not None:
@@ -192,7 +174,7 @@ class Engine:
         weights into a NEW base, stored with its own fingerprint (open it with
         :meth:`open_stored_base`); this engine's base and tasks stay untouched. Every dataset
         is validated before anything trains. Under torchrun only rank 0 writes."""
-        train = self._train_config(train)
+        train = _resolved_train(train, self.train_config, self.device)
         data, evals = prepare_all(
             datasets, eval_datasets, lambda d, **kw: self.prepare(d, train, **kw)
         )
@@ -221,7 +203,7 @@ class Engine:
     ) -> list[TaskRecord]:
         """Train ``data`` in one run on a private copy of the base, then commit every task in
         one transaction; only then are stale serving copies dropped."""
-        from taps_cl.joint import fit_joint, init_distributed, new_base_label
+        from taps_cl.joint import fit_joint, init_distributed
 
         config = config or self.config
         if not isinstance(config, TAPSConfig):
@@ -233,28 +215,16 @@ class Engine:
         fit = fit_joint(
             model, data, train, joint=sampling, train_base=train_base, eval_data=evals, quiet=quiet
         )
-        patches, new_base = finalize_run(model, list(data), self.base.module, train_base)
-        # every task routable from v1 (every rank computes them: patches stay equal on all ranks)
-        attach_route_stats(patches, route_stats(model, list(data), data, train))
-        rec_config = {**self._record_config(config, train, model), **run_config(fit, sampling)}
-        metrics = {
-            n: task_metrics(fit, n, len(data[n]), len(evals[n]) if n in evals else 0) for n in data
-        }
-        label = new_base_label(self.base, self.fingerprint, list(data))
-        versions = commit_run(
-            self.store, patches, metrics=metrics, config=rec_config,
-            new_base=(new_base, *label) if new_base is not None else None,
-        )  # fmt: skip
-        records = []
-        track = bool(self.tracking) and world()[0] == 0
-        with parent_run(self, list(data)) if track else contextlib.nullcontext() as parent:
-            for patch, version in zip(patches, versions, strict=True):
-                patch.version = version
-                self.server.unload(patch.name)
-                records.append(task_record(patch, fit.fits[patch.name], self.base.num_parameters))
-                if track:
-                    track_task(self, patch, fit, rec_config, metrics[patch.name], model, parent)
-        return records
+        run = TaskRun(
+            model, fit, data, evals, base=self.base, config=config, train=train, sampling=sampling
+        )
+        run.finalize()
+        run.commit(self.store)
+        for name in data:
+            self.server.unload(name)
+        if self.tracking and world()[0] == 0:
+            run.track(self.tracking, self.experiment)
+        return run.records()
 
     def open_stored_base(self, fingerprint: str) -> Engine:
         """An Engine (same store, tracking, device, configs) on a base whose weights the store
@@ -273,80 +243,6 @@ class Engine:
             experiment=self.experiment,
         )
 
-    def _record_config(
-        self, config: TAPSConfig, train: TrainConfig, model: TAPSModel
-    ) -> dict[str, Any]:
-        """What each version records beside its tensors: configs, the input size ``predict``
-        must use, and the gated layers in model order (the store keeps tensors by name)."""
-        size = train.image_size or self.base.preprocessing.input_size
-        return {
-            "taps": config.to_dict(),
-            "train": train.to_dict(),
-            "image_size": size,
-            "preprocessing": dataclasses.asdict(self.base.preprocessing),
-            "layer_order": list(model.layer_names),
-        }
-
-    # -- serving ----------------------------------------------------------------------------
-
-    def load_patch(self, name: str, version: int | None = None) -> TaskPatch:
-        """The stored patch (verified against its sha256s and this engine's base)."""
-        validate_version(version)
-        return self.server.load_patch(name, version)
-
-    def image_size(self, name: str, version: int | None = None) -> int:
-        """The input side the task was trained at (what ``predict`` resizes to)."""
-        validate_version(version)
-        return self.server.served(name, version).image_size
-
-    def preprocess(self, inputs: Any, name: str | None = None) -> torch.Tensor:
-        """Raw images (tensors, arrays, PIL, paths) -> model input, exactly as training saw them."""
-        if name is None:
-            return preprocess(inputs, self.base.preprocessing, self.train_config.image_size)
-        served = self.server.served(name)
-        return preprocess(inputs, served.preprocessing, served.image_size)
-
-    def model(self, name: str, version: int | None = None) -> nn.Module:
-        """The task as a plain merged ``nn.Module`` (eval mode; expects preprocessed input);
-        an independent copy: modifying it changes nothing the engine serves."""
-        validate_version(version)
-        return self.server.merged(name, version)
-
-    def class_names(self, name: str, version: int | None = None) -> list[str] | None:
-        validate_version(version)
-        return self.server.served(name, version).class_names
-
-    def predict(
-        self, name: str, inputs: Any, logits: bool = False, version: int | None = None
-    ) -> torch.Tensor:
-        """Class indices (or logits with ``logits=True``) for raw ``inputs``. Safe to call
-        from any number of threads (each task version is served by its own merged module)."""
-        validate_version(version)
-        out = self.server.predict(name, inputs, version)
-        return out if logits else out.argmax(1)
-
-    def evaluate(self, name: str, dataset: Any, version: int | None = None) -> dict[str, float]:
-        """Accuracy and loss of the stored task on ``dataset``."""
-        validate_version(version)
-        return self.server.evaluate(name, dataset, version)
-
-    def route(
-        self, inputs: Any, tasks: list[str] | None = None, method: str | None = None
-    ) -> Routed:
-        """Task-free prediction: for each raw input, the task it belongs to, its class there
-        and a confidence (router's task probability x the patch's class probability).
-
-        Candidates are the routable current versions of this base's tasks (``tasks=`` restricts
-        them). Cost: one base forward per distinct trained input size, the discriminant, then
-        each chosen task's patch once on the inputs routed to it. ``method``: ``"lda"``
-        (default: pooled-covariance discriminant on base features; on the offline suite it
-        identified 100% of test images' tasks, as ``"combined"`` did at 1.7x the cost, see
-        ``benchmarks/routing.py``), ``"ncm"`` (cosine to class means),
-        ``"combined"`` (LDA shortlists 2 tasks, their patches' calibrated energy decides) or
-        ``"energy"`` (every patch on every input; for comparison).
-        """
-        return self.routing.route(inputs, tasks, method)
-
     def add_route_stats(
         self, name: str, dataset: Any, version: int | None = None, *, replace: bool = False
     ) -> VersionRecord:
@@ -360,35 +256,17 @@ class Engine:
             image_size=served.image_size,
             num_classes=served.num_classes,
         )
-        train = self._train_config(None)
+        train = _resolved_train(None, self.train_config, self.device)
         with self.server.task_model(name, version) as model:
             stats = route_stats(model, [name], {name: data}, train)[name]
         record = self.store.add_route_stats(
             name, stats, version, base=self.fingerprint, replace=replace
         )
         self.server.refresh()  # the version is routable now
-        self.routing.clear()
+        self.server.routing.clear()
         return record
 
-    # -- files for other libraries (ecosystem) -----------------------------------------------
-
-    def save_pretrained(
-        self, name: str, directory: str | os.PathLike, version: int | None = None
-    ) -> Path:
-        """Write the merged task in timm's Hugging Face layout (``config.json`` +
-        ``model.safetensors``): ``timm.create_model("local-dir:DIR", pretrained=True)`` loads
-        it with the task's classes and preprocessing. Needs a timm base."""
-        from taps_cl.export import save_pretrained
-
-        validate_version(version)
-        return save_pretrained(self, name, directory, version)
-
     # -- housekeeping -----------------------------------------------------------------------
-
-    def refresh(self) -> None:
-        """Read current task versions from the store on the next call (they are cached for
-        ``version_ttl`` seconds; writes through this engine are seen at once anyway)."""
-        self.server.refresh()
 
     def remove_task(self, name: str, version: int | None = None) -> list[int]:
         validate_version(version)
@@ -416,12 +294,39 @@ class Engine:
         return record
 
 
-def _default_name(dataset: Any, engine: Engine) -> str:
+def _register_base(store: TaskStoreAPI, base: Base, fp: str, layout: Callable[[], dict]) -> None:
+    """Name the base in the store once; opening an engine on a known base writes nothing
+    (no write lock per CLI call, and read-only database users can still predict).
+    ``layout()`` gives the base's patch layout (built only when the store needs it)."""
+    if store.readonly:
+        return  # serving from a read-only store: imports need a writable one anyway
+    try:
+        known = store.base(fp)
+    except UnknownBaseError:
+        known = None
+    if known is None or known.name == f"base-{fp[:12]}":  # placeholder name
+        store.register_base(fp, base.name, base.source, base.num_parameters, layout=layout())
+    elif store.base_layout(fp) is None:  # registered before layouts
+        store.set_base_layout(fp, layout())
+
+
+def _resolved_train(train: TrainConfig | None, default: TrainConfig, device: Any) -> TrainConfig:
+    """``train`` (else ``default``) with ``device="auto"`` resolved to the engine's device."""
+    train = train or default
+    if not isinstance(train, TrainConfig):
+        raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+    if train.device == "auto":
+        train = TrainConfig.from_dict({**train.to_dict(), "device": str(device)})
+    return train
+
+
+def _default_name(dataset: Any, tasks: Callable[[], list]) -> str:
+    """A file or folder dataset's name, else ``task<N>`` not yet taken among ``tasks()``."""
     if isinstance(dataset, (str, Path)):
         stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in Path(dataset).name)
         if stem and stem[0].isalpha():
             return stem[:64]
-    existing = {r.name for r in engine.tasks()}
+    existing = {r.name for r in tasks()}
     i = len(existing) + 1
     while f"task{i}" in existing:
         i += 1

@@ -1,14 +1,18 @@
 """What one training run of the engine produces and how it is kept, for one task or several.
 
 ``Engine.add_task`` and ``Engine.add_tasks`` both train through :func:`taps_cl.joint.fit_joint`
-and then come here: finalise the patches, build each version's config and metrics, commit them
-in one transaction (:meth:`TaskStore.commit_many`, rank 0 only), build the :class:`TaskRecord`
-the user gets back and, with tracking on, one MLflow run per task.
+and hand the fitted model to a :class:`TaskRun`, which takes it the rest of the way:
+``finalize()`` (patches, the new base of a ``train_base`` run, route statistics) ->
+``commit(store)`` (one transaction, rank 0 only; every rank learns the versions) ->
+``records()`` (the :class:`TaskRecord` the user gets back) -> ``track(uri, experiment)``
+(with tracking on, one MLflow run per task). The run receives the model, the data and the
+base it ran on; the store and the tracking URI are handed to the step that uses them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,14 +21,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from taps_cl.bases import fingerprint
-from taps_cl.config import JointConfig
-from taps_cl.data import DataError
+from taps_cl.bases import Base, fingerprint
+from taps_cl.config import JointConfig, TAPSConfig, TrainConfig
+from taps_cl.data import DataError, TaskData
 from taps_cl.errors import TAPSError
-from taps_cl.joint.base import trained_base
+from taps_cl.joint.base import new_base_label, trained_base
+from taps_cl.storage import TaskStoreAPI
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
 from taps_cl.training.loop import FitResult, RunResult
+from taps_cl.training.route_stats import route_stats
 from taps_cl.training.runtime import world
 
 
@@ -48,6 +54,94 @@ class TaskRecord:
     @property
     def layers_adapted(self) -> str:
         return f"{len(self.active_layers)}/{self.num_layers}"
+
+
+class TaskRun:
+    """One fitted run on its way to the store: ``finalize()`` -> ``commit(store)`` ->
+    ``records()`` -> ``track(uri, experiment)``, in that order (see the module docstring).
+
+    ``model`` holds the run's tasks, trained on ``base`` (``fit`` is what the loop returned);
+    ``data``/``evals`` are the prepared training and eval sets by task name.
+    """
+
+    def __init__(
+        self,
+        model: TAPSModel,
+        fit: RunResult,
+        data: Mapping[str, TaskData],
+        evals: Mapping[str, TaskData],
+        *,
+        base: Base,
+        config: TAPSConfig,
+        train: TrainConfig,
+        sampling: JointConfig | None = None,
+    ) -> None:
+        self.model, self.fit, self.data, self.base, self.train = model, fit, data, base, train
+        self.names = list(data)
+        self.base_fingerprint = model.base_fingerprint  # what the run started from
+        self.config = {**version_config(config, train, model, base), **run_config(fit, sampling)}
+        self.metrics = {
+            n: task_metrics(fit, n, len(data[n]), len(evals[n]) if n in evals else 0)
+            for n in self.names
+        }
+        self.patches: list[TaskPatch] = []
+        self.new_base: nn.Module | None = None  # the trained base of a train_base run
+        self.committed = False
+
+    def finalize(self) -> list[TaskPatch]:
+        """Every task's patch, with its route statistics as ``route.*`` tensors so they commit
+        in the same transaction (routable from v1; every rank computes them, so patches stay
+        equal on all ranks)."""
+        self.patches, self.new_base = finalize_run(
+            self.model, self.names, self.base.module, self.fit.train_base
+        )
+        stats = route_stats(self.model, self.names, self.data, self.train)
+        for patch in self.patches:
+            patch.tensors.update(stats[patch.name].to_tensors())
+        return self.patches
+
+    def commit(self, store: TaskStoreAPI) -> list[int]:
+        """Commit every patch (and the new base) in one transaction; set their versions."""
+        if not self.patches:
+            raise RuntimeError("finalize() the run before commit()")
+        new_base = None
+        if self.new_base is not None:
+            label = new_base_label(self.base, self.base_fingerprint, self.names)
+            new_base = (self.new_base, *label)
+        versions = _commit_everywhere(
+            store, self.patches, metrics=self.metrics, config=self.config, new_base=new_base
+        )
+        for patch, version in zip(self.patches, versions, strict=True):
+            patch.version = version
+        self.committed = True
+        return versions
+
+    def records(self) -> list[TaskRecord]:
+        """What the user gets back: one record per committed version."""
+        self._require_commit("records()")
+        n = self.base.num_parameters
+        return [task_record(p, self.fit.fits[p.name], n) for p in self.patches]
+
+    def track(self, uri: str | None, experiment: str) -> None:
+        """One MLflow run per committed task (under one parent run when there are several);
+        its merged model is logged and registered under the task's name."""
+        from taps_cl.tracking.runs import parent_run, track_task
+
+        self._require_commit("track()")
+        several = len(self.names) > 1
+        name = "joint:" + "+".join(self.names)
+        with parent_run(uri, experiment, name) if several else contextlib.nullcontext() as parent:
+            for patch in self.patches:
+                track_task(
+                    uri, experiment, patch=patch, model=self.model, config=self.config,
+                    history=self.fit.fits[patch.name].history, metrics=self.metrics[patch.name],
+                    base_name=self.base.name, channels=self.base.preprocessing.channels,
+                    parent=parent,
+                )  # fmt: skip
+
+    def _require_commit(self, what: str) -> None:
+        if not self.committed:
+            raise RuntimeError(f"commit() the run before {what}")
 
 
 def prepare_all(
@@ -92,11 +186,19 @@ def finalize_run(
     return [model.finalize_task(n) for n in names], new_base
 
 
-def attach_route_stats(patches: Sequence[TaskPatch], stats: Mapping[str, Any]) -> None:
-    """Put each task's :class:`~taps_cl.taps.routing.RouteStats` on its patch as ``route.*``
-    tensors, so they commit in the same transaction as the patch (routable from v1)."""
-    for patch in patches:
-        patch.tensors.update(stats[patch.name].to_tensors())
+def version_config(
+    config: TAPSConfig, train: TrainConfig, model: TAPSModel, base: Base
+) -> dict[str, Any]:
+    """What each version records beside its tensors: configs, the input size ``predict``
+    must use, and the gated layers in model order (the store keeps tensors by name)."""
+    size = train.image_size or base.preprocessing.input_size
+    return {
+        "taps": config.to_dict(),
+        "train": train.to_dict(),
+        "image_size": size,
+        "preprocessing": dataclasses.asdict(base.preprocessing),
+        "layer_order": list(model.layer_names),
+    }
 
 
 def run_config(result: RunResult, sampling: JointConfig | None) -> dict[str, Any]:
@@ -130,8 +232,8 @@ def task_metrics(result: RunResult, name: str, n_train: int, n_eval: int) -> dic
     }
 
 
-def commit_run(
-    store: Any,
+def _commit_everywhere(
+    store: TaskStoreAPI,
     patches: Sequence[TaskPatch],
     *,
     metrics: Mapping[str, Mapping[str, Any]],
@@ -180,64 +282,4 @@ def task_record(patch: TaskPatch, fit: FitResult, base_params: int) -> TaskRecor
         num_classes=patch.num_classes,
         history=fit.history,
         base_fingerprint=patch.base_fingerprint,
-    )
-
-
-def patch_summary(patch: TaskPatch) -> dict[str, Any]:
-    return {
-        "name": patch.name,
-        "version": patch.version,
-        "num_classes": patch.num_classes,
-        "class_names": patch.class_names,
-        "active_layers": patch.active_layers,
-        "num_layers": patch.num_layers,
-        "num_parameters": patch.num_parameters,
-        "nbytes": patch.nbytes,
-        "base_fingerprint": patch.base_fingerprint,
-    }
-
-
-def parent_run(engine: Any, names: list[str]) -> Any:
-    """Several tasks trained in one run: an MLflow parent run, one child run per task."""
-    if len(names) < 2:
-        return contextlib.nullcontext()
-    from taps_cl.tracking.runs import parent_run as start_parent
-
-    return start_parent(engine.tracking, engine.experiment, "joint:" + "+".join(names))
-
-
-def track_task(
-    engine: Any,
-    patch: TaskPatch,
-    fit: RunResult,
-    record_config: Mapping[str, Any],
-    metrics: Mapping[str, Any],
-    model: TAPSModel,
-    parent: Any = None,
-) -> None:
-    """The task's MLflow run; its merged model is logged and registered under the task's name,
-    the registry version tagged with the store version it is."""
-    from taps_cl.tracking import log_task_run
-
-    prep, size = engine.base.preprocessing, int(record_config["image_size"])
-    log_task_run(
-        engine.tracking,
-        engine.experiment,
-        task=patch.name,
-        config=record_config,
-        base=engine.base.name,
-        dataset_sizes={"train": metrics["train_size"], "eval": metrics["eval_size"]},
-        history=fit.fits[patch.name].history,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        gates=model.gates(patch.name),
-        scores=model.scores(patch.name),
-        patch_summary=patch_summary(patch),
-        parent=parent,
-        model=model.merged(patch.name).cpu(),
-        input_shape=(prep.channels, size, size),
-        registry_tags={
-            "taps_cl.task": patch.name,
-            "taps_cl.store_version": str(patch.version),
-            "taps_cl.base_fingerprint": patch.base_fingerprint,
-        },
     )

@@ -1,8 +1,8 @@
 """Task-free routing: choose, for each input, the task (and class) whose data it looks like.
 
-Public API of task-free TAPS (statistics and feature capture live in
-:mod:`~taps_cl.taps.routestats` and :mod:`~taps_cl.taps.features` and are re-exported here).
-Methods of :meth:`TaskRouter.route`, all on base features ``z`` (one base forward per input):
+The router works on base features (:mod:`~taps_cl.routing.features`) and per-task statistics
+(:mod:`~taps_cl.routing.stats`). Methods of :meth:`TaskRouter.route`, all on base features
+``z`` (one base forward per input):
 
 - ``"lda"``: Gaussian linear discriminant with the covariance pooled over every task,
   ``Sigma = sum_t S_t / (N - C)``, shrunk ``(1 - a) Sigma + a tr(Sigma)/d I`` (``a`` fixed or
@@ -30,32 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from taps_cl.taps.features import base_features, collect_route_stats
-from taps_cl.taps.routestats import (
-    Calibration,
-    CalibrationAccumulator,
-    RouteStats,
-    RouteStatsAccumulator,
-    pack_symmetric,
-    unpack_symmetric,
-)
+from taps_cl.routing.stats import RouteStats
 
-__all__ = [
-    "METHODS",
-    "Calibration",
-    "CalibrationAccumulator",
-    "RouteResult",
-    "RouteStats",
-    "RouteStatsAccumulator",
-    "TaskRouter",
-    "base_features",
-    "collect_route_stats",
-    "oas_shrinkage",
-    "pack_symmetric",
-    "unpack_symmetric",
-]
+__all__ = ["METHODS", "PATCHED_METHODS", "RouteResult", "TaskRouter", "oas_shrinkage"]
 
 METHODS = ("lda", "ncm", "energy", "combined")
+PATCHED_METHODS = ("energy", "combined")  # methods that run task patches while choosing the task
 PatchedLogits = Callable[[str, torch.Tensor], torch.Tensor]
 # Base features [n, d] of the inputs, or task name -> its own view of them: tasks trained at
 # different input sizes compare an input by its features at each task's size.
@@ -166,14 +146,12 @@ class TaskRouter:
             total += self._stats[name].scatter_matrix()
         dof = sum(s.total - s.seen_classes for s in self._stats.values())
         if dof <= 0:
+            seen = sum(s.seen_classes for s in self._stats.values())
             raise ValueError(
-                f"the tasks' statistics hold {dof + self._num_seen()} samples for "
-                f"{self._num_seen()} classes; the discriminant needs more samples than classes"
+                f"the tasks' statistics hold {dof + seen} samples for {seen} classes; "
+                "the discriminant needs more samples than classes"
             )
         return total / dof, dof
-
-    def _num_seen(self) -> int:
-        return sum(s.seen_classes for s in self._stats.values())
 
     def _require_tasks(self) -> None:
         if not self._stats:
@@ -196,22 +174,9 @@ class TaskRouter:
                 "class_of": torch.tensor(class_of, dtype=torch.int64),
             }
         if need_lda and "proj" not in self._cache:
-            self._cache.update(self._projection(self._cache["mu"]))
+            sigma, dof = self.pooled_covariance()
+            self._cache.update(_lda_projection(self._cache["mu"], sigma, dof, self.shrinkage))
         return self._cache
-
-    def _projection(self, mu: torch.Tensor) -> dict:
-        sigma, dof = self.pooled_covariance()
-        a = oas_shrinkage(sigma, dof) if self.shrinkage == "oas" else float(self.shrinkage)
-        d = sigma.shape[0]
-        target = float(torch.diagonal(sigma).sum()) / d
-        if target <= 0:
-            raise ValueError("pooled covariance has zero trace (all features equal per class)")
-        shrunk = (1 - a) * sigma + a * target * torch.eye(d, dtype=torch.float64)
-        chol, info = torch.linalg.cholesky_ex(shrunk)
-        if int(info) != 0:
-            raise ValueError("shrunk covariance is singular; use shrinkage > 0")
-        proj = torch.cholesky_solve(mu.T.contiguous(), chol).T  # rows: W mu_c
-        return {"proj": proj, "bias": -0.5 * (proj * mu).sum(1), "alpha": a}
 
     @property
     def shrinkage_value(self) -> float:
@@ -231,28 +196,12 @@ class TaskRouter:
             for name in self.tasks:
                 view = features[name]
                 if id(view) not in checked:
-                    checked[id(view)] = self._check_one(view)
+                    checked[id(view)] = _checked(view, self.dim)
                 views[name] = checked[id(view)]
             if len({v.shape[0] for v in views.values()}) != 1:
                 raise ValueError("every task's features must have one row per input")
             return views
-        return self._check_one(features)
-
-    def _check_one(self, features: torch.Tensor) -> torch.Tensor:
-        if not isinstance(features, torch.Tensor) or features.ndim != 2:
-            raise ValueError(
-                f"features must be a [n, d] tensor, got {getattr(features, 'shape', features)}"
-            )
-        if features.shape[0] == 0:
-            raise ValueError("no inputs to route (features has 0 rows)")
-        if features.shape[1] != self.dim:
-            raise ValueError(
-                f"features have d={features.shape[1]}, the tasks' statistics d={self.dim}"
-            )
-        z = features.detach().to("cpu", torch.float64)
-        if not torch.isfinite(z).all():
-            raise ValueError("features contain NaN or inf")
-        return z
+        return _checked(features, self.dim)
 
     def class_scores(self, features: Features, method: str = "lda") -> torch.Tensor:
         """Scores ``[n, K]`` of every seen class of every task (``"lda"`` or ``"ncm"``); with
@@ -313,10 +262,10 @@ class TaskRouter:
         """
         if method not in METHODS:
             raise ValueError(f"unknown routing method {method!r}; methods: {METHODS}")
-        if method in ("lda", "ncm"):
+        if method not in PATCHED_METHODS:
             class_scores = self.class_scores(features, method)
             scores = self._reduce(class_scores, method)
-            within = self._best_class(class_scores, scores.argmax(1))
+            within = _best_class(self._prepared(False), class_scores, scores.argmax(1))
             scale = self.cosine_scale if method == "ncm" else 1.0
             return _result(self.tasks, scores, within, scale)
         if patched_logits is None:
@@ -382,11 +331,6 @@ class TaskRouter:
             score = score + self.discriminant_weight * post[idx, self.tasks.index(name)]
         return score
 
-    def _best_class(self, class_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        cache = self._prepared(False)
-        masked = class_scores.masked_fill(cache["task_of"][None, :] != chosen[:, None], -math.inf)
-        return cache["class_of"][masked.argmax(1)]
-
 
 def _rows(z: torch.Tensor | dict[str, torch.Tensor]) -> int:
     return next(iter(z.values())).shape[0] if isinstance(z, dict) else z.shape[0]
@@ -399,3 +343,43 @@ def _result(
     probs = torch.softmax(scores * scale, dim=1)
     confidence = probs.gather(1, chosen[:, None]).squeeze(1)
     return RouteResult(tasks, chosen, within, confidence, scores)
+
+
+def _lda_projection(
+    mu: torch.Tensor, sigma: torch.Tensor, dof: int, shrinkage: float | str
+) -> dict:
+    """Rows ``W mu_c`` and biases ``-0.5 mu_c' W mu_c`` of the discriminant, ``W`` the inverse
+    of ``sigma`` shrunk towards ``tr(sigma)/d I`` by OAS (``"oas"``) or a fixed amount."""
+    a = oas_shrinkage(sigma, dof) if shrinkage == "oas" else float(shrinkage)
+    d = sigma.shape[0]
+    target = float(torch.diagonal(sigma).sum()) / d
+    if target <= 0:
+        raise ValueError("pooled covariance has zero trace (all features equal per class)")
+    shrunk = (1 - a) * sigma + a * target * torch.eye(d, dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(shrunk)
+    if int(info) != 0:
+        raise ValueError("shrunk covariance is singular; use shrinkage > 0")
+    proj = torch.cholesky_solve(mu.T.contiguous(), chol).T  # rows: W mu_c
+    return {"proj": proj, "bias": -0.5 * (proj * mu).sum(1), "alpha": a}
+
+
+def _checked(features: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """``features`` as float64 CPU ``[n, dim]``, or a ``ValueError`` saying what is wrong."""
+    if not isinstance(features, torch.Tensor) or features.ndim != 2:
+        raise ValueError(
+            f"features must be a [n, d] tensor, got {getattr(features, 'shape', features)}"
+        )
+    if features.shape[0] == 0:
+        raise ValueError("no inputs to route (features has 0 rows)")
+    if features.shape[1] != dim:
+        raise ValueError(f"features have d={features.shape[1]}, the tasks' statistics d={dim}")
+    z = features.detach().to("cpu", torch.float64)
+    if not torch.isfinite(z).all():
+        raise ValueError("features contain NaN or inf")
+    return z
+
+
+def _best_class(cache: dict, class_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The best class of each input within its chosen task (columns of other tasks masked)."""
+    masked = class_scores.masked_fill(cache["task_of"][None, :] != chosen[:, None], -math.inf)
+    return cache["class_of"][masked.argmax(1)]

@@ -1,7 +1,10 @@
 """A stored task as a standalone timm model, in timm's Hugging Face layout.
 
-``save_pretrained`` writes ``config.json`` + ``model.safetensors`` (``timm.models.save_for_hf``)
-for the merged task, with the task's classes and the preprocessing it was trained with, so that
+:func:`save_timm_pretrained` writes ``config.json`` + ``model.safetensors``
+(``timm.models.save_for_hf``) for a task's merged module (what a
+:class:`~taps_cl.serving.TaskServer` serves), with the task's classes and the preprocessing it
+was trained with; it is handed the module, preprocessing and input size, never the engine.
+``Engine.save_pretrained`` calls it, so that
 
     model = timm.create_model("local-dir:DIR", pretrained=True)
 
@@ -15,14 +18,10 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from taps_cl.bases import Preprocessing
-
-if TYPE_CHECKING:
-    from taps_cl.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +64,3 @@ def save_timm_pretrained(
     )
     log.info("wrote %s (config.json + model.safetensors)", out)
     return out
-
-
-def save_pretrained(
-    engine: Engine, name: str, directory: str | os.PathLike, version: int | None = None
-) -> Path:
-    """The stored task ``name`` (``version``, default current) of ``engine`` as a timm model
-    folder; see the module docstring."""
-    module = engine.model(name, version)
-    return save_timm_pretrained(
-        module, directory, engine.base.preprocessing, engine.image_size(name, version)
-    )

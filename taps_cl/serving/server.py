@@ -1,5 +1,10 @@
 """Serving stored tasks: one frozen base in memory, tasks loaded from the store on demand.
 
+A :class:`TaskServer` is built from what it uses: the base's fingerprint and preprocessing, a
+store (:class:`~taps_cl.storage.TaskStoreAPI`), a device and a factory for the TAPS model that
+patches are checked and folded against. It owns task-free routing over the same tasks
+(:attr:`TaskServer.routing`, :meth:`TaskServer.route`).
+
 Thread safety: every loaded task version is served by its own plain merged module
 (:func:`~taps_cl.taps.merge.merge_patch`: the task's deltas folded into the weights, every other
 tensor shared with the frozen base), so no forward reads or writes an "active task": any number
@@ -8,9 +13,9 @@ double-checked cache (concurrent first loads of a task load it once; a load that
 the cache as it was). Loaded versions are kept in an LRU of ``max_loaded`` entries.
 
 Staleness rule: committed versions are immutable, so a loaded ``(task, version)`` never goes
-stale. Which version is *current* is cached per engine for ``version_ttl`` seconds: a version
+stale. Which version is *current* is cached per server for ``version_ttl`` seconds: a version
 committed (or a task deleted) by another process becomes the default within ``version_ttl``
-seconds, or at once after ``Engine.refresh()``; writes through this engine (add_task, import,
+seconds, or at once after ``refresh()``; writes through the engine that owns it (add_task, import,
 remove_task, add_route_stats) invalidate the cache immediately. An unknown task name is always
 looked up in the store before ``UnknownTaskError`` is raised.
 """
@@ -33,7 +38,10 @@ from taps_cl.bases import Preprocessing, version_preprocessing
 from taps_cl.config import TrainConfig
 from taps_cl.data import prepare, preprocess
 from taps_cl.errors import BaseMismatchError, UnknownTaskError
-from taps_cl.taps.merge import base_feature_extractor, merge_patch
+from taps_cl.routing import base_feature_extractor
+from taps_cl.serving.route import Routed, TaskRouting
+from taps_cl.storage import StoredTask, TaskStoreAPI
+from taps_cl.taps.merge import merge_patch
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
 from taps_cl.training.loop import evaluate
@@ -55,11 +63,19 @@ class Served:
 
 
 class TaskServer:
-    """The serving side of an :class:`~taps_cl.engine.Engine` (its base, store and device)."""
+    """Stored tasks of one base served from ``store`` on ``device`` (see the module docstring).
+
+    ``new_model()`` builds the (task-free) TAPS model of the base, once, on first use;
+    ``preprocessing`` is the base's, used for versions that did not record their own.
+    """
 
     def __init__(
         self,
-        engine: Any,
+        *,
+        fingerprint: str,
+        preprocessing: Preprocessing,
+        store: TaskStoreAPI,
+        device: torch.device,
         new_model: Callable[[], TAPSModel],
         max_loaded: int = 8,
         version_ttl: float = 2.0,
@@ -68,16 +84,20 @@ class TaskServer:
             raise ValueError(f"max_loaded must be an int >= 1, got {max_loaded!r}")
         if not isinstance(version_ttl, (int, float)) or version_ttl < 0:
             raise ValueError(f"version_ttl must be a number of seconds >= 0, got {version_ttl!r}")
-        self.engine = engine
+        self.fingerprint = fingerprint
+        self.preprocessing = preprocessing
+        self.store = store
+        self.device = device
         self._new_model = new_model
         self.max_loaded = max_loaded
         self.version_ttl = float(version_ttl)
         self._model: TAPSModel | None = None  # the loader: holds no task between loads
         self._features: nn.Module | None = None
         self._served: OrderedDict[tuple[str, int], Served] = OrderedDict()
-        self._records: tuple[float, dict[str, Any]] | None = None  # (time read, name -> record)
+        self._records: tuple[float, dict[str, StoredTask]] | None = None  # (time read, records)
         self._lock = threading.Lock()  # guards _served and _records (short, no I/O)
         self._load_lock = threading.RLock()  # serialises loads and every use of the loader
+        self.routing = TaskRouting(self)  # task-free routing over the same tasks
 
     @property
     def model(self) -> TAPSModel:
@@ -86,7 +106,7 @@ class TaskServer:
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
-                    self._model = self._new_model().to(self.engine.device).eval()
+                    self._model = self._new_model().to(self.device).eval()
         return self._model
 
     # -- versions ---------------------------------------------------------------------------
@@ -103,13 +123,13 @@ class TaskServer:
                 del self._served[key]
             self._records = None
 
-    def task_records(self, *, fresh: bool = False) -> dict[str, Any]:
+    def task_records(self, *, fresh: bool = False) -> dict[str, StoredTask]:
         """Name -> store record of this base's tasks, at most ``version_ttl`` seconds old."""
         now = time.monotonic()
         with self._lock:
             cached = self._records
         if fresh or cached is None or now - cached[0] > self.version_ttl:
-            records = {r.name: r for r in self.engine.tasks()}
+            records = {r.name: r for r in self.store.list_tasks(base=self.fingerprint)}
             with self._lock:
                 self._records = cached = (now, records)
         return cached[1]
@@ -120,16 +140,16 @@ class TaskServer:
         if record is None:
             known = sorted(self.task_records())
             raise UnknownTaskError(
-                f"no task {name!r} in {self.engine.store.url}; known: {known or 'none'}"
+                f"no task {name!r} in {self.store.url}; known: {known or 'none'}"
             )
         return record.current_version
 
     # -- loading ----------------------------------------------------------------------------
 
     def load_patch(self, name: str, version: int | None = None) -> TaskPatch:
-        """The stored patch (verified against its sha256s and this engine's base)."""
-        fp = self.engine.fingerprint
-        patch = self.engine.store.load(name, version, base=fp)
+        """The stored patch (verified against its sha256s and this server's base)."""
+        fp = self.fingerprint
+        patch = self.store.load(name, version, base=fp)
         if patch.base_fingerprint != fp:
             raise BaseMismatchError(f"task {name!r} belongs to another base")
         return patch
@@ -157,7 +177,7 @@ class TaskServer:
     def _load(self, name: str, version: int) -> Served:
         patch = self.load_patch(name, version)
         module = merge_patch(self.model, patch, consume=True)  # the patch is ours alone
-        prep = version_preprocessing(patch.config, self.engine.base.preprocessing)
+        prep = version_preprocessing(patch.config, self.preprocessing)
         return Served(
             name, version, module, prep.input_size, prep, patch.num_classes, patch.class_names
         )
@@ -186,6 +206,10 @@ class TaskServer:
         """The task's logits for preprocessed ``x`` (CPU, float32)."""
         return self._run(entry.module, x)
 
+    def task_logits(self, name: str, version: int, x: torch.Tensor) -> torch.Tensor:
+        """Logits of task ``name`` at ``version`` for preprocessed ``x`` (CPU, float32)."""
+        return self.logits(self.served(name, version), x)
+
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Base features (the classifier's input, no task) of preprocessed ``x``."""
@@ -196,7 +220,7 @@ class TaskServer:
         return self._run(self._features, x)
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        device = self.engine.device
+        device = self.device
         outs = [module(c.to(device)).float().cpu() for c in x.split(_CHUNK)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -213,12 +237,19 @@ class TaskServer:
             image_size=entry.image_size,
             num_classes=entry.num_classes,
         )
-        config = TrainConfig(device=str(self.engine.device))
+        config = TrainConfig(device=str(self.device))
         return evaluate(_AnyTask(entry.module), name, data, config)
 
     def merged(self, name: str, version: int | None = None) -> nn.Module:
         """An independent copy of the served module (the caller may modify it)."""
         return copy.deepcopy(self.served(name, version).module)
+
+    def route(
+        self, inputs: Any, tasks: list[str] | None = None, method: str | None = None
+    ) -> Routed:
+        """Task-free prediction over this server's routable tasks (see
+        :class:`~taps_cl.serving.route.TaskRouting`)."""
+        return self.routing.route(inputs, tasks, method)
 
 
 class _AnyTask(nn.Module):

@@ -4,7 +4,7 @@ Every task shares the frozen base, so one base forward gives a feature ``z`` (th
 of the classifier) on which all tasks can be compared. Per task we keep, for its classes, the
 count ``n_c`` and mean ``mu_c``, and one within-class scatter ``S_t = sum (z - mu_c)(z - mu_c)^T``.
 These are sufficient for a pooled-covariance linear discriminant over all tasks (see
-:mod:`taps_cl.taps.routing`); no sample is kept.
+:mod:`taps_cl.routing.task_router`); no sample is kept.
 
 Accumulation is float64 and exact under minibatching: each batch's per-class means and scatter
 are merged with Chan et al.'s parallel formula, so batch-wise updates equal one update with all

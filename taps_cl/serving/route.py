@@ -1,14 +1,14 @@
 """Task-free serving: route each input to the stored task (and class) whose data it looks like.
 
-The engine-level side of :mod:`taps_cl.taps.routing`. Per call: the task list (cached by the
-server for ``version_ttl`` seconds); inputs preprocessed once per distinct trained input
-size; one forward of the plain base feature extractor per size; the router's scores; then each
-chosen (or, for ``"combined"``, shortlisted) task's merged module runs ONCE on its inputs.
-The router (and its cached inverse covariance) is built once per set of routable task
-versions and reused.
+The server-side of :mod:`taps_cl.routing`, owned by a :class:`~taps_cl.serving.TaskServer`
+(``server.route(...)``). Per call: the task list (cached by the server for ``version_ttl``
+seconds); inputs preprocessed once per distinct trained input size; one forward of the plain
+base feature extractor per size; the router's scores; then each chosen (or, for
+``"combined"``, shortlisted) task's merged module runs ONCE on its inputs. The router (and
+its cached inverse covariance) is built once per set of routable task versions and reused.
 
-Statistics are taken at training time (:func:`route_stats`) from the task's training data: base
-features per class (no task active) and the finalised patch's energy on the same batches.
+Statistics are taken at training time (:func:`taps_cl.training.route_stats.route_stats`) from the
+task's training data and stored with the version; routing reads them back from the store.
 """
 
 from __future__ import annotations
@@ -16,27 +16,22 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from taps_cl.bases import Preprocessing, version_preprocessing
-from taps_cl.config import TrainConfig
 from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
-from taps_cl.taps.features import collect_route_stats
-from taps_cl.taps.model import TAPSModel
-from taps_cl.taps.routing import METHODS, RouteResult, RouteStats, TaskRouter
-from taps_cl.training.batching import make_loader
-from taps_cl.training.runtime import Runtime
+from taps_cl.routing import METHODS, PATCHED_METHODS, RouteResult, TaskRouter
+from taps_cl.storage import StoredTask, TaskStoreAPI
 
-__all__ = ["DEFAULT_METHOD", "Routed", "TaskRouting", "route_stats"]
+__all__ = ["DEFAULT_METHOD", "Routed", "RoutingHost", "TaskRouting"]
 
 # Measured on the offline suite (benchmarks/routing.py, results/routing.json): see docs.
 DEFAULT_METHOD = "lda"
-_CHUNK = 256  # inputs per forward
 _CACHED_ROUTERS = 4  # routers kept (one per candidate set: all tasks, or a ``tasks=`` subset)
 
 
@@ -54,6 +49,21 @@ class Routed:
         return len(self.tasks)
 
 
+class RoutingHost(Protocol):
+    """What routing uses of the server that owns it: the store it serves from, the base's
+    fingerprint and preprocessing, the cached task list and two forwards."""
+
+    store: TaskStoreAPI
+    fingerprint: str
+    preprocessing: Preprocessing
+
+    def task_records(self, *, fresh: bool = False) -> dict[str, StoredTask]: ...
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def task_logits(self, name: str, version: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class _Candidates:
     router: TaskRouter
@@ -62,37 +72,11 @@ class _Candidates:
     versions: dict[str, int]
 
 
-@torch.no_grad()
-def route_stats(
-    model: TAPSModel, names: Sequence[str], data: Mapping[str, Any], train: TrainConfig
-) -> dict[str, RouteStats]:
-    """Route statistics of each finalised task of ``model`` from its (preprocessed) training
-    data: one pass per task, two forwards per batch (no task: base features; the task: its
-    calibration), eval mode, no grad."""
-    config = TrainConfig.from_dict({**train.to_dict(), "batch_size": max(train.batch_size, 64)})
-    runtime = Runtime.of(config)
-    was_training = model.training
-    model.eval()
-    try:
-        out = {}
-        for name in names:
-            batches = _on_device(make_loader(data[name], config, runtime), runtime)
-            out[name] = collect_route_stats(model, batches, name)
-        return out
-    finally:
-        model.train(was_training)
-
-
-def _on_device(loader: Iterable, runtime: Runtime) -> Iterable:
-    for x, y in loader:
-        yield runtime.to_device(x), y
-
-
 class TaskRouting:
-    """Routing over an engine's stored tasks (kept by its :class:`~taps_cl.serving.TaskServer`)."""
+    """Routing over the stored tasks a server serves (kept by that server)."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, host: RoutingHost) -> None:
+        self.host = host
         self._routers: OrderedDict[tuple, _Candidates] = OrderedDict()
         self._lock = threading.Lock()  # serving threads share the cache
 
@@ -103,14 +87,14 @@ class TaskRouting:
     def candidates(self, tasks: Sequence[str] | None) -> _Candidates:
         """The router over the routable current versions (restricted to ``tasks``), cached
         by the tuple of (name, version) so any new or changed version rebuilds it."""
-        records = self.engine.server.task_records()  # cached (see taps_cl.serving)
+        records = self.host.task_records()  # cached (see taps_cl.serving.server)
         if tasks is not None:
             if isinstance(tasks, str):
                 tasks = [tasks]
             unknown = sorted(set(tasks) - set(records))
             if unknown:
                 raise UnknownTaskError(
-                    f"no task {unknown[0]!r} in {self.engine.store.url}; "
+                    f"no task {unknown[0]!r} in {self.host.store.url}; "
                     f"known: {sorted(records) or 'none'}"
                 )
             plain = sorted(n for n in set(tasks) if not records[n].routable)
@@ -119,7 +103,7 @@ class TaskRouting:
             records = {n: records[n] for n in set(tasks)}
         chosen = sorted((n, r.current_version) for n, r in records.items() if r.routable)
         if not chosen:
-            raise ValueError(_not_routable(sorted(records)) if records else _no_tasks(self.engine))
+            raise ValueError(_not_routable(sorted(records)) if records else _no_tasks(self.host))
         key = tuple(chosen)
         with self._lock:
             cand = self._routers.get(key)
@@ -131,12 +115,12 @@ class TaskRouting:
             return cand
 
     def _build(self, chosen: list[tuple[str, int]], records: dict) -> _Candidates:
-        store, fp = self.engine.store, self.engine.fingerprint
+        store, fp = self.host.store, self.host.fingerprint
         stats, preps = {}, {}
         for name, version in chosen:
             stats[name] = store.route_stats(name, version, base=fp)
             config = next(v.config for v in store.versions(name, base=fp) if v.version == version)
-            preps[name] = version_preprocessing(config, self.engine.base.preprocessing)
+            preps[name] = version_preprocessing(config, self.host.preprocessing)
         return _Candidates(
             TaskRouter(stats),
             preps,
@@ -156,28 +140,34 @@ class TaskRouting:
         ):
             raise ValueError("no inputs to route (got 0 images)")
         cand = self.candidates(tasks)
-        server = self.engine.server
+        host = self.host
         views_of = {_key(p): p for p in cand.preps.values()}  # one pass per distinct view
         x = {k: preprocess(inputs, p, p.input_size) for k, p in views_of.items()}
-        feats = {k: server.features(xs) for k, xs in x.items()}
+        feats = {k: host.features(xs) for k, xs in x.items()}
         views = {name: feats[_key(p)] for name, p in cand.preps.items()}
         logits: dict[str, torch.Tensor] = {}
 
         def patched(name: str, idx: torch.Tensor) -> torch.Tensor:
-            entry = server.served(name, cand.versions[name])
-            logits[name] = server.logits(entry, x[_key(cand.preps[name])][idx])
+            view = x[_key(cand.preps[name])][idx]
+            logits[name] = host.task_logits(name, cand.versions[name], view)
             return logits[name]
 
-        result = cand.router.route(views, method, patched if method in ("energy", "combined")
-                                   else None)  # fmt: skip
+        result = cand.router.route(views, method, patched if method in PATCHED_METHODS else None)
         return self._finish(result, cand, patched, logits, method)
 
-    def _finish(self, result: RouteResult, cand, patched, logits, method) -> Routed:
+    def _finish(
+        self,
+        result: RouteResult,
+        cand: _Candidates,
+        patched: Callable[[str, torch.Tensor], torch.Tensor],
+        logits: dict[str, torch.Tensor],
+        method: str,
+    ) -> Routed:
         n = result.task_index.shape[0]
         labels = torch.empty(n, dtype=torch.int64)
         prob = torch.empty(n, dtype=torch.float64)
         for name, idx in result.groups().items():
-            if method in ("lda", "ncm"):
+            if method not in PATCHED_METHODS:
                 out = patched(name, idx)  # the chosen patch, once, on its group
             else:  # the patch already ran on every input it shortlisted (which hold idx)
                 pos = _positions(self._shortlist(result, name), idx)
@@ -210,8 +200,8 @@ def _not_routable(names: list[str]) -> str:
     )
 
 
-def _no_tasks(engine: Any) -> str:
-    return f"no tasks to route to in {engine.store.url}; train one with add_task first"
+def _no_tasks(host: RoutingHost) -> str:
+    return f"no tasks to route to in {host.store.url}; train one with add_task first"
 
 
 def _key(prep: Preprocessing) -> tuple:

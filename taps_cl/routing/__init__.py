@@ -1,0 +1,45 @@
+"""taps_cl.routing: the math of task-free routing (which stored task an input belongs to).
+
+- :mod:`~taps_cl.routing.features`: base features, the one way they are computed
+- :mod:`~taps_cl.routing.stats`: per-task statistics of those features (stored with a patch)
+- :mod:`~taps_cl.routing.task_router`: :class:`TaskRouter`, the routing methods over them
+
+May import: the foundation (config, errors, bases, data) and the method (:mod:`taps_cl.taps`).
+Must never import: training, storage, serving, tracking, the engine, integrations or the CLI.
+Training-time collection over data loaders is :mod:`taps_cl.training.route_stats`; routing over a
+store is :mod:`taps_cl.serving.route`.
+"""
+
+from taps_cl.routing.features import base_feature_extractor, base_features, collect_route_stats
+from taps_cl.routing.stats import (
+    Calibration,
+    CalibrationAccumulator,
+    RouteStats,
+    RouteStatsAccumulator,
+    pack_symmetric,
+    unpack_symmetric,
+)
+from taps_cl.routing.task_router import (
+    METHODS,
+    PATCHED_METHODS,
+    RouteResult,
+    TaskRouter,
+    oas_shrinkage,
+)
+
+__all__ = [
+    "METHODS",
+    "PATCHED_METHODS",
+    "Calibration",
+    "CalibrationAccumulator",
+    "RouteResult",
+    "RouteStats",
+    "RouteStatsAccumulator",
+    "TaskRouter",
+    "base_feature_extractor",
+    "base_features",
+    "collect_route_stats",
+    "oas_shrinkage",
+    "pack_symmetric",
+    "unpack_symmetric",
+]
