@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "taps_cl"
 
 # Low to high: a module may import its own part and the parts listed before it, never after.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("config", "errors", "bases", "images", "data")),
+    ("foundation", ("config", "errors", "registry", "bases", "images", "data")),
     ("method", ("taps",)),
     ("routing math", ("routing",)),
     ("training", ("training", "joint")),

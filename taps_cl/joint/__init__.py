@@ -16,6 +16,9 @@ Distributed: under ``torchrun`` (env ``WORLD_SIZE`` > 1) the process group is in
 the env (NCCL on GPUs, gloo on CPU), each task gets a ``DistributedSampler`` and one DDP module
 runs all tasks' forwards. Every per-task parameter exists before the DDP wrap. All ranks end
 with bit-identical state (rank 0's is broadcast); only rank 0 writes to the store.
+
+Part of training. May import: the foundation, the method, routing math and training. Must
+never import storage, serving, tracking, the engine, integrations or the CLI.
 """
 
 from taps_cl.config import JointConfig

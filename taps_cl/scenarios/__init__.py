@@ -1,4 +1,8 @@
-"""Task suites (offline real data, ImageFolder trees) and Avalanche benchmarks built from them."""
+"""Task suites (offline real data, ImageFolder trees) and Avalanche benchmarks built from them.
+
+An integration (offline data, Avalanche benchmarks). May import the foundation and Avalanche;
+nothing in the library below the CLI imports it.
+"""
 
 from taps_cl.scenarios.suite import (
     FolderImages,

@@ -1,4 +1,9 @@
-"""Avalanche integration: the TAPS strategy, its loss plugin and task-label router, baselines."""
+"""Avalanche integration: the TAPS strategy, its loss plugin and task-label router, baselines.
+
+An integration (Avalanche). May import every part of the library (the method, training,
+routing, storage, tracking, the engine); nothing in the library imports it, and it never
+imports the CLI.
+"""
 
 from taps_cl.strategies.multihead import BASELINES, MultiHeadNet, PackNetMultiHead, build_baseline
 from taps_cl.strategies.multitask import TAPSRouter

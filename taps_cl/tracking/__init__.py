@@ -8,6 +8,10 @@
 
 Attributes load lazily, so ``import taps_cl.tracking`` costs neither MLflow nor Avalanche until
 something is used. The tracking URI defaults to env ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``.
+
+May import: the foundation, the method, the storage protocol and records (the gate picture
+reads a store). Must never import: serving, the engine, integrations or the CLI; it is handed
+what it logs (patches, metrics, configs), never the engine.
 """
 
 from __future__ import annotations
