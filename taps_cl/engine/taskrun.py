@@ -25,7 +25,7 @@ from taps_cl.bases import Base, fingerprint
 from taps_cl.config import JointConfig, TAPSConfig, TrainConfig
 from taps_cl.data import DataError, TaskData
 from taps_cl.errors import TAPSError
-from taps_cl.joint.base import new_base_label, trained_base
+from taps_cl.joint.shared_base import new_base_label, trained_base
 from taps_cl.storage import TaskStoreAPI
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name

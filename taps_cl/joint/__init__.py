@@ -22,10 +22,10 @@ never import storage, serving, tracking, the engine, integrations or the CLI.
 """
 
 from taps_cl.config import JointConfig
-from taps_cl.joint.base import base_parameters, new_base_label, stored_base, trained_base
 from taps_cl.joint.distributed import broadcast_state, distributed_session, init_distributed
 from taps_cl.joint.fit import JointResult, fit_joint
 from taps_cl.joint.sampling import task_batch_sizes
+from taps_cl.joint.shared_base import base_parameters, new_base_label, stored_base, trained_base
 from taps_cl.training.runtime import world
 
 __all__ = [

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from taps_cl.config import JointConfig, TrainConfig
-from taps_cl.joint.base import base_parameters
 from taps_cl.joint.distributed import broadcast_state
 from taps_cl.joint.sampling import task_batch_sizes
+from taps_cl.joint.shared_base import base_parameters
 from taps_cl.taps.model import TAPSModel
 from taps_cl.training.loop import RunResult, fit_tasks
 from taps_cl.training.runtime import world

@@ -5,7 +5,7 @@ becomes a :class:`TaskAdaptiveLayer`, every ``nn.MultiheadAttention`` a
 :class:`TaskAdaptiveAttention`, every norm a :class:`TaskNorm`, the classifier a
 :class:`TaskHeads`. With no active task the model computes exactly what the base computes.
 Everything that holds per-task state is a :class:`TaskModule`; adding, removing and switching
-tasks are loops over them (:class:`~taps_cl.taps.multitask.MultiTaskModule`), and so are
+tasks are loops over them (:class:`~taps_cl.taps.taskset.TaskSet`), and so are
 settling, freezing, exporting and loading a task (here).
 """
 
@@ -25,16 +25,16 @@ from taps_cl.taps.deltas import delta_keys
 from taps_cl.taps.inject import find_head, inject, set_child
 from taps_cl.taps.layer import GatedWeight
 from taps_cl.taps.modules import TaskHeads, TaskNorm, is_norm
-from taps_cl.taps.multitask import MultiTaskModule
 from taps_cl.taps.patch import TaskPatch, parameter_kinds
 from taps_cl.taps.penalty import sparsity_penalty
 from taps_cl.taps.task import TaskModule
+from taps_cl.taps.taskset import TaskSet
 from taps_cl.taps.wrap import Transparent
 
 __all__ = ["TAPSModel", "describe_task", "find_head", "set_child"]
 
 
-class TAPSModel(MultiTaskModule):
+class TAPSModel(TaskSet):
     """A frozen base shared by many tasks, each with gated deltas, its own norms and head."""
 
     def __init__(

@@ -5,7 +5,8 @@ Adding a kind is one file holding a :class:`DeltaKind` subclass decorated with
 it is imported; ``TAPSConfig(delta_kind=<name>)`` then selects it).
 """
 
-from taps_cl.taps.deltas.base import (
+from taps_cl.taps.deltas.dense import Dense  # importing a kind's module registers it
+from taps_cl.taps.deltas.kind import (
     DeltaKind,
     decode_delta,
     delta_keys,
@@ -17,7 +18,6 @@ from taps_cl.taps.deltas.base import (
     stored_keys,
     stored_numbers,
 )
-from taps_cl.taps.deltas.dense import Dense  # importing a kind's module registers it
 from taps_cl.taps.deltas.lowrank import LowRank
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from taps_cl.taps.deltas.base import DeltaKind, Shape, register_delta_kind
+from taps_cl.taps.deltas.kind import DeltaKind, Shape, register_delta_kind
 
 if TYPE_CHECKING:
     from taps_cl.config import TAPSConfig

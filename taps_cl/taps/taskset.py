@@ -1,8 +1,8 @@
 """Tasks over per-task modules: the bookkeeping half of :class:`~taps_cl.taps.model.TAPSModel`.
 
-A :class:`MultiTaskModule` keeps one :class:`~taps_cl.taps.task.TaskInfo` per task and the
+A :class:`TaskSet` keeps one :class:`~taps_cl.taps.task.TaskInfo` per task and the
 :class:`~taps_cl.taps.task.TaskModule` s that hold the task's state (subclasses yield them from
-:meth:`~MultiTaskModule.task_modules`). Adding, removing and switching a task are loops over
+:meth:`~TaskSet.task_modules`). Adding, removing and switching a task are loops over
 those modules, as Avalanche's ``MultiTaskModule`` routes by task label. Nothing here knows what
 the modules compute; the TAPS method (gates, deltas, patches) is the subclass's.
 """
@@ -21,7 +21,7 @@ from taps_cl.taps.patch import validate_task_name
 from taps_cl.taps.task import TaskInfo, TaskModule
 
 
-class MultiTaskModule(nn.Module):
+class TaskSet(nn.Module):
     """Tasks by name, their state in :class:`TaskModule` s, one active task at a time."""
 
     def __init__(self) -> None:
