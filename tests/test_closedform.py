@@ -114,3 +114,10 @@ def test_ncm_and_scaled_head_fit_an_nn_linear():
     torch.testing.assert_close(linear(unit.float()), head.logits(unit).float())
     with pytest.raises(ValueError, match="scale"):
         LinearHead(head.weight, head.bias, 0.0)
+
+
+def test_one_class_ridge_is_a_constant_head():
+    z, _ = gaussian_classes(6, 1, 4, 1.0)
+    head = ridge_head(z, torch.zeros(6, dtype=torch.int64), 1)
+    assert head.weight.shape == (1, 4) and float(head.weight.abs().max()) == 0.0
+    torch.testing.assert_close(head.logits(z), torch.full((6, 1), head.scale, dtype=torch.float64))

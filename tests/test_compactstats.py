@@ -119,3 +119,15 @@ def test_lda_router_forgets_a_deleted_task():
     assert float((router.task_scores(z) - never.task_scores(z)).abs().max()) < 1e-8
     with pytest.raises(ValueError, match="no tasks"):
         LDARouter().task_scores(z)
+
+
+def test_a_one_class_task_is_pooled_and_routed():
+    (z, y), (z2, y2) = low_rank_tasks(2, classes=2, seed=4)
+    router = LDARouter()
+    router.add("two", compress(full_stats(z, y, 2), 8))
+    one = y2 == 0
+    router.add("one", compress(full_stats(z2[one], y2[one], 1), 8))
+    scores = router.task_scores(torch.cat([z[:5], z2[one][:5]]))
+    assert scores.shape == (10, 2)
+    assert router.tasks == ("one", "two")
+    assert float((scores.argmax(1) == torch.tensor([1] * 5 + [0] * 5)).double().mean()) >= 0.9
