@@ -11,7 +11,7 @@ import time
 import torch
 
 from taps_cl.bases import load_base
-from taps_cl.ranpac import RandomProjection
+from taps_cl.routing.ranpac import RandomProjection
 from taps_cl.strategies.multihead import split_head
 
 

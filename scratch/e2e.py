@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from taps_cl.closedform import ridge_head
-from taps_cl.compactstats import compress, full_stats
-from taps_cl.ldaroute import LDARouter
-from taps_cl.ranpac import RandomProjection, RanPACRouter
+from taps_cl.routing.closedform import ridge_head
+from taps_cl.routing.compactstats import compress, full_stats
+from taps_cl.routing.ldaroute import LDARouter
+from taps_cl.routing.ranpac import RandomProjection, RanPACRouter
 
 HERE = Path(__file__).parent
 

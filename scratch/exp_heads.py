@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from taps_cl.closedform import class_moments, lda_head, ncm_head, ridge_head
-from taps_cl.compactstats import FullStats, PooledStats, compress, full_stats
-from taps_cl.ranpac import RandomProjection, RanPACRouter
+from taps_cl.routing.closedform import class_moments, lda_head, ncm_head, ridge_head
+from taps_cl.routing.compactstats import FullStats, PooledStats, compress, full_stats
+from taps_cl.routing.ranpac import RandomProjection, RanPACRouter
 from taps_cl.taps.routestats import RouteStatsAccumulator
 from taps_cl.taps.routing import TaskRouter
-from taps_cl.taskscore import reduce_scores, task_index
+from taps_cl.routing.taskscore import reduce_scores, task_index
 
 HERE = Path(__file__).parent
 
@@ -91,7 +91,7 @@ def tpl_qda(stats, z, mix=0.5):
     dof = sum(int(s.count.sum()) - int((s.count > 0).sum()) for s in stats)
     sig = pooled / dof
     tr = float(torch.diagonal(sig).sum()) / d
-    from taps_cl.closedform import oas_shrinkage
+    from taps_cl.routing.closedform import oas_shrinkage
     a = oas_shrinkage(sig, dof)
     sig_p = (1 - a) * sig + a * tr * torch.eye(d, dtype=torch.float64)
     z = z.double()

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 import taps_cl.train as train_mod
 from taps_cl.bases import load_base
-from taps_cl.closedform import class_moments, lda_head, ridge_head
+from taps_cl.routing.closedform import class_moments, lda_head, ridge_head
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.modules import TaskNorm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taps_cl.closedform import (
+from taps_cl.routing.closedform import (
     LinearHead,
     class_moments,
     fit_scale,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taps_cl.compactstats import CompactStats, PooledStats, compress, full_stats
-from taps_cl.ldaroute import LDARouter
+from taps_cl.routing.compactstats import CompactStats, PooledStats, compress, full_stats
+from taps_cl.routing.ldaroute import LDARouter
 
 
 def low_rank_tasks(num_tasks=4, per=60, classes=3, dim=64, rank=4, seed=0, draw=0):

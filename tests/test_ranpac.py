@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taps_cl.closedform import one_hot
-from taps_cl.ranpac import RandomProjection, RanPACRouter
-from taps_cl.taskscore import reduce_scores, task_accuracy, task_index
+from taps_cl.routing.closedform import one_hot
+from taps_cl.routing.ranpac import RandomProjection, RanPACRouter
+from taps_cl.routing.taskscore import reduce_scores, task_accuracy, task_index
 
 
 def gaussian_tasks(num_tasks: int, sep: float, per=40, classes=2, dim=32, seed=0):

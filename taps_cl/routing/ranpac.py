@@ -8,19 +8,19 @@ one-hot class targets on ``h`` over every class of every task gives class scores
 recomputed after an add or a delete without any data.
 
 Per task the router keeps class counts and means of ``h`` and its within-class scatter in ``h``
-space, exact (:class:`~taps_cl.compactstats.FullStats`) or compact
-(:class:`~taps_cl.compactstats.CompactStats`); ``G`` is the shared :class:`PooledStats` cache of
-the tasks' Gram terms, so deleting a task leaves the router as if it had never been added.
-A task's score reduces its classes' scores (:func:`~taps_cl.taskscore.reduce_scores`).
+space, exact (:class:`~taps_cl.routing.compactstats.FullStats`) or compact
+(:class:`~taps_cl.routing.compactstats.CompactStats`); ``G`` is the shared :class:`PooledStats`
+cache of the tasks' Gram terms, so deleting a task leaves the router as if it had never been added.
+A task's score reduces its classes' scores (:func:`~taps_cl.routing.taskscore.reduce_scores`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from taps_cl.closedform import ridge_from_moments
-from taps_cl.compactstats import ClassStats, PooledStats, compress, full_stats
-from taps_cl.taskscore import reduce_scores
+from taps_cl.routing.closedform import ridge_from_moments
+from taps_cl.routing.compactstats import ClassStats, PooledStats, compress, full_stats
+from taps_cl.routing.taskscore import reduce_scores
 
 
 class RandomProjection:

@@ -18,7 +18,7 @@ eigenvalues, rounded to ``basis`` dtype; ``r = diag(S_t) - diag(U^T U)`` is comp
 
 The one shared object per base is :class:`PooledStats`: the float64 sum of the tasks'
 *approximated* terms (``d x d``, 13 MB at ``d = 1280``; ``M x M`` = 32 MB at ``M = 2000`` for
-the random-feature Gram of :mod:`taps_cl.ranpac`). Because it is a cache of a sum of compact
+the random-feature Gram of :mod:`taps_cl.routing.ranpac`). Because it is a cache of a sum of compact
 terms, deleting a task subtracts exactly the term its adding added: the router afterwards equals
 one that never saw the task, up to float64 rounding of the running sum (relative ``~1e-13``;
 :meth:`PooledStats.rebuild` recomputes the sum from the terms in name order, bit-stable).

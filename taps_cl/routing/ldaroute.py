@@ -1,20 +1,20 @@
 """Pooled-covariance LDA task router over per-task statistics, full or compact.
 
-The discriminant of today's router (:mod:`taps_cl.taps.routing`), rebuilt on
-:class:`~taps_cl.compactstats.PooledStats`: the pooled within-class scatter is the shared cache
-of the tasks' (compact) scatter terms, so adding or deleting a task costs one ``d x d`` add or
-subtract and the deleted task leaves nothing behind. Class scores are
-``mu_c^T Sigma^-1 z - mu_c^T Sigma^-1 mu_c / 2`` (equal priors, as today); a task's score reduces
-its classes' scores (:func:`~taps_cl.taskscore.reduce_scores`, ``logsumexp`` by default).
+The discriminant of today's router (:mod:`taps_cl.routing.task_router`), rebuilt on
+:class:`~taps_cl.routing.compactstats.PooledStats`: the pooled within-class scatter is the shared
+cache of the tasks' (compact) scatter terms, so adding or deleting a task costs one ``d x d`` add or
+subtract and the deleted task leaves nothing behind. Class scores are ``mu_c^T Sigma^-1 z - mu_c^T
+Sigma^-1 mu_c / 2`` (equal priors, as today); a task's score reduces its classes' scores
+(:func:`~taps_cl.routing.taskscore.reduce_scores`, ``logsumexp`` by default).
 """
 
 from __future__ import annotations
 
 import torch
 
-from taps_cl.closedform import lda_head
-from taps_cl.compactstats import ClassStats, PooledStats
-from taps_cl.taskscore import reduce_scores, task_index
+from taps_cl.routing.closedform import lda_head
+from taps_cl.routing.compactstats import ClassStats, PooledStats
+from taps_cl.routing.taskscore import reduce_scores, task_index
 
 
 class LDARouter:
