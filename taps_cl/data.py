@@ -103,7 +103,10 @@ def infer_num_classes(labels: torch.Tensor) -> int:
     n = int(labels.max()) + 1
     present = torch.bincount(labels, minlength=n) > 0
     if n < 2:
-        raise DataError("all labels are 0: a task needs at least 2 classes")
+        raise DataError(
+            "all labels are 0: a task needs at least 2 classes, unless it is meant to hold one "
+            "(a one-class task, e.g. for routing): then pass num_classes=1 or one class name"
+        )
     if not present.all():
         missing = (~present).nonzero().flatten().tolist()
         raise DataError(
@@ -123,8 +126,8 @@ def check_labels(
     if num_classes is None and class_names is not None:
         num_classes = len(class_names)
     if num_classes is not None:
-        if int(num_classes) < 2:
-            raise DataError(f"num_classes must be >= 2, got {num_classes}")
+        if int(num_classes) < 1:
+            raise DataError(f"num_classes must be >= 1, got {num_classes}")
         bad = (y < 0) | (y >= num_classes)
         if bad.any():
             i = int(bad.nonzero()[0])

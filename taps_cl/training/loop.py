@@ -27,6 +27,7 @@ from taps_cl.config import TrainConfig
 from taps_cl.taps.budget import BudgetController
 from taps_cl.taps.model import TAPSModel
 from taps_cl.training.batching import TaskStream, epoch_steps, make_loader
+from taps_cl.training.heads import fit_heads
 from taps_cl.training.runtime import Runtime, all_reduce_, seed_everything, world, wrap_ddp
 from taps_cl.training.step import (  # noqa: F401  (re-exported: the loop's public pieces)
     Stepper,
@@ -144,6 +145,7 @@ class _TaskRun:
     """One task's part of a run: its stream, its own epoch length, length and warm-up."""
 
     name: str
+    data: Any  # the task's training data (its closed-form head refit reads it in order)
     stream: TaskStream
     per_epoch: int  # steps per epoch of this task
     total: int  # steps this task trains
@@ -183,10 +185,12 @@ def fit_tasks(
     for name in names:
         model.unsettle_task(name)  # more training of a settled task: back to its raw deltas
     runtime = Runtime.of(config)
-    seed_everything(config.seed)
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
+    if model.config.head_init == "ridge":  # before seeding: the training draws stay the same
+        fit_heads(model, tasks, config)
+    seed_everything(config.seed)
     runs = _task_runs(model, tasks, config, runtime, batch_sizes or {}, epoch_length)
     result = RunResult(fits={}, world_size=world()[1])
     stepper = _stepper(model, runs, config, runtime, extra_groups, result)
@@ -237,7 +241,7 @@ def _task_runs(model, tasks, config, runtime, batch_sizes, epoch_length) -> dict
         budget = None
         if model.config.budget is not None:  # the budget, not the penalty, closes gates
             budget, warmup = BudgetController(model, name, total), total + 1
-        runs[name] = _TaskRun(name, stream, per_epoch, total, warmup, budget)
+        runs[name] = _TaskRun(name, tasks[name], stream, per_epoch, total, warmup, budget)
     return runs
 
 
@@ -285,6 +289,8 @@ class _Loop:
             active = [r for r in runs.values() if r.active]
             seen += self.step(active, result)
             for r in active:
+                if r.steps == r.total and self.model.config.head_refit:
+                    self.refit(r)  # the task's last step: its head meets its final features
                 if r.steps % r.per_epoch == 0:
                     self.close_epoch(r, result, evals)  # evaluate() restores train mode
             bar.update(1)
@@ -316,6 +322,11 @@ class _Loop:
         examples = sum(len(b[1]) for b in batches.values()) * result.world_size
         result.examples += examples
         return examples
+
+    def refit(self, r: _TaskRun) -> None:
+        """Refit task ``r``'s head in closed form on its trained features (eval mode), before
+        its last epoch is measured: a short run ends with a head behind its features."""
+        fit_heads(self.model, {r.name: r.data}, self.config, after_training=True)
 
     def close_epoch(self, r: _TaskRun, result: RunResult, evals: Mapping[str, Any]) -> None:
         """One of task ``r``'s own epochs ended: record its stats (and eval accuracy)."""
