@@ -9,6 +9,8 @@ Accepted inputs (:func:`prepare`):
 
 Everything is checked *before* training (a bad label found in epoch 3 wastes the first two):
 non-empty, integer labels in ``[0, num_classes)``, one image layout, finite pixels in range.
+A single class is refused unless declared (``num_classes=1`` or one class name): labels
+that are all 0 are usually a labelling slip, while a declared one-class task is kept for routing.
 
 The one function :func:`preprocess` turns images into model input, for training (per item) and
 for prediction alike, so a model always sees the same inputs. Pixel conventions: integer images

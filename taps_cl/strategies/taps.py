@@ -9,8 +9,10 @@ trained again, so accuracy on earlier experiences cannot change.
 The method lives in :mod:`taps_cl.taps`; this file is the glue: which task is trained when, its
 optimizer (the same :func:`taps_cl.training.step.build_optimizer` and score-rate rule as the
 trainer), the step (the trainer's own :class:`taps_cl.training.step.Stepper`: divergence check,
-clipping, schedule), the batching rule (:func:`taps_cl.training.batching.drop_last`), and the
-commit. The loss is :class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label is
+clipping, schedule), the batching rule (:func:`taps_cl.training.batching.drop_last`), the
+closed-form head before and after an experience's training (:mod:`taps_cl.training.heads`,
+``TAPSConfig.head_init``/``head_refit``), and the commit. The loss is
+:class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label is
 :class:`~taps_cl.strategies.multitask.TAPSRouter`.
 """
 

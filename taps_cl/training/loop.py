@@ -7,7 +7,9 @@ Each task keeps its own length (its epochs over its own data), warm-up, score le
 learning-rate schedule, and clips its own gradient; tasks share no trainable parameter. So a task
 follows exactly the trajectory it follows alone, and :func:`fit_task` is the one-task case. A joint
 run may instead give every task the same number of steps (``epoch_length`` "max", "min" or N: the
-shorter tasks cycle), which training the shared base needs.
+shorter tasks cycle), which training the shared base needs. Each task's head starts as the
+closed-form ridge probe on its features and is refit on the trained features after its last step
+(:mod:`~taps_cl.training.heads`; ``TAPSConfig.head_init``/``head_refit``).
 """
 
 from __future__ import annotations
