@@ -166,7 +166,9 @@ def test_one_class_labels_need_to_be_declared():
         check_labels(torch.zeros(5, dtype=torch.long))
     y, k = check_labels(torch.zeros(5, dtype=torch.long), num_classes=1)
     assert k == 1 and y.tolist() == [0] * 5
-    assert check_labels([0, 0], class_names=["only"])[1] == 1
+    assert check_labels([0, 0], num_classes=1, class_names=["only"])[1] == 1
+    with pytest.raises(DataError, match="num_classes=1"):  # e.g. a folder of one class
+        check_labels([0, 0], class_names=["only"])
 
 
 def test_one_class_task_trains_commits_and_routes(tmp_path):
