@@ -27,6 +27,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 DELTA_DTYPES = ("float32", "bfloat16", "int8")
 NORM_STATS = ("base", "reset")
+HEAD_INITS = ("ridge", "random")
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 T = TypeVar("T", bound="_JSONConfig")
@@ -126,6 +127,17 @@ class TAPSConfig(_JSONConfig):
         'a registered delta kind by name (taps_cl.taps.deltas: "dense", "lowrank", your own); '
         'None = "lowrank" if delta_rank is set, else "dense"',
     )
+    head_init: str = _doc(
+        "ridge",
+        "how a new task's head starts: \"ridge\" = the closed-form ridge probe on the task's own "
+        "features (raw scores, logit scale 1), so training starts where a linear probe ends; "
+        '"random" = seeded uniform init',
+    )
+    head_refit: bool = _doc(
+        True,
+        "after training, refit the head in closed form (ridge) on the trained task's own "
+        "eval-mode features: short runs end with features the head never caught up with",
+    )
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -144,6 +156,8 @@ class TAPSConfig(_JSONConfig):
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {self.norm_stats!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         self._check_compact()
 
     def _check_compact(self) -> None:

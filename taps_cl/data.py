@@ -9,6 +9,8 @@ Accepted inputs (:func:`prepare`):
 
 Everything is checked *before* training (a bad label found in epoch 3 wastes the first two):
 non-empty, integer labels in ``[0, num_classes)``, one image layout, finite pixels in range.
+A single class is refused unless declared (``num_classes=1``): labels that are all 0 or a folder
+of one class are usually a slip, while a declared one-class task is kept for routing.
 
 The one function :func:`preprocess` turns images into model input, for training (per item) and
 for prediction alike, so a model always sees the same inputs. Pixel conventions: integer images
@@ -103,7 +105,10 @@ def infer_num_classes(labels: torch.Tensor) -> int:
     n = int(labels.max()) + 1
     present = torch.bincount(labels, minlength=n) > 0
     if n < 2:
-        raise DataError("all labels are 0: a task needs at least 2 classes")
+        raise DataError(
+            "all labels are 0: a task needs at least 2 classes, unless it is meant to hold one "
+            "(a one-class task, e.g. for routing): then pass num_classes=1"
+        )
     if not present.all():
         missing = (~present).nonzero().flatten().tolist()
         raise DataError(
@@ -120,11 +125,16 @@ def check_labels(
     y = _integer_labels(_labels_tensor(labels))
     if y.numel() == 0:
         raise DataError(f"the data is empty; pass at least one example per class ({_ACCEPTED})")
+    declared = num_classes is not None  # only a declared count may be 1 (a one-class task)
     if num_classes is None and class_names is not None:
         num_classes = len(class_names)
     if num_classes is not None:
-        if int(num_classes) < 2:
-            raise DataError(f"num_classes must be >= 2, got {num_classes}")
+        if int(num_classes) < (1 if declared else 2):
+            raise DataError(
+                f"num_classes must be >= 1, got {num_classes}" if declared else
+                f"one class {list(class_names)} found: a task needs at least 2 classes, unless it "
+                "is meant to hold one (e.g. for routing): then pass num_classes=1"
+            )  # fmt: skip
         bad = (y < 0) | (y >= num_classes)
         if bad.any():
             i = int(bad.nonzero()[0])

@@ -37,6 +37,8 @@ TAPS_FIELDS = (
     "delta_alpha",
     "delta_dtype",
     "delta_kind",
+    "head_init",
+    "head_refit",
 )
 JOINT_FIELDS = ("epoch_length", "base_lr")
 
@@ -53,7 +55,18 @@ def _int_or_str(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def _flag(text: str) -> bool:
+    """``true``/``false`` (also yes/no, on/off, 1/0) for a bool field's option."""
+    value = {"true": True, "yes": True, "on": True, "1": True}.get(text.lower())
+    if value is None and text.lower() not in ("false", "no", "off", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return bool(value)
+
+
+_flag.__name__ = "bool"
+
 _TYPES: dict[str, Any] = {
+    "bool": _flag,
     "int": int,
     "float": float,
     "str": str,

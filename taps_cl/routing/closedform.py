@@ -117,6 +117,7 @@ def ridge_head(
     u, s, vh = torch.linalg.svd(z - mz, full_matrices=False)
     s2 = s * s
     unit = float(s2.sum()) / max(1, int((s2 > 1e-12 * s2.max()).sum()))
+    unit = unit if unit > 0 else 1.0  # identical features: zero weight, the bias predicts
     uty = u.T @ (y - my)
     candidates = [lam / unit] if lam is not None else list(grid)
     best = min(candidates, key=lambda c: _press(u, s2, uty, y - my, c * unit, n))

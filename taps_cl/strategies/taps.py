@@ -9,15 +9,17 @@ trained again, so accuracy on earlier experiences cannot change.
 The method lives in :mod:`taps_cl.taps`; this file is the glue: which task is trained when, its
 optimizer (the same :func:`taps_cl.training.step.build_optimizer` and score-rate rule as the
 trainer), the step (the trainer's own :class:`taps_cl.training.step.Stepper`: divergence check,
-clipping, schedule), the batching rule (:func:`taps_cl.training.batching.drop_last`), and the
-commit. The loss is :class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label is
+clipping, schedule), the batching rule (:func:`taps_cl.training.batching.drop_last`), the
+closed-form head before and after an experience's training (:mod:`taps_cl.training.heads`,
+``TAPSConfig.head_init``/``head_refit``), and the commit. The loss is
+:class:`~taps_cl.strategies.plugin.TAPSLossPlugin`; routing by task label is
 :class:`~taps_cl.strategies.multitask.TAPSRouter`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
+from torch.utils.data import DataLoader
 
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.routing import METHODS
@@ -42,6 +45,7 @@ from taps_cl.strategies.plugin import TAPSLossPlugin, steps_per_epoch
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
 from taps_cl.training.batching import drop_last
+from taps_cl.training.heads import broadcast_heads, fit_head
 from taps_cl.training.loop import (
     Stepper,
     auto_score_lr,
@@ -196,7 +200,9 @@ class TAPS(SupervisedTemplate):
                 f"exp{exp_id}", experience_classes(self.experience), seed=self.train_config.seed
             )
             self.router.training_label = exp_id
-            return super().model_adaptation(model).to(self.device)
+            model = super().model_adaptation(model).to(self.device)
+            self._closed_form_head(self.taps_model.config.head_init == "ridge")
+            return model
         model = super().model_adaptation(model)
         if self.is_training:
             labels = experience_task_labels(self.experience)
@@ -207,7 +213,33 @@ class TAPS(SupervisedTemplate):
             num_classes = experience_num_classes(self.experience)
             self.router.begin_training(labels[0], num_classes, seed=self.train_config.seed)
             model = model.to(self.device)
+            self._closed_form_head(self.taps_model.config.head_init == "ridge")
         return model
+
+    def _closed_form_head(self, wanted: bool) -> None:
+        """Set the task being trained's head in closed form on the experience's data (eval
+        transforms, in order; class-incremental labels mapped to the task's own), as
+        :func:`taps_cl.training.fit_tasks` does: before training (``head_init``) and after it
+        (``head_refit``)."""
+        name = self.router.training_task
+        if not wanted or name is None:
+            return
+        dataset = self.adapted_dataset.eval()
+        loader = DataLoader(
+            dataset,
+            batch_size=max(self.train_mb_size, 64),
+            shuffle=False,
+            collate_fn=getattr(dataset, "collate_fn", None),
+        )
+        ci = self.router.classinc
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for mb in loader:
+                x, y = mb[0].to(self.device), mb[1]
+                yield x, (ci.local_targets(name, y) if ci is not None else y)
+
+        fit_head(self.taps_model, name, batches())
+        broadcast_heads(self.taps_model, [name])
 
     def make_optimizer(self, **kwargs: Any) -> None:
         """One optimizer per experience over the trained task's parameters (deltas, norms and
@@ -256,6 +288,7 @@ class TAPS(SupervisedTemplate):
         super()._after_training_exp(**kwargs)
 
     def _finish_task(self, label: int) -> None:
+        self._closed_form_head(self.taps_model.config.head_refit)  # on the trained features
         name = self.router.training_task
         patch = self.router.taps.finalize_task(name)
         if self.router.classinc is not None:  # the patch carries its route statistics

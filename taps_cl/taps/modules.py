@@ -128,5 +128,32 @@ class TaskHeads(_PerTask):
                 head.bias.zero_()
         return head.to(device=base.weight.device, dtype=base.weight.dtype)
 
+    def set_linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Overwrite task ``name``'s head with ``weight [C, d]`` and ``bias [C]`` (e.g. a
+        closed-form probe, so training starts where the probe ends). A finalised task's head
+        never changes; a head without a bias takes ``bias=None`` only."""
+        if name not in self.tasks:
+            raise ValueError(f"no task {name!r}; tasks: {list(self.tasks)}")
+        if self.is_frozen(name):
+            raise ValueError(f"task {name!r} is finalised; its head cannot change")
+        head = self.tasks[name]
+        if tuple(weight.shape) != tuple(head.weight.shape):
+            raise ValueError(
+                f"head weight for task {name!r} must be {tuple(head.weight.shape)}, "
+                f"got {tuple(weight.shape)}"
+            )
+        if (bias is None) != (head.bias is None):
+            want = "no bias" if head.bias is None else f"a bias of shape {tuple(head.bias.shape)}"
+            raise ValueError(f"task {name!r}'s head takes {want}")
+        if bias is not None and tuple(bias.shape) != tuple(head.bias.shape):
+            raise ValueError(
+                f"head bias for task {name!r} must be {tuple(head.bias.shape)}, "
+                f"got {tuple(bias.shape)}"
+            )
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+
     def patch_key(self, where: str, key: str) -> str:
         return f"head.{key}"

@@ -1,6 +1,7 @@
 """Training: the one loop (:mod:`~taps_cl.training.loop`), the objective and step it shares with
 joint mode, the baselines and the Avalanche strategy (:mod:`~taps_cl.training.step`), the one
-batching rule (:mod:`~taps_cl.training.batching`) and the device/precision decisions
+batching rule (:mod:`~taps_cl.training.batching`), the closed-form heads a task starts and ends
+with (:mod:`~taps_cl.training.heads`) and the device/precision decisions
 (:mod:`~taps_cl.training.runtime`).
 
 May import: the foundation (config, errors, bases, images, data), the method (:mod:`taps_cl.taps`)

@@ -7,7 +7,9 @@ Each task keeps its own length (its epochs over its own data), warm-up, score le
 learning-rate schedule, and clips its own gradient; tasks share no trainable parameter. So a task
 follows exactly the trajectory it follows alone, and :func:`fit_task` is the one-task case. A joint
 run may instead give every task the same number of steps (``epoch_length`` "max", "min" or N: the
-shorter tasks cycle), which training the shared base needs.
+shorter tasks cycle), which training the shared base needs. Each task's head starts as the
+closed-form ridge probe on its features and is refit on the trained features after its last step
+(:mod:`~taps_cl.training.heads`; ``TAPSConfig.head_init``/``head_refit``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from taps_cl.config import TrainConfig
 from taps_cl.taps.budget import BudgetController
 from taps_cl.taps.model import TAPSModel
 from taps_cl.training.batching import TaskStream, epoch_steps, make_loader
+from taps_cl.training.heads import fit_heads
 from taps_cl.training.runtime import Runtime, all_reduce_, seed_everything, world, wrap_ddp
 from taps_cl.training.step import (  # noqa: F401  (re-exported: the loop's public pieces)
     Stepper,
@@ -144,6 +147,7 @@ class _TaskRun:
     """One task's part of a run: its stream, its own epoch length, length and warm-up."""
 
     name: str
+    data: Any  # the task's training data (its closed-form head refit reads it in order)
     stream: TaskStream
     per_epoch: int  # steps per epoch of this task
     total: int  # steps this task trains
@@ -183,10 +187,12 @@ def fit_tasks(
     for name in names:
         model.unsettle_task(name)  # more training of a settled task: back to its raw deltas
     runtime = Runtime.of(config)
-    seed_everything(config.seed)
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
+    if model.config.head_init == "ridge":  # before seeding: the training draws stay the same
+        fit_heads(model, tasks, config)
+    seed_everything(config.seed)
     runs = _task_runs(model, tasks, config, runtime, batch_sizes or {}, epoch_length)
     result = RunResult(fits={}, world_size=world()[1])
     stepper = _stepper(model, runs, config, runtime, extra_groups, result)
@@ -237,7 +243,7 @@ def _task_runs(model, tasks, config, runtime, batch_sizes, epoch_length) -> dict
         budget = None
         if model.config.budget is not None:  # the budget, not the penalty, closes gates
             budget, warmup = BudgetController(model, name, total), total + 1
-        runs[name] = _TaskRun(name, stream, per_epoch, total, warmup, budget)
+        runs[name] = _TaskRun(name, tasks[name], stream, per_epoch, total, warmup, budget)
     return runs
 
 
@@ -285,6 +291,8 @@ class _Loop:
             active = [r for r in runs.values() if r.active]
             seen += self.step(active, result)
             for r in active:
+                if r.steps == r.total and self.model.config.head_refit:
+                    self.refit(r)  # the task's last step: its head meets its final features
                 if r.steps % r.per_epoch == 0:
                     self.close_epoch(r, result, evals)  # evaluate() restores train mode
             bar.update(1)
@@ -316,6 +324,11 @@ class _Loop:
         examples = sum(len(b[1]) for b in batches.values()) * result.world_size
         result.examples += examples
         return examples
+
+    def refit(self, r: _TaskRun) -> None:
+        """Refit task ``r``'s head in closed form on its trained features (eval mode), before
+        its last epoch is measured: a short run ends with a head behind its features."""
+        fit_heads(self.model, {r.name: r.data}, self.config, after_training=True)
 
     def close_epoch(self, r: _TaskRun, result: RunResult, evals: Mapping[str, Any]) -> None:
         """One of task ``r``'s own epochs ended: record its stats (and eval accuracy)."""
