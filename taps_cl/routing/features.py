@@ -18,7 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from taps_cl.routing.stats import CalibrationAccumulator, RouteStats, RouteStatsAccumulator
+from taps_cl.routing.calibration import CalibrationAccumulator
+from taps_cl.routing.stats import RouteStats, RouteStatsAccumulator
 from taps_cl.taps.merge import shared_merged
 from taps_cl.taps.model import TAPSModel, set_child
 
@@ -69,7 +70,8 @@ def collect_route_stats(
     calibrate: bool = True,
 ) -> RouteStats:
     """Statistics of ``task`` from its labelled training batches ``(x, y)``: base features per
-    class and (if ``calibrate``) the energy of its own patch on them. Two forwards per batch."""
+    class and (if ``calibrate``) the energy of its own patch on them. Two forwards per batch.
+    The statistics come back in full (float64); :meth:`RouteStats.compress` makes them compact."""
     acc = RouteStatsAccumulator(model.num_classes(task))
     calib = CalibrationAccumulator(temperature) if calibrate else None
     extractor = base_feature_extractor(model)

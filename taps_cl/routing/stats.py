@@ -2,7 +2,7 @@
 
 Every task shares the frozen base, so one base forward gives a feature ``z`` (the pooled input
 of the classifier) on which all tasks can be compared. Per task we keep, for its classes, the
-count ``n_c`` and mean ``mu_c``, and one within-class scatter ``S_t = sum (z - mu_c)(z - mu_c)^T``.
+count ``n_c`` and mean ``mu_c``, and its within-class scatter ``S_t = sum (z - mu_c)(z - mu_c)^T``.
 These are sufficient for a pooled-covariance linear discriminant over all tasks (see
 :mod:`taps_cl.routing.task_router`); no sample is kept.
 
@@ -10,37 +10,58 @@ Accumulation is float64 and exact under minibatching: each batch's per-class mea
 are merged with Chan et al.'s parallel formula, so batch-wise updates equal one update with all
 the data up to float64 rounding.
 
-Stored form (``TaskPatch`` tensors of kind ``route``), for ``d`` features and ``C`` classes:
+Two stored forms (``TaskPatch`` tensors of kind ``route``), told apart by their names; ``d``
+features, ``C`` classes, rank ``k`` (:data:`COMPACT_RANK`):
 
-==================  ============================  ========================  ================
-name                content                       dtype, shape              bytes
-==================  ============================  ========================  ================
-``route.count``     samples per class             int64 ``[C]``             ``8 C``
-``route.mean``      class means                   float64 ``[C, d]``        ``8 C d``
-``route.scatter``   packed upper triangle of S_t  float32 ``[d(d+1)/2]``    ``2 d (d+1)``
-``route.calib``     patch confidence calibration  float64 ``[4]`` optional  ``32``
-==================  ============================  ========================  ================
+==================  ==============================================  =========================
+name                content                                         dtype, shape
+==================  ==============================================  =========================
+``route.count``     samples per class (both forms)                  int64 ``[C]``
+``route.calib``     patch confidence calibration (optional)         float64 ``[4]``
+compact form        (new versions: ``2 C d + 2 k d + 4 d + 8 C`` bytes)
+``route.mean``      class means                                     float16 ``[C, d]``
+``route.basis``     ``U`` with ``S_t ~ U^T U + diag(r)``, top ``k``     float16 ``[k, d]``
+``route.diag``      residual diagonal ``r`` (keeps ``diag(S_t)``)   float32 ``[d]``
+full form           (older versions: ``8 C d + 2 d (d + 1) + 8 C`` bytes)
+``route.mean``      class means                                     float64 ``[C, d]``
+``route.scatter``   packed upper triangle of ``S_t``                float32 ``[d(d+1)/2]``
+==================  ==============================================  =========================
 
-For EfficientNet-Lite0 (``d = 1280``) and ``C = 10``: 80 + 102,400 + 3,279,360 + 32 =
-3,381,872 bytes (3.4 MB), against 13.1 MB for the full float64 ``d x d`` scatter, which would
-outweigh a whole patch (4-7 MB). Why this form: the scatter is symmetric (the triangle halves
-it), and it is only ever summed over tasks, divided by ``N - C``, shrunk towards a multiple of
-the identity and inverted, so float32's relative rounding (6e-8) is far below the shrinkage and
-the sampling error (accumulation itself stays float64, where long sums of outer products need
-it). The means stay float64 because they are small (``C d``) and enter every score directly.
+For EfficientNet-Lite0 (``d = 1280``), ``C = 10`` and ``k = 16`` the compact form is 71,792
+bytes with the calibration, against 3,381,872 for the full form: the full scatter is the bulk,
+and the rank-16-plus-diagonal approximation of it routes as well (measured in
+``scratch/FINDINGS.md``, section d, and documented in ``docs/concepts.md``). Statistics are
+accumulated in full (float64) and compressed once (:meth:`RouteStats.compress`); full
+statistics of older versions keep routing through their exact scatter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from taps_cl.routing.calibration import Calibration, CalibrationAccumulator
+from taps_cl.routing.compactstats import CompactStats, FullStats, compress
+
+__all__ = [
+    "COMPACT_RANK",
+    "Calibration",
+    "CalibrationAccumulator",
+    "RouteStats",
+    "RouteStatsAccumulator",
+    "pack_symmetric",
+    "unpack_symmetric",
+]
+
 ROUTE_PREFIX = "route."
-# count, temperature, mean and std of the energy -T logsumexp(logits / T) on the task's own data
-_CALIB_FIELDS = 4
+COMPACT_RANK = 16  # rank of the compact scatter (scratch/FINDINGS.md d: k=16 routes best)
+FULL_KEYS = frozenset({"route.count", "route.mean", "route.scatter"})
+COMPACT_KEYS = frozenset({"route.count", "route.mean", "route.basis", "route.diag"})
+_FP16_MAX = 6.0e4  # beyond this a value does not fit float16; such statistics keep float32
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,55 +94,17 @@ def packed_dim(length: int) -> int:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """How confident a task's own patch is on its own training data, to compare patches.
-
-    A patch's energy ``E(x) = -T logsumexp(logits / T)`` is low on inputs like its training data;
-    ``score(logits) = (energy_mean - E) / energy_std`` puts every patch on one scale.
-    """
-
-    count: int  # training samples the statistics were taken on
-    temperature: float  # T of the energy
-    energy_mean: float  # mean energy on the task's training data
-    energy_std: float  # its standard deviation (> 0)
-
-    def __post_init__(self) -> None:
-        values = (self.temperature, self.energy_mean, self.energy_std)
-        if self.count < 1 or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"calibration needs count >= 1 and finite values, got {self}")
-        if self.temperature <= 0 or self.energy_std <= 0:
-            raise ValueError(f"calibration temperature and energy_std must be > 0, got {self}")
-
-    def energy(self, logits: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
-        return -t * torch.logsumexp(logits.to(torch.float64) / t, dim=-1)
-
-    def score(self, logits: torch.Tensor) -> torch.Tensor:
-        """Standardised negative energy: higher means more like the task's own data."""
-        return (self.energy_mean - self.energy(logits)) / self.energy_std
-
-    def to_tensor(self) -> torch.Tensor:
-        fields = [self.count, self.temperature, self.energy_mean, self.energy_std]
-        return torch.tensor(fields, dtype=torch.float64)
-
-    @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> Calibration:
-        if tensor.shape != (_CALIB_FIELDS,) or not tensor.is_floating_point():
-            raise ValueError(f"route.calib must be a float [{_CALIB_FIELDS}], got {tensor.shape}")
-        count, temperature, mean, std = (float(v) for v in tensor.to(torch.float64))
-        if not math.isfinite(count) or count != int(count):
-            raise ValueError(f"route.calib count must be an integer, got {count}")
-        return cls(int(count), temperature, mean, std)
-
-
-@dataclass(frozen=True)
 class RouteStats:
-    """One task's routing statistics: class counts and means, and its within-class scatter."""
+    """One task's routing statistics: class counts and means, and its within-class scatter,
+    either in full (``scatter``: versions written before compact statistics) or compact
+    (``basis`` and ``diag``: ``S_t ~ basis^T basis + diag(diag)``)."""
 
     count: torch.Tensor  # int64 [C]: samples per class (0 = class never seen)
-    mean: torch.Tensor  # float64 [C, d]: class means (rows of unseen classes are 0)
-    scatter: torch.Tensor  # [d(d+1)/2]: packed upper triangle of S_t (float64 or float32)
+    mean: torch.Tensor  # float [C, d]: class means (rows of unseen classes are 0)
+    scatter: torch.Tensor | None = None  # full form: [d(d+1)/2] packed upper triangle of S_t
     calibration: Calibration | None = None  # patch confidence on its own data, if measured
+    basis: torch.Tensor | None = None  # compact form: float [k, d]
+    diag: torch.Tensor | None = None  # compact form: float [d], the residual diagonal
 
     def __post_init__(self) -> None:
         count, mean, scatter = self.count, self.mean, self.scatter
@@ -129,6 +112,14 @@ class RouteStats:
             raise ValueError("route count must be a 1-D int64 tensor of non-negative counts")
         if mean.ndim != 2 or mean.shape[0] != count.shape[0] or not mean.is_floating_point():
             raise ValueError(f"route mean must be float [C={count.shape[0]}, d], got {mean.shape}")
+        compact = (self.basis, self.diag) != (None, None)
+        if (scatter is None) == (not compact):
+            raise ValueError("route statistics need either a scatter (full) or basis and diag")
+        if compact:
+            if self.basis is None or self.diag is None:
+                raise ValueError("compact route statistics need both basis and diag")
+            CompactStats(count, mean, self.basis, self.diag)  # its checks, its messages
+            return
         dim = mean.shape[1]
         if scatter.shape != (dim * (dim + 1) // 2,) or not scatter.is_floating_point():
             raise ValueError(
@@ -137,6 +128,11 @@ class RouteStats:
             )
         if not (torch.isfinite(mean).all() and torch.isfinite(scatter).all()):
             raise ValueError("route statistics contain NaN or inf; recompute them")
+
+    @property
+    def compact(self) -> bool:
+        """Whether the scatter is stored compact (rank ``k`` plus diagonal)."""
+        return self.scatter is None
 
     @property
     def num_classes(self) -> int:
@@ -154,17 +150,40 @@ class RouteStats:
     def seen_classes(self) -> int:
         return int((self.count > 0).sum())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (:meth:`to_tensors` with its defaults)."""
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
     def scatter_matrix(self) -> torch.Tensor:
-        """``S_t`` as a float64 ``d x d`` matrix."""
-        return unpack_symmetric(self.scatter, self.dim)
+        """``S_t`` (full) or its compact approximation, as a float64 ``d x d`` matrix."""
+        if self.scatter is not None:
+            return unpack_symmetric(self.scatter, self.dim)
+        return CompactStats(self.count, self.mean, self.basis, self.diag).scatter_matrix()
+
+    def compress(self, rank: int = COMPACT_RANK) -> RouteStats:
+        """The compact form: top-``rank`` eigenpairs of the scatter in float16 plus the exact
+        residual diagonal, float16 means (float32 where a value exceeds float16's range).
+        Deterministic; compact statistics of at most ``rank`` come back unchanged."""
+        if self.compact and self.basis.shape[0] <= rank:
+            return self
+        full = FullStats(self.count, self.mean.to(torch.float64), self.scatter_matrix())
+        big = math.sqrt(max(float(full.scatter.diagonal().sum()), 0.0))  # >= every |basis|
+        small = torch.float16 if big < _FP16_MAX else torch.float32
+        means = torch.float16 if float(self.mean.abs().max()) < _FP16_MAX else torch.float32
+        c = compress(full, rank, basis_dtype=small, mean_dtype=means)
+        return RouteStats(c.count, c.mean, None, self.calibration, c.basis, c.diag)
 
     def to_tensors(self, scatter_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """``route.*`` tensors for a :class:`TaskPatch` (compact form: see module docstring)."""
-        out = {
-            "route.count": self.count.clone(),
-            "route.mean": self.mean.to(torch.float64).clone(),
-            "route.scatter": self.scatter.to(scatter_dtype).clone(),
-        }
+        """``route.*`` tensors for a :class:`TaskPatch` (see the module docstring);
+        ``scatter_dtype`` applies to the full form only."""
+        out = {"route.count": self.count.clone()}
+        if self.compact:
+            out.update({"route.mean": self.mean.clone(), "route.basis": self.basis.clone()})
+            out["route.diag"] = self.diag.clone()
+        else:
+            out["route.mean"] = self.mean.to(torch.float64).clone()
+            out["route.scatter"] = self.scatter.to(scatter_dtype).clone()
         if self.calibration is not None:
             out["route.calib"] = self.calibration.to_tensor()
         return out
@@ -173,21 +192,27 @@ class RouteStats:
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> RouteStats:
         """Inverse of :meth:`to_tensors`; accepts a whole patch's tensors (ignores other kinds).
 
-        ``ValueError`` if a statistic is missing, unknown, malformed or not finite.
+        ``ValueError`` if a statistic is missing, unknown, malformed or not finite, or if the
+        tensors mix the full and the compact form.
         """
         route = {k: v for k, v in tensors.items() if k.startswith(ROUTE_PREFIX)}
-        known = {"route.count", "route.mean", "route.scatter", "route.calib"}
-        if set(route) - known:
-            raise ValueError(f"unknown route tensors {sorted(set(route) - known)}")
-        missing = sorted({"route.count", "route.mean", "route.scatter"} - set(route))
+        names = set(route) - {"route.calib"}
+        if names - (FULL_KEYS | COMPACT_KEYS):
+            raise ValueError(f"unknown route tensors {sorted(names - FULL_KEYS - COMPACT_KEYS)}")
+        if "route.scatter" in names and names & (COMPACT_KEYS - FULL_KEYS):
+            raise ValueError("route tensors mix the full (scatter) and compact (basis) forms")
+        form = COMPACT_KEYS if names & (COMPACT_KEYS - FULL_KEYS) else FULL_KEYS
+        missing = sorted(form - names)
         if missing:
             raise ValueError(f"route statistics incomplete: missing {missing}")
         calib = route.get("route.calib")
         return cls(
             count=route["route.count"],
             mean=route["route.mean"],
-            scatter=route["route.scatter"],
+            scatter=route.get("route.scatter"),
             calibration=None if calib is None else Calibration.from_tensor(calib),
+            basis=route.get("route.basis"),
+            diag=route.get("route.diag"),
         )
 
     @classmethod
@@ -196,7 +221,7 @@ class RouteStats:
         return any(k.startswith(ROUTE_PREFIX) for k in tensors)
 
     def with_calibration(self, calibration: Calibration | None) -> RouteStats:
-        return RouteStats(self.count, self.mean, self.scatter, calibration)
+        return dataclasses.replace(self, calibration=calibration)
 
 
 class RouteStatsAccumulator:
@@ -271,37 +296,3 @@ class RouteStatsAccumulator:
         return RouteStats(
             self.count.clone(), self.mean.clone(), pack_symmetric(scatter), calibration
         )
-
-
-class CalibrationAccumulator:
-    """Streams a patch's logits on its own training data into a :class:`Calibration`."""
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, logits: torch.Tensor) -> None:
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise ValueError("logits must be a [n, classes] tensor")
-        if not torch.isfinite(logits).all():
-            raise ValueError("logits contain NaN or inf")
-        t = self.temperature
-        energy = -t * torch.logsumexp(logits.detach().to("cpu", torch.float64) / t, dim=-1)
-        nb = energy.numel()
-        if nb == 0:
-            return
-        mb = float(energy.mean())
-        m2b = float(((energy - mb) ** 2).sum())
-        n = self.count + nb
-        delta = mb - self.mean
-        self.m2 += m2b + delta * delta * self.count * nb / n
-        self.mean += delta * nb / n
-        self.count = n
-
-    def result(self) -> Calibration:
-        if self.count < 2:
-            raise ValueError("calibration needs the logits of at least 2 samples")
-        std = math.sqrt(self.m2 / (self.count - 1))
-        return Calibration(self.count, self.temperature, self.mean, max(std, 1e-12))

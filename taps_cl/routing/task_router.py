@@ -17,9 +17,16 @@ The router works on base features (:mod:`~taps_cl.routing.features`) and per-tas
   runs once on the group of inputs that shortlisted it and its calibrated energy, plus
   ``discriminant_weight`` times the discriminant's log-posterior, decides.
 
-The router caches the inverse covariance and class projections; adding or removing a task
-recomputes them from the per-task sums in task-name order, so the result does not depend on the
-order tasks came and went.
+Each task's statistics are full (versions written before compact statistics) or compact
+(rank-``k`` scatter plus diagonal, :mod:`~taps_cl.routing.stats`); either way the task adds its
+own term to one pooled scatter (:class:`~taps_cl.routing.pool.PooledScatter`). With every task
+full the pooled sum, the discriminant and hence every decision and confidence are the previous
+release's, bit for bit; with compact tasks adding or removing one updates the sum in place.
+The router caches the inverse covariance and class projections and recomputes them after a
+change (one ``d x d`` Cholesky factorisation).
+
+Methods are registered (:mod:`~taps_cl.routing.methods`): a new one is a function plus
+``@register_method``; the four above register at the end of this module.
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
+from taps_cl.routing.closedform import oas_shrinkage
+from taps_cl.routing.methods import METHODS, PATCHED_METHODS, ROUTING_METHODS, register_method
+from taps_cl.routing.pool import PooledScatter
 from taps_cl.routing.stats import RouteStats
 
 __all__ = ["METHODS", "PATCHED_METHODS", "RouteResult", "TaskRouter", "oas_shrinkage"]
 
-METHODS = ("lda", "ncm", "energy", "combined")
-PATCHED_METHODS = ("energy", "combined")  # methods that run task patches while choosing the task
 PatchedLogits = Callable[[str, torch.Tensor], torch.Tensor]
 # Base features [n, d] of the inputs, or task name -> its own view of them: tasks trained at
 # different input sizes compare an input by its features at each task's size.
@@ -64,16 +72,6 @@ class RouteResult:
         }
 
 
-def oas_shrinkage(cov: torch.Tensor, dof: int) -> float:
-    """Oracle Approximating Shrinkage (Chen et al. 2010) towards ``tr(cov)/d I``, from ``cov``
-    and its degrees of freedom alone (as in scikit-learn's ``oas``)."""
-    d = cov.shape[0]
-    mu = float(torch.diagonal(cov).sum()) / d
-    alpha = float((cov**2).mean())
-    den = (dof + 1) * (alpha - mu * mu / d)
-    return 1.0 if den <= 0 else min((alpha + mu * mu) / den, 1.0)
-
-
 class TaskRouter:
     """Scores every task for each base feature; built from ``{task_name: RouteStats}``."""
 
@@ -96,7 +94,7 @@ class TaskRouter:
         self.shrinkage, self.reduce, self.top_k = shrinkage, reduce, top_k
         self.discriminant_weight = float(discriminant_weight)
         self.cosine_scale = float(cosine_scale)  # softmax scale of cosine scores (confidence)
-        self._stats: dict[str, RouteStats] = {}
+        self._pool = PooledScatter()
         self._cache: dict[str, torch.Tensor | float | tuple] | None = None
         for name, value in (stats or {}).items():
             self.add(name, value)
@@ -105,65 +103,68 @@ class TaskRouter:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(sorted(self._stats))
+        return self._pool.tasks
 
     @property
     def dim(self) -> int | None:
-        return next(iter(self._stats.values())).dim if self._stats else None
+        return self._pool.values()[0].dim if len(self._pool) else None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._stats
+        return name in self._pool
 
     def add(self, name: str, stats: RouteStats) -> None:
-        """Add (or replace) a task's statistics; the cached projection is rebuilt lazily."""
+        """Add (or replace) a task's statistics (full or compact): its term joins the pooled
+        scatter; the cached projection is rebuilt lazily."""
         if not isinstance(stats, RouteStats):
             raise TypeError(f"stats of {name!r} must be RouteStats, got {type(stats).__name__}")
         if stats.seen_classes == 0:
             raise ValueError(f"task {name!r} has no samples in its route statistics")
-        if self.dim is not None and stats.dim != self.dim and set(self._stats) != {name}:
+        if self.dim is not None and stats.dim != self.dim and set(self.tasks) != {name}:
             raise ValueError(f"task {name!r} has d={stats.dim}, the router's tasks d={self.dim}")
-        self._stats[name] = stats
+        self._pool.add(name, stats)
         self._cache = None
 
     def remove(self, name: str) -> None:
-        if name not in self._stats:
-            raise KeyError(f"router has no task {name!r}; tasks: {list(self.tasks)}")
-        del self._stats[name]
+        """Remove a task: afterwards the router is as if it had never been added (exactly with
+        full statistics only; within float64 rounding of the pooled sum otherwise)."""
+        self._pool.remove(name)
         self._cache = None
 
     def stats(self, name: str) -> RouteStats:
-        return self._stats[name]
+        return self._pool.stats(name)
+
+    def rebuild(self) -> None:
+        """Recompute the pooled scatter in task-name order (drops the rounding that in-place
+        additions and removals accumulate)."""
+        self._pool.rebuild()
+        self._cache = None
 
     # -- cached projection -------------------------------------------------------------------
 
     def pooled_covariance(self) -> tuple[torch.Tensor, int]:
         """(``Sigma = sum_t S_t / (N - C)`` over every task, ``N - C``), float64, unshrunk.
 
-        Summed in task-name order, so it depends only on which tasks are present."""
-        self._require_tasks()
-        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        for name in self.tasks:
-            total += self._stats[name].scatter_matrix()
-        dof = sum(s.total - s.seen_classes for s in self._stats.values())
+        Each task adds its own term (exact or compact scatter, see :mod:`taps_cl.routing.pool`)."""
+        _require_tasks(self)
+        total = self._pool.total()
+        stats = self._pool.values()
+        dof = sum(s.total - s.seen_classes for s in stats)
         if dof <= 0:
-            seen = sum(s.seen_classes for s in self._stats.values())
+            seen = sum(s.seen_classes for s in stats)
             raise ValueError(
                 f"the tasks' statistics hold {dof + seen} samples for {seen} classes; "
                 "the discriminant needs more samples than classes"
             )
         return total / dof, dof
 
-    def _require_tasks(self) -> None:
-        if not self._stats:
-            raise ValueError("the router has no tasks with route statistics; add some first")
-
     def _prepared(self, need_lda: bool) -> dict:
         if self._cache is None:
-            self._require_tasks()
+            _require_tasks(self)
             means, task_of, class_of = [], [], []
             for t, name in enumerate(self.tasks):
-                seen = (self._stats[name].count > 0).nonzero().flatten()
-                means.append(self._stats[name].mean.to(torch.float64)[seen])
+                stats = self._pool.stats(name)
+                seen = (stats.count > 0).nonzero().flatten()
+                means.append(stats.mean.to(torch.float64)[seen])
                 task_of += [t] * len(seen)
                 class_of += seen.tolist()
             mu = torch.cat(means)
@@ -186,7 +187,7 @@ class TaskRouter:
     # -- scores ------------------------------------------------------------------------------
 
     def _check(self, features: Features) -> torch.Tensor | dict[str, torch.Tensor]:
-        self._require_tasks()
+        _require_tasks(self)
         if isinstance(features, Mapping):
             missing = sorted(set(self.tasks) - set(features))
             if missing:
@@ -208,7 +209,7 @@ class TaskRouter:
         features per task, each task's classes are scored on that task's view."""
         z = self._check(features)
         if isinstance(z, dict):
-            return self._view_scores(z, method)
+            return _view_scores(self, z, method)
         if method == "lda":
             cache = self._prepared(True)
             return z @ cache["proj"].T + cache["bias"]
@@ -216,19 +217,6 @@ class TaskRouter:
             cache = self._prepared(False)
             return torch.nn.functional.normalize(z, dim=1) @ cache["mu_unit"].T
         raise ValueError(f"class scores exist for 'lda' and 'ncm', not {method!r}")
-
-    def _view_scores(self, views: dict[str, torch.Tensor], method: str) -> torch.Tensor:
-        task_of = self._prepared(False)["task_of"]
-        done: dict[int, torch.Tensor] = {}
-        out = None
-        for t, name in enumerate(self.tasks):
-            view = views[name]
-            if id(view) not in done:
-                done[id(view)] = self.class_scores(view, method)
-            out = done[id(view)].clone() if out is None else out
-            cols = task_of == t
-            out[:, cols] = done[id(view)][:, cols]
-        return out
 
     def _reduce(self, scores: torch.Tensor, method: str) -> torch.Tensor:
         cache = self._prepared(False)
@@ -260,24 +248,18 @@ class TaskRouter:
         ``patched_logits(task, indices) -> logits [len(indices), C_task]`` runs one task's patch
         on the inputs ``indices``; ``"energy"`` and ``"combined"`` need it (once per task).
         """
-        if method not in METHODS:
-            raise ValueError(f"unknown routing method {method!r}; methods: {METHODS}")
-        if method not in PATCHED_METHODS:
-            class_scores = self.class_scores(features, method)
-            scores = self._reduce(class_scores, method)
-            within = _best_class(self._prepared(False), class_scores, scores.argmax(1))
-            scale = self.cosine_scale if method == "ncm" else 1.0
-            return _result(self.tasks, scores, within, scale)
-        if patched_logits is None:
+        entry = ROUTING_METHODS.get(method)  # ValueError naming the registered methods
+        if entry.patched and patched_logits is None:
             raise ValueError(f"method {method!r} needs patched_logits(task, indices)")
-        z = self._check(features)
-        if method == "energy":
-            every = torch.arange(_rows(z))
-            shortlist = {name: every for name in self.tasks}
-        else:
-            shortlist = self.shortlist(z, top_k)
-        logits = {t: patched_logits(t, idx) for t, idx in shortlist.items()}
-        return self.decide(z, shortlist, logits, use_discriminant=method == "combined")
+        return entry.route(self, features, patched_logits, top_k)
+
+    def discriminant(self, features: Features, method: str) -> RouteResult:
+        """Route by class scores alone (``"lda"`` or ``"ncm"``): the best task, its best class."""
+        class_scores = self.class_scores(features, method)
+        scores = self._reduce(class_scores, method)
+        within = _best_class(self._prepared(False), class_scores, scores.argmax(1))
+        scale = self.cosine_scale if method == "ncm" else 1.0
+        return _result(self.tasks, scores, within, scale)
 
     def shortlist(self, features: Features, k: int | None = None) -> dict[str, torch.Tensor]:
         """Task name -> indices of the inputs whose top-``k`` discriminant tasks include it: run
@@ -319,10 +301,10 @@ class TaskRouter:
     def _patch_score(
         self, name: str, idx: torch.Tensor, logits: torch.Tensor | None, post: torch.Tensor | None
     ) -> torch.Tensor:
-        calib = self._stats[name].calibration
+        calib = self._pool.stats(name).calibration
         if calib is None:
             raise ValueError(f"task {name!r} has no calibration; collect it with its statistics")
-        expect = (len(idx), int(self._stats[name].num_classes))
+        expect = (len(idx), int(self._pool.stats(name).num_classes))
         if logits is None or tuple(logits.shape) != expect:
             got = None if logits is None else tuple(logits.shape)
             raise ValueError(f"patched logits of {name!r} must have shape {expect}, got {got}")
@@ -383,3 +365,53 @@ def _best_class(cache: dict, class_scores: torch.Tensor, chosen: torch.Tensor) -
     """The best class of each input within its chosen task (columns of other tasks masked)."""
     masked = class_scores.masked_fill(cache["task_of"][None, :] != chosen[:, None], -math.inf)
     return cache["class_of"][masked.argmax(1)]
+
+
+def _require_tasks(router: TaskRouter) -> None:
+    if not router.tasks:
+        raise ValueError("the router has no tasks with route statistics; add some first")
+
+
+def _view_scores(router: TaskRouter, views: dict[str, torch.Tensor], method: str) -> torch.Tensor:
+    """Class scores with each task's columns taken from that task's own view of the inputs."""
+    task_of = router._prepared(False)["task_of"]
+    done: dict[int, torch.Tensor] = {}
+    out = None
+    for t, name in enumerate(router.tasks):
+        view = views[name]
+        if id(view) not in done:
+            done[id(view)] = router.class_scores(view, method)
+        out = done[id(view)].clone() if out is None else out
+        cols = task_of == t
+        out[:, cols] = done[id(view)][:, cols]
+    return out
+
+
+# -- the built-in methods (a new method: a function like these and one registration) ----------
+
+
+@register_method("lda")
+def _lda(router: TaskRouter, features: Features, patched: object, top_k: int | None):
+    return router.discriminant(features, "lda")
+
+
+@register_method("ncm")
+def _ncm(router: TaskRouter, features: Features, patched: object, top_k: int | None):
+    return router.discriminant(features, "ncm")
+
+
+@register_method("energy", patched=True)
+def _energy(router: TaskRouter, features: Features, patched: PatchedLogits, top_k: int | None):
+    z = router._check(features)
+    every = torch.arange(_rows(z))
+    shortlist = {name: every for name in router.tasks}
+    logits = {t: patched(t, idx) for t, idx in shortlist.items()}
+    return router.decide(z, shortlist, logits, use_discriminant=False)
+
+
+@register_method("combined", patched=True)
+def _combined(router: TaskRouter, features: Features, patched: PatchedLogits, top_k: int | None):
+    z = router._check(features)
+    shortlist = router.shortlist(z, top_k)
+    logits = {t: patched(t, idx) for t, idx in shortlist.items()}
+    return router.decide(z, shortlist, logits, use_discriminant=True)

@@ -25,7 +25,7 @@ import torch
 from taps_cl.bases import Preprocessing, version_preprocessing
 from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
-from taps_cl.routing import METHODS, PATCHED_METHODS, RouteResult, TaskRouter
+from taps_cl.routing import METHODS, PATCHED_METHODS, RouteResult, RouteStats, TaskRouter
 from taps_cl.storage import StoredTask, TaskStoreAPI
 
 __all__ = ["DEFAULT_METHOD", "Routed", "RoutingHost", "TaskRouting"]
@@ -116,9 +116,10 @@ class TaskRouting:
 
     def _build(self, chosen: list[tuple[str, int]], records: dict) -> _Candidates:
         store, fp = self.host.store, self.host.fingerprint
+        known = self._known_stats()
         stats, preps = {}, {}
         for name, version in chosen:
-            stats[name] = store.route_stats(name, version, base=fp)
+            stats[name] = known.get((name, version)) or store.route_stats(name, version, base=fp)
             config = next(v.config for v in store.versions(name, base=fp) if v.version == version)
             preps[name] = version_preprocessing(config, self.host.preprocessing)
         return _Candidates(
@@ -127,6 +128,14 @@ class TaskRouting:
             {n: records[n].class_names for n, _ in chosen},
             dict(chosen),
         )
+
+    def _known_stats(self) -> dict[tuple[str, int], RouteStats]:
+        """Statistics of the versions cached routers already hold (a version's statistics never
+        change once routable, except through ``add_route_stats``, which clears the cache): a new
+        candidate set reads only its new versions from the store."""
+        with self._lock:
+            cached = list(self._routers.values())
+        return {(n, v): c.router.stats(n) for c in cached for n, v in c.versions.items()}
 
     @torch.no_grad()
     def route(self, inputs: Any, tasks: Sequence[str] | None, method: str | None) -> Routed:

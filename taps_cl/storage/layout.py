@@ -2,7 +2,9 @@
 
 A base's *layout* maps every tensor name a patch of that base may carry (``delta.<layer>``,
 ``score.<layer>``, ``norm.<module>.<key>``, ``head.<key>``) to its dtype and shape; the first
-dimension of ``head.*`` tensors is the task's class count and is stored as ``-1``. ``delta.*``
+dimension of ``head.*`` tensors is the task's class count and is stored as ``-1``. ``route.*``
+tensors (routing statistics) must be one whole form, full or compact, over the head's input
+dimension. ``delta.*``
 entries give the gated weight's shape: a patch may store a layer's delta as any registered
 delta kind (:mod:`taps_cl.taps.deltas`: dense ``delta.<layer>``, low-rank factors
 ``lora_a.<layer>`` and ``lora_b.<layer>``, ...), each tensor in float32, bfloat16, float16 or
@@ -21,6 +23,7 @@ import torch
 
 from taps_cl.errors import InvalidPatchError
 from taps_cl.registry import DELTA_KINDS
+from taps_cl.routing.stats import COMPACT_KEYS, FULL_KEYS
 from taps_cl.taps.deltas import delta_keys, kind_of, misfit
 from taps_cl.taps.patch import TaskPatch
 
@@ -103,9 +106,10 @@ def check_layout(patch: TaskPatch, layout: Mapping[str, Any], where: str, base: 
         "edited file)"
     )
     forms = _delta_forms()
+    _check_route_form(patch, expected, where, hint)
     for key, t in patch.tensors.items():
         if key.startswith("route."):
-            continue  # statistics of base features; checked by the store against the classes
+            continue  # statistics of base features; the store checks their values and classes
         if key.split(".", 1)[0] in forms:
             _check_delta_form(patch, key, t, expected, where, hint)
             continue
@@ -124,6 +128,36 @@ def check_layout(patch: TaskPatch, layout: Mapping[str, Any], where: str, base: 
             f"{where}: {patch.num_layers} gated layers and {len(lacking)} missing scores "
             f"(e.g. {lacking[:2]}), the base has {layout['num_layers']}; {hint}"
         )
+
+
+def _check_route_form(patch: TaskPatch, expected: Mapping, where: str, hint: str) -> None:
+    """``route.*`` tensors must be one whole form, full or compact (told apart by their names,
+    :mod:`taps_cl.routing.stats`), over the base's feature dimension (the head's input)."""
+    route = {k: t for k, t in patch.tensors.items() if k.startswith("route.")}
+    if not route:
+        return
+    names = set(route) - {"route.calib"}
+    if names not in (FULL_KEYS, COMPACT_KEYS):
+        raise InvalidPatchError(
+            f"{where}: route tensors {sorted(names)} are neither the full form "
+            f"{sorted(FULL_KEYS)} nor the compact form {sorted(COMPACT_KEYS)}"
+        )
+    head = expected.get("head.weight")
+    if head is None or len(head[1]) != 2:
+        return  # no linear head in the layout: the feature dimension is not recorded
+    dim = head[1][1]
+    shapes = {"route.mean": [patch.num_classes, dim], "route.diag": [dim]}
+    shapes["route.scatter"] = [dim * (dim + 1) // 2]
+    for key, want in shapes.items():
+        if key in route and list(route[key].shape) != want:
+            got = list(route[key].shape)
+            raise InvalidPatchError(
+                f"{where}: tensor {key!r} has shape {got}, needs {want}; {hint}"
+            )
+    basis = route.get("route.basis")
+    if basis is not None and (basis.ndim != 2 or basis.shape[1] != dim):
+        got = list(basis.shape)
+        raise InvalidPatchError(f"{where}: tensor 'route.basis' is {got}, needs [k, {dim}]; {hint}")
 
 
 def _check_delta_form(patch, key, t, expected, where: str, hint: str) -> None:

@@ -97,11 +97,11 @@ class ClassIncremental:
             self._calib.update(own.float())
 
     def finish(self, name: str) -> RouteStats:
-        """The task's route statistics; the router now routes to it too."""
+        """The task's route statistics (compact); the router now routes to it too."""
         if self._stats is None or int(self._stats.count.sum()) == 0:
             raise ValueError(f"no route statistics were accumulated for task {name!r}")
         calib = self._calib.result() if self._calib.count >= 2 else None
-        stats = self._stats.result(calib)
+        stats = self._stats.result(calib).compress()  # the compact form a store keeps
         self.router.add(name, stats)
         self._stats = self._calib = None
         return stats
