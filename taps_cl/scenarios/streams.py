@@ -203,13 +203,15 @@ def nc_benchmark_from_suite(
     *,
     seed: int = 0,
     fixed_class_order: Sequence[int] | None = None,
+    per_exp_classes: dict[int, int] | None = None,
 ) -> Any:
     """Avalanche's ``nc_benchmark(..., task_labels=False)`` over the union of ``suite``'s data,
     labels offset as in :func:`class_incremental_from_suite`.
 
     Avalanche draws the class order from ``seed`` unless ``fixed_class_order`` is given, so an
     experience may own any classes (not consecutive ones): a check that TAPS and its metrics
-    read the classes of each experience and assume no order."""
+    read the classes of each experience and assume no order. ``per_exp_classes`` (experience
+    -> number of classes) sets uneven experiences, as in ``nc_benchmark``."""
     from avalanche.benchmarks import nc_benchmark
 
     joined = class_incremental_from_suite(suite, preprocessing, image_size, None)
@@ -221,4 +223,5 @@ def nc_benchmark_from_suite(
     return nc_benchmark(
         data["train"], data["test"], n_experiences, task_labels=False, seed=seed,
         fixed_class_order=None if fixed_class_order is None else list(fixed_class_order),
+        per_exp_classes=per_exp_classes,
     )  # fmt: skip
