@@ -1,26 +1,33 @@
-"""Class-incremental (task-free) TAPS against Avalanche's strategies, one global label space.
+"""Class-incremental (task-free) TAPS against Avalanche's strategies and training-free heads,
+one global label space.
 
-Streams from the offline suite (task label 0 everywhere, global class ids):
-``split_fmnist`` (Split Fashion-MNIST, 5 experiences x 2 classes) and ``multi_domain``
-(Fashion-MNIST 0-9, digits 10-19, faces 20-21). Every strategy gets a copy of the same base
-(EfficientNet-Lite0, ImageNet weights, offline), resolution, epochs, minibatch size and lr, and
-is evaluated on the WHOLE test stream after each experience (Avalanche metrics).
+Streams (``--scenarios``; task label 0 everywhere, global class ids; ``--generator avalanche``
+builds the same data with Avalanche's ``nc_benchmark`` instead of taps_cl.scenarios):
+``split_fmnist`` (Fashion-MNIST 5 x 2), ``split_fmnist10`` (10 x 1), ``split_digits`` (digits
+5 x 2), ``split_digits10`` (10 x 1) and ``multi_domain`` (Fashion-MNIST 0-9, digits 10-19,
+faces 20-21). Every method gets a copy of the same base (EfficientNet-Lite0, ImageNet weights,
+offline), resolution, epochs, minibatch size and lr; Avalanche strategies are evaluated on the
+WHOLE test stream after each experience.
 
-- TAPS task-free: one patch per experience, routed by LDA on base features (``route_method``).
-- Naive, EWC, LwF, Replay (200 exemplars), Cumulative (upper bound): a single ``nn.Linear``
-  head over all classes on the base's (fine-tuned) features.
-- NCM: class means of the frozen base's features, cosine similarity (no training).
+- ``taps``: task-free TAPS, one patch per experience, routed on base features (``route_method``).
+- ``naive``, ``ewc``, ``lwf``, ``replay`` (200 exemplars), ``cumulative`` (upper bound): one
+  ``nn.Linear`` head over all classes on the base's (fine-tuned) features.
+- ``ncm``: class means of the frozen base's features, cosine (nothing trained).
+- ``ranpac``: RanPAC-style head, random ReLU projection (M = 2000) of the frozen features and
+  ridge over all classes seen from the accumulated Gram, lambda from training data (nothing
+  trained).
+- ``joint``: upper bound, TAPS with every experience's task trained together and each test
+  sample answered by its true task's patch (oracle task id).
 
-Reported: final average accuracy (stream accuracy after the last experience), average
-forgetting (Avalanche's stream forgetting; NCM from its accuracy matrix), TAPS's
-task-identification accuracy, stored bytes per task (TAPS patch + route statistics), and the
-routing cost: a TAPS evaluation forward over one batch vs a single-task forward on the same
-batch, with 2, 5 and 10 trained tasks.
+Reported per stream and method: final accuracy, forgetting, task identification (TAPS routed;
+RanPAC and NCM: the task owning their best class), within-task accuracy with the true task
+given (TAPS; and a closed-form ridge head on base features, for reference), ECE (15 bins) of
+TAPS's routed confidence, bytes per task, and the issue-19 targets met or missed.
 
-    python benchmarks/class_incremental.py --fast        # ~3 min on 2 cores
-    python benchmarks/class_incremental.py               # ~10 min
+    python benchmarks/class_incremental.py --fast --out /tmp/ci_fast.json   # ~5 min, idle
+    python benchmarks/class_incremental.py                                  # ~25 min, idle
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python benchmarks/class_incremental.py --fast \
-        --experiment taps-ci                              # one MLflow run per strategy
+        --out /tmp/ci.json --experiment taps-ci           # one MLflow run per strategy
 """
 
 from __future__ import annotations
@@ -45,33 +52,33 @@ from benchmarks._strategies import (  # first: it quiets avalanche's imports
     strategy_kwargs,
     strategy_parser,
 )
-from benchmarks.harness import (
-    RESULTS,
-    log_strategies,
-    median_seconds,
-    print_table,
-    write_json,
-)
+
+# isort: split
+from benchmarks._ci_baselines import frozen_features, ridge_within_task, run_ncm, run_ranpac
+from benchmarks._ci_report import print_cost, print_results, print_targets, targets
+from benchmarks._ci_streams import GENERATORS, STREAMS, batches, make_stream, num_classes
+from benchmarks._ci_taps import run_joint, taps_report
+from benchmarks.harness import RESULTS, log_strategies, median_seconds, write_json
 from taps_cl.bases import load_base
 from taps_cl.config import TAPSConfig
 from taps_cl.routing import TaskRouter
-from taps_cl.scenarios.streams import (
-    class_incremental_from_suite,
-    multi_domain_ci,
-    split_fashion_mnist_ci,
-)
+from taps_cl.scenarios.streams import class_incremental_from_suite
 from taps_cl.scenarios.suite import digits, split_fashion_mnist
 from taps_cl.strategies import TAPS
 from taps_cl.strategies.classinc import ClassIncremental
 from taps_cl.strategies.multihead import split_head
 
-STRATEGIES = ("taps", "naive", "ewc", "lwf", "replay", "cumulative", "ncm")
-SCENARIOS = ("split_fmnist", "multi_domain")
+STRATEGIES = ("taps", "naive", "ewc", "lwf", "replay", "cumulative", "ncm", "ranpac", "joint")
+FAST_STRATEGIES = ("taps", "cumulative", "ncm", "ranpac", "joint")  # what the targets need
+SCENARIOS = tuple(STREAMS)
+FULL_STRATEGIES = ("taps", "replay", "cumulative", "ncm", "ranpac", "joint")  # naive/ewc/lwf: ask
 SETTINGS = {
-    # caps per experience (split_fmnist) or per dataset (multi_domain), input side, epochs
-    "fast": dict(max_train=96, max_test=60, image_size=32, epochs=1),
-    "full": dict(max_train=300, max_test=200, image_size=48, epochs=2),
-}
+    # caps per experience (multi_domain: per dataset), input side, epochs, default strategies
+    "fast": dict(max_train=48, max_test=20, image_size=32, epochs=1,
+                 strategies=",".join(FAST_STRATEGIES)),
+    "full": dict(max_train=100, max_test=50, image_size=32, epochs=3,
+                 strategies=",".join(FULL_STRATEGIES)),
+}  # fmt: skip
 ROUTING_TASKS = (2, 5, 10)
 
 
@@ -85,6 +92,10 @@ class Result:
     accuracy_matrix: list[list[float]]
     task_id_accuracy: float | None = None
     bytes_per_task: dict[str, float] = field(default_factory=dict)
+    within_task_accuracy: float | None = None  # the true task given
+    ece: float | None = None  # of the routed confidence, end to end
+    task_id_ece: float | None = None  # of the router's task probability
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # -- models and strategies -----------------------------------------------------------------------
@@ -144,8 +155,10 @@ def run_avalanche(name: str, base: nn.Module, bench: Any, args: argparse.Namespa
     strategy = build(name, base, num_classes(bench), args)
     n = len(bench.train_stream)
     matrix, start = [], time.perf_counter()
+    # TAPS drops a last minibatch of one itself; the others need it too (train-mode BatchNorm)
+    kw = {} if name == "taps" else {"drop_last": True}
     for exp in bench.train_stream:
-        strategy.train(exp)
+        strategy.train(exp, **kw)
         metrics = strategy.eval(bench.test_stream)
         matrix.append([float(metrics[_acc_key(j)]) for j in range(n)])
     wall = time.perf_counter() - start
@@ -158,33 +171,10 @@ def run_avalanche(name: str, base: nn.Module, bench: Any, args: argparse.Namespa
         accuracy_matrix=matrix,
     )
     if name == "taps":
-        result.task_id_accuracy = task_id_accuracy(strategy, bench)
+        for key, value in taps_report(strategy, bench).items():
+            setattr(result, key, value)
         result.bytes_per_task = taps_bytes(strategy)
     return result
-
-
-def num_classes(bench: Any) -> int:
-    return 1 + max(int(c) for e in bench.train_stream for c in e.classes_in_this_experience)
-
-
-def batches(dataset: Any, size: int = 128):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)
-    for x, y, *_ in loader:
-        yield x, y
-
-
-@torch.no_grad()
-def task_id_accuracy(strategy: TAPS, bench: Any) -> float:
-    """Fraction of test inputs routed to the task trained on their experience."""
-    ci, taps = strategy.router.classinc, strategy.taps_model
-    taps.eval()
-    right = total = 0
-    for j, exp in enumerate(bench.test_stream):
-        for x, _ in batches(exp.dataset):
-            names = ci.route(taps, x).task_names
-            right += sum(n == f"exp{j}" for n in names)
-            total += len(names)
-    return right / total
 
 
 def taps_bytes(strategy: TAPS) -> dict[str, float]:
@@ -199,41 +189,35 @@ def taps_bytes(strategy: TAPS) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
-def run_ncm(base: nn.Module, bench: Any, args: argparse.Namespace) -> Result:
-    """Nearest class mean (cosine) on frozen base features; the means grow per experience."""
-    features, _ = split_head(base)
-    features.eval()
+def run_stream(base: Any, bench: Any, args: argparse.Namespace) -> list[Result]:
+    """Every chosen method on one stream; the frozen features are computed once for all the
+    training-free heads."""
+    names = args.strategies.split(",")
+    frozen = frozen_features(base.module, bench) if {"ncm", "ranpac", "taps"} & set(names) else None
+    results = []
+    for name in names:
+        if name in ("ncm", "ranpac"):
+            out = (run_ncm if name == "ncm" else run_ranpac)(frozen)
+            result = Result(scenario=args.scenario, **_known(out))
+        elif name == "joint":
+            result = Result(scenario=args.scenario, **_known(run_joint(base.module, bench, args)))
+        else:
+            result = run_avalanche(name, base.module, bench, args)
+        if name == "taps":
+            result.extra["ridge_within_task_accuracy"] = ridge_within_task(frozen)
+        results.append(result)
+        print(f"  {name}: acc {result.final_avg_accuracy:.4f} in {result.wall_time_s:.0f}s",
+              flush=True)  # fmt: skip
+    return results
 
-    def embed(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        zs, ys = zip(*((features(x), y) for x, y in batches(dataset)), strict=True)
-        return nn.functional.normalize(torch.cat(zs), dim=1), torch.cat(ys)
 
-    start = time.perf_counter()
-    tests = [embed(e.dataset) for e in bench.test_stream]
-    means: dict[int, torch.Tensor] = {}
-    matrix = []
-    for exp in bench.train_stream:
-        z, y = embed(exp.dataset)
-        for c in y.unique().tolist():
-            means[c] = z[y == c].mean(0)
-        ids = torch.tensor(sorted(means))
-        table = nn.functional.normalize(torch.stack([means[c] for c in ids.tolist()]), dim=1)
-        matrix.append(
-            [float((ids[(zt @ table.T).argmax(1)] == yt).float().mean()) for zt, yt in tests]
-        )
-    sizes = [len(e.dataset) for e in bench.test_stream]
-    final = sum(a * s for a, s in zip(matrix[-1], sizes, strict=True)) / sum(sizes)
-    n = len(matrix)
-    drops = [max(matrix[i][j] for i in range(j, n - 1)) - matrix[-1][j] for j in range(n - 1)]
-    return Result(
-        scenario=args.scenario,
-        strategy="ncm",
-        final_avg_accuracy=final,
-        avg_forgetting=sum(drops) / len(drops) if drops else 0.0,
-        wall_time_s=time.perf_counter() - start,
-        accuracy_matrix=matrix,
-    )
+def _known(out: dict[str, Any]) -> dict[str, Any]:
+    """A baseline's result dict as ``Result`` fields; the rest goes to ``extra``."""
+    fields = set(Result.__dataclass_fields__)
+    extra = {k: v for k, v in out.items() if k not in fields}
+    out = {k: v for k, v in out.items() if k in fields}
+    out.setdefault("wall_time_s", 0.0)
+    return {**out, "extra": extra}
 
 
 # -- routing cost --------------------------------------------------------------------------------
@@ -276,17 +260,6 @@ def _time_routing(full: ClassIncremental, taps: Any, bench: Any, args: argparse.
 # -- output --------------------------------------------------------------------------------------
 
 
-def print_results(results: list[Result]) -> None:
-    headers = ["scenario", "strategy", "final acc", "forgetting", "task id", "MB/task", "time s"]
-    print_table(headers, [
-        (r.scenario, r.strategy, f"{r.final_avg_accuracy:.4f}", f"{r.avg_forgetting:.4f}",
-         None if r.task_id_accuracy is None else f"{r.task_id_accuracy:.4f}",
-         f"{r.bytes_per_task['total'] / 1e6:.2f}" if r.bytes_per_task else None,
-         f"{r.wall_time_s:.1f}")
-        for r in results
-    ])  # fmt: skip
-
-
 def log_results(results: list[Result], experiment: str, params: dict[str, Any]) -> None:
     """One MLflow run per strategy, one experiment per scenario (``<experiment>-<scenario>``)."""
     for scenario in dict.fromkeys(r.scenario for r in results):
@@ -301,8 +274,10 @@ def _summary(r: Result) -> dict[str, float]:
         "avg_forgetting": r.avg_forgetting,
         "wall_time_s": r.wall_time_s,
     }
-    if r.task_id_accuracy is not None:
-        summary["task_id_accuracy"] = r.task_id_accuracy
+    for key in ("task_id_accuracy", "within_task_accuracy", "ece", "task_id_ece"):
+        if getattr(r, key) is not None:
+            summary[key] = getattr(r, key)
+    if r.bytes_per_task:
         summary["stored_bytes_per_task"] = r.bytes_per_task["total"]
     return summary
 
@@ -310,9 +285,17 @@ def _summary(r: Result) -> dict[str, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = strategy_parser(
         __doc__, STRATEGIES, out=None, experiment_help="MLflow experiment prefix (logs if given)",
-        fast_help="smaller caps, 32 px, 1 epoch (~3 min)", mem_size=200,
+        fast_help="smaller caps, 32 px, 1 epoch, the strategies the targets need (~5 min)",
+        mem_size=200,
     )  # fmt: skip
+    p.set_defaults(strategies=None)  # from the preset
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument(
+        "--generator",
+        default="taps_cl",
+        choices=GENERATORS,
+        help="build the streams with taps_cl.scenarios or Avalanche's nc_benchmark",
+    )
     p.add_argument("--route-method", default="lda", choices=("lda", "ncm", "combined"))
     p.add_argument("--cost-batch", type=int, default=64, help="batch of the routing-cost timing")
     p.add_argument("--repeats", type=int, default=5)
@@ -326,13 +309,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_bench(scenario: str, base: Any, args: argparse.Namespace) -> Any:
-    caps = dict(max_train=args.max_train, max_test=args.max_test, seed=args.seed)
-    if scenario == "split_fmnist":
-        return split_fashion_mnist_ci(base.preprocessing, args.image_size, 5, **caps)
-    return multi_domain_ci(base.preprocessing, args.image_size, **caps)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -341,24 +317,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: list[Result] = []
     for scenario in args.scenarios.split(","):
         args.scenario = scenario
-        bench = make_bench(scenario, base, args)
+        bench = make_stream(scenario, base.preprocessing, args)
         print(f"{scenario}: {len(bench.train_stream)} experiences, {num_classes(bench)} classes")
-        for name in args.strategies.split(","):
-            if name == "ncm":
-                results.append(run_ncm(base.module, bench, args))
-            else:
-                results.append(run_avalanche(name, base.module, bench, args))
-            r = results[-1]
-            print(f"  {name}: acc {r.final_avg_accuracy:.4f} in {r.wall_time_s:.0f}s", flush=True)
-    cost = None if args.no_cost else routing_cost(base, args)
+        results += run_stream(base, bench, args)
+    cost = None if args.no_cost or "taps" not in args.strategies else routing_cost(base, args)
     print_results(results)
+    met = targets(results)
+    print_targets(met)
     if cost:
-        for k in ROUTING_TASKS:
-            c = cost[str(k)]
-            print(f"routing cost, {k} tasks: {c['routed_s'] * 1e3:.1f} ms vs single-task "
-                  f"{c['single_s'] * 1e3:.1f} ms = {c['ratio']:.2f}x")  # fmt: skip
+        print_cost(cost, ROUTING_TASKS)
     params = {k: v for k, v in vars(args).items() if k != "scenario"}
-    payload = {"settings": params, "results": [asdict(r) for r in results], "routing_cost": cost}
+    payload = {"settings": params, "results": [asdict(r) for r in results],
+               "targets": met, "routing_cost": cost}  # fmt: skip
     write_json(args.out, payload)
     if args.experiment:
         log_results(results, args.experiment, params)

@@ -43,6 +43,8 @@ _CLASS_INCREMENTAL = (
     "class_incremental_from_suite",
     "class_incremental_from_tensors",
     "multi_domain_ci",
+    "nc_benchmark_from_suite",
+    "split_digits_ci",
     "split_fashion_mnist_ci",
 )
 __all__ += list(_AVALANCHE) + list(_CLASS_INCREMENTAL)
@@ -55,7 +57,7 @@ def __getattr__(name: str):
 
         return getattr(avalanche, name)
     if name in _CLASS_INCREMENTAL:
-        from taps_cl.scenarios import classinc
+        from taps_cl.scenarios import streams
 
-        return getattr(classinc, name)
+        return getattr(streams, name)
     raise AttributeError(f"module 'taps_cl.scenarios' has no attribute {name!r}")

@@ -5,10 +5,14 @@ from) and holds global class ids: each dataset of the suite gets its labels offs
 number of classes before it. Built like :func:`taps_cl.scenarios.avalanche.as_avalanche_benchmark`,
 with Avalanche 0.6's non-deprecated API and a classes timeline.
 
-- :func:`split_fashion_mnist_ci`: Split Fashion-MNIST, 5 experiences of 2 classes (ids 0..9).
+- :func:`split_fashion_mnist_ci`: Split Fashion-MNIST, 5 x 2 (default), 2 x 5 or 10 x 1 classes
+  (ids 0..9).
+- :func:`split_digits_ci`: split scikit-learn digits, 5 x 2 or 10 x 1 classes (ids 0..9).
 - :func:`multi_domain_ci`: Fashion-MNIST (0..9), then digits (10..19), then faces (20..21).
 - :func:`class_incremental_from_suite`: any list of ``TaskSpec`` in one label space, one
   experience per task or a fixed number of consecutive classes per experience.
+- :func:`nc_benchmark_from_suite`: the same data through Avalanche's own generator
+  (``nc_benchmark``), to check that nothing depends on how this module builds its streams.
 """
 
 from __future__ import annotations
@@ -115,14 +119,45 @@ def split_fashion_mnist_ci(
     seed: int = 0,
     root: str | None = None,
 ) -> CLScenario:
-    """Split Fashion-MNIST, class-incremental: ``n_experiences`` of ``10 / n`` classes, global
-    ids ``0..9`` (caps per experience, class-balanced)."""
-    from taps_cl.scenarios.suite import split_fashion_mnist
+    """Split Fashion-MNIST, class-incremental: ``n_experiences`` (1, 2, 5 or 10) of ``10 / n``
+    classes, global ids ``0..9`` (caps per experience, class-balanced).
 
+    With 10 experiences each holds one class: the caps then apply to the whole dataset as
+    ``10 x cap`` (Fashion-MNIST is balanced, so each experience gets ``cap`` samples)."""
+    from taps_cl.scenarios.suite import fashion_mnist, split_fashion_mnist
+
+    if n_experiences == 10:
+        spec = fashion_mnist(root, max_train=_times(max_train, 10), max_test=_times(max_test, 10),
+                             seed=seed)  # fmt: skip
+        return class_incremental_from_suite([spec], preprocessing, image_size, 1)
     suite = split_fashion_mnist(
         n_experiences, max_train=max_train, max_test=max_test, seed=seed, root=root
     )
     return class_incremental_from_suite(suite, preprocessing, image_size)
+
+
+def split_digits_ci(
+    preprocessing: Preprocessing,
+    image_size: int | None = None,
+    n_experiences: int = 5,
+    *,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+) -> CLScenario:
+    """Split scikit-learn digits (8x8), class-incremental: ``n_experiences`` (1, 2, 5 or 10) of
+    ``10 / n`` consecutive classes, ids ``0..9``; caps per experience (class-balanced)."""
+    from taps_cl.scenarios.suite import digits
+
+    if n_experiences not in (1, 2, 5, 10):
+        raise ValueError(f"n_experiences must be 1, 2, 5 or 10 (10 classes), got {n_experiences}")
+    spec = digits(max_train=_times(max_train, n_experiences),
+                  max_test=_times(max_test, n_experiences), seed=seed)  # fmt: skip
+    return class_incremental_from_suite([spec], preprocessing, image_size, 10 // n_experiences)
+
+
+def _times(cap: int | None, n: int) -> int | None:
+    return None if cap is None else cap * n
 
 
 def multi_domain_ci(
@@ -158,3 +193,35 @@ def class_incremental_from_tensors(
               for _, _, xb, yb in experiences],
     )  # fmt: skip
     return with_classes_timeline(with_task_labels(bm))
+
+
+def nc_benchmark_from_suite(
+    suite: Sequence[Any],
+    preprocessing: Preprocessing,
+    image_size: int | None = None,
+    n_experiences: int = 5,
+    *,
+    seed: int = 0,
+    fixed_class_order: Sequence[int] | None = None,
+    per_exp_classes: dict[int, int] | None = None,
+) -> Any:
+    """Avalanche's ``nc_benchmark(..., task_labels=False)`` over the union of ``suite``'s data,
+    labels offset as in :func:`class_incremental_from_suite`.
+
+    Avalanche draws the class order from ``seed`` unless ``fixed_class_order`` is given, so an
+    experience may own any classes (not consecutive ones): a check that TAPS and its metrics
+    read the classes of each experience and assume no order. ``per_exp_classes`` (experience
+    -> number of classes) sets uneven experiences, as in ``nc_benchmark``."""
+    from avalanche.benchmarks import nc_benchmark
+
+    joined = class_incremental_from_suite(suite, preprocessing, image_size, None)
+    data = {}
+    for part in ("train", "test"):
+        stream = getattr(joined, f"{part}_stream")
+        pieces = [Relabelled(e.dataset, list(e.dataset.targets)) for e in stream]
+        data[part] = Relabelled(ConcatDataset(pieces), [t for p in pieces for t in p.targets])
+    return nc_benchmark(
+        data["train"], data["test"], n_experiences, task_labels=False, seed=seed,
+        fixed_class_order=None if fixed_class_order is None else list(fixed_class_order),
+        per_exp_classes=per_exp_classes,
+    )  # fmt: skip

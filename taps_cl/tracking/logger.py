@@ -8,6 +8,8 @@ Use it like Avalanche's TensorboardLogger::
 Besides Avalanche's own metric names (sanitised, see :func:`names.sanitize_key`) it keeps the
 accuracy matrix of the test stream and logs the standard names of :mod:`names` after every
 evaluation, so runs of this logger line up with ``log_strategy_result`` runs in ``compare``.
+A ``TaskIdentification_Stream`` value (:func:`taps_cl.strategies.metrics.task_id_metrics`) is
+also filed as ``task_id_accuracy`` at the step of the experience trained last.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from taps_cl.tracking.names import is_number, sanitize_key
 ACC_EXP_NAME = re.compile(
     r"^Top1_Acc_Exp/eval_phase/(?P<stream>[^/]+)/(?:Task\d+/)?Exp(?P<exp>\d+)$"
 )
+# taps_cl.strategies.metrics (class-incremental TAPS), over the whole evaluated stream.
+TASK_ID_NAME = re.compile(r"^TaskIdentification_Stream/eval_phase/(?P<stream>[^/]+)(?:/Task\d+)?$")
 
 
 def is_main_process() -> bool:
@@ -120,6 +124,7 @@ class MLflowLogger(BaseLogger):
         self.run_id: str | None = None
         self.matrix: dict[int, dict[int, float]] = {}  # row i -> {experience j: accuracy}
         self._pending: dict[int, float] = {}
+        self._task_id: float | None = None  # this evaluation's stream task identification
         self._owns_run = False
         self._params_logged = False
         self._in_training = False
@@ -202,6 +207,9 @@ class MLflowLogger(BaseLogger):
         match = ACC_EXP_NAME.match(name)
         if match and match["stream"] == self.stream:
             self._pending[int(match["exp"])] = number
+        match = TASK_ID_NAME.match(name)
+        if match and match["stream"] == self.stream:
+            self._task_id = number
 
     # -- Avalanche callbacks -----------------------------------------------------------------
 
@@ -223,6 +231,7 @@ class MLflowLogger(BaseLogger):
         """File this evaluation's accuracies as matrix row "trained up to the last experience"
         and log the standard names and the matrix artifacts."""
         pending, self._pending = self._pending, {}
+        task_id, self._task_id = self._task_id, None
         row = int(getattr(getattr(strategy, "clock", None), "train_exp_counter", 0)) - 1
         if not self.enabled or row < 0 or not pending or self._in_training:
             return
@@ -232,6 +241,8 @@ class MLflowLogger(BaseLogger):
         values = mx.step_metrics(matrix, rows=[len(matrix) - 1])
         if self._started is not None:  # train + eval time so far, as log_strategy_result's
             values.append((names.WALL_TIME_S, time.perf_counter() - self._started, row))
+        if task_id is not None:
+            values.append((names.TASK_ID_ACCURACY, task_id, row))
         tc.log_metrics(self.client, run_id, values)
         self.client.log_dict(run_id, mx.matrix_table(matrix), "accuracy_matrix.json")
         self.client.log_text(run_id, mx.matrix_csv(matrix), "accuracy_matrix.csv")

@@ -9,6 +9,9 @@ training up to experience ``i`` (the accuracy matrix; T rows):
 - ``avg_forgetting`` at step ``i``: mean of ``forgetting_exp{j}`` over ``j < i``
 - ``bwt`` at step ``i``: mean of ``A[i][j] - A[j][j]`` over ``j < i`` (backward transfer)
 - ``params_per_task``, ``stored_bytes``, ``wall_time_s``: cost of the strategy
+- ``task_id_accuracy`` at step ``i``: class-incremental routing only, the share of evaluated
+  samples routed to the task that owns their class (``TaskIdentification_Stream`` of
+  :mod:`taps_cl.strategies.metrics`)
 
 A run's latest value (the one MLflow shows in tables) is the value at the last step: the final one.
 """
@@ -25,6 +28,7 @@ BWT = "bwt"
 PARAMS_PER_TASK = "params_per_task"  # task-specific parameters added per task (mean)
 STORED_BYTES = "stored_bytes"  # bytes stored for all tasks (patches, buffers, model copies)
 WALL_TIME_S = "wall_time_s"  # wall-clock seconds of the whole train + eval loop
+TASK_ID_ACCURACY = "task_id_accuracy"  # share of samples routed to their class's task (routing)
 SUMMARY_METRICS = (
     FINAL_AVG_ACCURACY,
     AVG_FORGETTING,

@@ -26,6 +26,8 @@ COLUMNS = (  # (row key, table header)
     (names.STORED_BYTES, "stored bytes"),
     (names.WALL_TIME_S, "time (s)"),
 )
+# Shown only when some run logged it (class-incremental routing strategies).
+OPTIONAL_COLUMNS = ((names.TASK_ID_ACCURACY, "task id"),)
 FIGURES = {
     "accuracy_matrices": "accuracy_matrices.png",
     "forgetting": "forgetting_per_experience.png",
@@ -127,6 +129,9 @@ def _row(name: str, run: Run, matrix: mx.Matrix) -> dict[str, Any]:
     row: dict[str, Any] = {"strategy": name}
     for key, _ in COLUMNS[1:]:
         row[key] = metrics.get(key, derived.get(key))
+    for key, _ in OPTIONAL_COLUMNS:
+        if key in metrics:
+            row[key] = metrics[key]
     if matrix:
         row["forgetting"] = mx.forgetting_row(matrix, len(matrix) - 1)
     else:
@@ -182,11 +187,18 @@ def _cell(key: str, value: Any) -> str:
     return f"{value:+.3f}" if key == names.BWT else f"{value:.3f}"
 
 
+def columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """``COLUMNS``, plus each optional column some row holds a value for."""
+    extra = tuple(c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows))
+    return COLUMNS + extra
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a fixed-width table (text left-aligned, numbers right-aligned)."""
-    cells = [[header for _, header in COLUMNS]]
-    cells += [[_cell(key, row.get(key)) for key, _ in COLUMNS] for row in rows]
-    widths = [max(len(r[c]) for r in cells) for c in range(len(COLUMNS))]
+    shown = columns(rows)
+    cells = [[header for _, header in shown]]
+    cells += [[_cell(key, row.get(key)) for key, _ in shown] for row in rows]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(shown))]
     lines = []
     for r in cells:
         parts = [r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, len(r))]
@@ -198,9 +210,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def _csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([key for key, _ in COLUMNS] + ["run_id"])
+    shown = columns(rows)
+    writer.writerow([key for key, _ in shown] + ["run_id"])
     for row in rows:
-        writer.writerow([_csv_value(row.get(k)) for k, _ in COLUMNS] + [row["run_id"]])
+        writer.writerow([_csv_value(row.get(k)) for k, _ in shown] + [row["run_id"]])
     return buffer.getvalue()
 
 
