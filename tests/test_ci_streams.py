@@ -85,3 +85,33 @@ def test_targets_met_and_missed():
         "task id >= ranpac grouped + 0.03": True, "task id >= 0.99": False,
         "within-task >= closed-form ridge": False, "route stats <= 128 KiB/task": True,
     }  # fmt: skip
+
+
+def test_taps_report_and_joint_upper_bound_on_a_tiny_stream():
+    import argparse
+
+    from benchmarks._ci_taps import run_joint, taps_report
+    from taps_cl.scenarios.streams import class_incremental_from_tensors
+    from taps_cl.strategies import TAPS
+    from tests.test_task_id_metric import evaluator, images
+    from tests.tiny import tiny_cnn
+
+    parts = [
+        (*images(24, c, seed=i), *images(12, c, seed=10 + i)) for i, c in enumerate(((0, 1), (2,)))
+    ]  # fmt: skip  (a one-class experience)
+    bench = class_incremental_from_tensors(parts)
+    torch.manual_seed(0)
+    s = TAPS(model=tiny_cnn(), train_mb_size=8, train_epochs=1, lr=0.05, lam=0.1,
+             evaluator=evaluator())  # fmt: skip
+    for exp in bench.train_stream:
+        s.train(exp)
+    metrics = s.eval(bench.test_stream)
+    report = taps_report(s, bench)
+    key = "TaskIdentification_Stream/eval_phase/test_stream/Task000"
+    assert report["task_id_accuracy"] == pytest.approx(metrics[key])
+    assert 0 <= report["ece"] <= 1 and 0 <= report["task_id_ece"] <= 1
+    assert 0 <= report["within_task_accuracy"] <= 1
+    args = argparse.Namespace(lam=0.1, warmup_epochs=0.0, lr=0.05, batch_size=8, epochs=1, seed=0)
+    joint = run_joint(tiny_cnn(), bench, args)
+    assert joint["task_id_accuracy"] == 1.0 and len(joint["accuracy_matrix"][0]) == 2
+    assert joint["accuracy_matrix"][0][1] == 1.0  # one class: the true task cannot be wrong
