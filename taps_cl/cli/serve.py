@@ -34,6 +34,8 @@ def add_serve_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     s.add_argument("--max-batch", type=int, default=limits.max_batch, help="images per request")
     s.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
                    help="width x height of one image")  # fmt: skip
+    s.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes,
+                   help="encoded bytes of one image")  # fmt: skip
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_BODY_BYTES,
                    help="bytes of one request body")  # fmt: skip
     s.add_argument("--store", help="SQLAlchemy URL or SQLite path (default: $TAPS_CL_STORE)")
@@ -66,7 +68,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_loaded=args.max_loaded,
         version_ttl=args.version_ttl,
         method=args.method,
-        limits={"max_batch": args.max_batch, "max_image_pixels": args.max_image_pixels},
+        limits={
+            "max_batch": args.max_batch,
+            "max_image_pixels": args.max_image_pixels,
+            "max_image_bytes": args.max_image_bytes,
+        },
     )
     with tempfile.TemporaryDirectory(prefix="taps-cl-serve-") as tmp:
         app = build_app(save_routed_model(Path(tmp) / "model", spec), args.max_body_bytes)

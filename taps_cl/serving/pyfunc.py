@@ -72,9 +72,9 @@ class RoutedModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(_one_line(err), error_code=INTERNAL_ERROR) from None
         ms = (time.perf_counter() - start) * 1e3
         log.info("answered %d images in %.1f ms", len(answers), ms)
-        frame = pd.DataFrame([a.as_dict() for a in answers], columns=list(ANSWER_COLUMNS))
-        frame["class_name"] = frame["class_name"].astype(object)  # None stays null in JSON
-        return frame
+        columns = {c: [getattr(a, c) for a in answers] for c in ANSWER_COLUMNS}
+        # object columns: a missing class name stays None (null in JSON), never NaN
+        return pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in columns.items()})
 
 
 def _method(params: dict[str, Any] | None, default: str) -> str:

@@ -96,9 +96,9 @@ def decode_rows(data: Any, limits: RequestLimits | None = None) -> DecodedRows:
         raise RequestError(f"batch of {n} images is over the limit of {limits.max_batch}")
     if tasks is not None and len(tasks) != n:
         raise RequestError(f"got {len(tasks)} task names for {n} images; send one per image")
+    names = [_task(t, i) for i, t in enumerate(tasks)] if tasks is not None else [None] * n
     budget = [limits.max_request_bytes]
     decoded = [_image(x, i, limits, budget) for i, x in enumerate(images)]
-    names = [_task(t, i) for i, t in enumerate(tasks)] if tasks is not None else [None] * n
     return DecodedRows(decoded, names)
 
 
