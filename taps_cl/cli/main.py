@@ -19,6 +19,7 @@ from typing import Any
 
 from taps_cl.cli.options import joint_config, taps_config, train_config
 from taps_cl.cli.parser import build_parser
+from taps_cl.cli.serve import cmd_serve
 from taps_cl.cli.tables import fmt_bytes, fmt_pct, table
 from taps_cl.config import DEFAULT_BASE, environment
 from taps_cl.errors import TAPSError
@@ -396,6 +397,7 @@ COMMANDS = {
     "import": cmd_import,
     "compare": cmd_compare,
     "gates": cmd_gates,
+    "serve": cmd_serve,
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from taps_cl.cli.options import add_training_options
+from taps_cl.cli.serve import add_serve_parser
 
 DESCRIPTION = """`taps-cl`: a thin command line over the library.
 
@@ -188,4 +189,5 @@ def build_parser() -> argparse.ArgumentParser:
     _training_commands(sub)
     _read_commands(sub)
     _store_commands(sub)
+    add_serve_parser(sub)
     return p

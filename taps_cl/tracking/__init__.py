@@ -5,13 +5,15 @@
 - :func:`log_task_run`: one run per ``add_task`` (params, per-epoch metrics, gate picture)
 - :func:`compare`: table, CSV and figures over the strategy runs of an experiment
 - :func:`gates_figure`: tasks x layers on/off picture of a task store (TAPS Figure 3)
+- :func:`log_routed_model`: the routed many-task pyfunc model of a store (snapshot or live)
 
 Attributes load lazily, so ``import taps_cl.tracking`` costs neither MLflow nor Avalanche until
 something is used. The tracking URI defaults to env ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``.
 
 May import: the foundation, the method, the storage protocol and records (the gate picture
-reads a store). Must never import: serving, the engine, integrations or the CLI; it is handed
-what it logs (patches, metrics, configs), never the engine.
+reads a store) and serving (the routed model it logs). Must never import: the engine,
+integrations or the CLI; it is handed what it logs (patches, metrics, configs, a store),
+never the engine.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ _LAZY = {
     "resolve_tracking_uri": "taps_cl.tracking.client",
     "UnknownExperimentError": "taps_cl.tracking.client",
     "summarize": "taps_cl.tracking.matrix",
+    "log_routed_model": "taps_cl.tracking.routed_model",
+    "RoutedModelInfo": "taps_cl.tracking.routed_model",
 }
 
 __all__ = [
