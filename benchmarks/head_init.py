@@ -106,7 +106,23 @@ def main(argv: list[str] | None = None) -> None:
          f"{r['seconds']:.0f} s")
         for r in rows
     ])  # fmt: skip
-    save(args, {"args": vars(args), "rows": rows})
+    means = summary(rows)
+    print("\nmean accuracy over the trained runs:", {k: round(v, 4) for k, v in means.items()})
+    save(args, {"args": vars(args), "rows": rows, "mean_accuracy": means})
+
+
+def summary(rows: list[dict]) -> dict[str, float]:
+    """Each variant's mean accuracy over every (task, size, epochs) run, the probe's over the
+    trained runs' settings (so the two compare)."""
+    out: dict[str, float] = {}
+    for label in ["probe", *VARIANTS]:
+        if label == "probe":
+            probes = {(r["task"], r["train"]): r["accuracy"] for r in rows if r["variant"] == label}
+            accs = [probes[(r["task"], r["train"])] for r in rows if r["variant"] == "random"]
+        else:
+            accs = [r["accuracy"] for r in rows if r["variant"] == label]
+        out[label] = sum(accs) / len(accs) if accs else float("nan")
+    return out
 
 
 if __name__ == "__main__":
