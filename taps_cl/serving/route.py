@@ -132,9 +132,8 @@ class TaskRouting:
     def _known_stats(self) -> dict[tuple[str, int], RouteStats]:
         """Statistics of the versions cached routers already hold (a version's statistics never
         change once routable, except through ``add_route_stats``, which clears the cache): a new
-        candidate set reads only its new versions from the store."""
-        with self._lock:
-            cached = list(self._routers.values())
+        candidate set reads only its new versions from the store. Called under ``self._lock``."""
+        cached = list(self._routers.values())
         return {(n, v): c.router.stats(n) for c in cached for n, v in c.versions.items()}
 
     @torch.no_grad()
