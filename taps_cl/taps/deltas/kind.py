@@ -119,7 +119,12 @@ def delta_op(
     layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, attr: str = "weight"
 ) -> torch.Tensor:
     """``layer``'s own forward on ``x`` with ``weight`` in place of its weight and no bias
-    (its padding, stride, groups, ... apply; the weight's leading size may differ)."""
+    (its padding, stride, groups, ... apply; the weight's leading size may differ). A plain
+    pointwise conv is the matrix product it computes: a few rows at a small spatial size
+    would otherwise take the slow direct-convolution path."""
+    if _pointwise(layer):
+        out = nn.functional.linear(x.movedim(1, -1), weight.flatten(1))  # one GEMM
+        return out.movedim(-1, 1)
     swap: dict[str, torch.Tensor | None] = {attr: weight}
     if isinstance(getattr(layer, "bias", None), torch.Tensor):
         swap["bias"] = None
@@ -215,6 +220,15 @@ def decode_delta(stored: Mapping[str, torch.Tensor], weight: torch.Tensor) -> to
     if tuple(delta.shape) != tuple(weight.shape):
         raise ValueError(f"{kind.name} delta of shape {tuple(delta.shape)} for {weight.shape}")
     return delta
+
+
+def _pointwise(layer: nn.Module) -> bool:
+    """A torch ``ConvNd`` (its own forward, not a subclass's) that is a per-pixel matmul."""
+    if type(layer).forward not in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+        return False
+    ones = all(k == 1 for k in (*layer.kernel_size, *layer.stride))
+    zero = layer.padding == "valid" or all(p == 0 for p in layer.padding)
+    return ones and zero and layer.groups == 1 and layer.padding_mode == "zeros"
 
 
 def decode_parts(
