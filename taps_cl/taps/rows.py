@@ -4,9 +4,11 @@ Each replaces one wrapper in a :class:`~taps_cl.taps.mixed.MixedTaskModel` and r
 :class:`~taps_cl.taps.rowplan.RowPlan` (slot = a task's position in the mixed model):
 
 - :class:`RowLayer` (a gated conv/linear): the base layer once on every row, plus each task's
-  delta on its own rows, ``kind.apply_rows`` (dense: the layer's op with ``dW``; low-rank: the
-  two thin factors). A layer whose output is not known to be linear in its weight (e.g. a
-  weight-standardised conv) runs ``W + dW`` on each adapting task's rows instead.
+  delta on its own rows, ``kind.apply_rows`` (dense: the layer's op with ``dW``, one GEMM for a
+  pointwise conv; low-rank: the two thin factors). Where one adapting task has every row, its
+  ``W + dW`` runs instead (the merged layer: no second product). A layer whose output is not
+  known to be linear in its weight (e.g. a weight-standardised conv) runs ``W + dW`` on each
+  adapting task's rows.
 - :class:`RowNorm`: eval-mode batch norms fold the rows into channels (``[N, C, ...]`` as
   ``[1, N*C, ...]`` with each row's task statistics and affine gathered) and run the norm's own
   forward once; ``nn.LayerNorm``/``nn.GroupNorm`` normalise once and apply each row's affine;
@@ -84,8 +86,8 @@ class _Rows(nn.Module):
 
 class RowLayer(_Rows):
     """A gated layer over mixed rows. ``deltas[slot]``: ``(kind, parts)`` from
-    :meth:`~taps_cl.taps.layer.GatedWeight.row_delta` (linear layers) or the effective weight
-    ``W + dW`` (others); None where the task uses the base weight."""
+    :meth:`~taps_cl.taps.layer.GatedWeight.row_delta`, or for a layer not linear in its
+    weight the task's effective weight ``W + dW``; None where the task uses the base weight."""
 
     def __init__(self, base: nn.Module, attr: str, deltas: Sequence[object]) -> None:
         super().__init__()
@@ -99,11 +101,15 @@ class RowLayer(_Rows):
         plan = current_plan()
         plan.check(x, f"{type(self.base).__name__} input")
         groups = plan.by(self._keys)
+        if len(groups) == 1 and groups[0][0] is not None:  # one adapting task has every row
+            return functional_call(
+                self.base, {self.attr: self._weight(groups[0][0])}, (x, *args), kwargs
+            )
         if not self.linear:
             out = None
             for slot, rows in groups:
-                weight = {} if slot is None else {self.attr: self._deltas[slot]}
-                part = functional_call(self.base, weight, (take(x, rows), *args), kwargs)
+                swap = {} if slot is None else {self.attr: self._deltas[slot]}
+                part = functional_call(self.base, swap, (take(x, rows), *args), kwargs)
                 out = put(out, rows, part, plan.n)
             return out
         y = self.base(x, *args, **kwargs)
@@ -113,6 +119,14 @@ class RowLayer(_Rows):
                 part = kind.apply_rows(self.base, take(x, rows), parts, self.attr)
                 y = y.add_(part) if rows is None else y.index_add_(0, rows, part)
         return y
+
+    def _weight(self, slot: int) -> torch.Tensor:
+        """The task's ``W + dW``: the very sum its merged module holds (dense: same bits)."""
+        if not self.linear:
+            return self._deltas[slot]
+        kind, parts = self._deltas[slot]
+        w = getattr(self.base, self.attr)
+        return w + (parts["delta"] if "delta" in parts else kind.from_stored(parts, w))
 
 
 class RowNorm(_Rows):
