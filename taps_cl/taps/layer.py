@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from taps_cl.taps.deltas import DeltaKind, kind_of, stored_keys
+from taps_cl.taps.deltas import DeltaKind, decode_parts, kind_of, stored_keys
 from taps_cl.taps.gate import gate_is_on, hard_gate
 from taps_cl.taps.task import TaskInfo, TaskModule, copy_checked
 from taps_cl.taps.taskdeltas import TaskDeltas
@@ -146,6 +146,19 @@ class GatedWeight(TaskDeltas):
     def active_weight(self) -> torch.Tensor:
         """The weight the active task computes with (the base weight without a task)."""
         return self.effective_weight(self.active_task) if self.applies() else self.base_weight
+
+    def row_delta(self, name: str) -> tuple[type[DeltaKind], dict[str, torch.Tensor]] | None:
+        """The frozen task's kept delta as its kind applies it to rows of a mixed-task batch
+        (``kind.apply_rows(layer, x, parts)``), on the weight's device; None where the task
+        keeps no delta (it computes with the base weight here)."""
+        if not self.is_frozen(name):
+            raise ValueError(f"task {name!r} is not frozen: finalize or load it first")
+        if name not in self.delta:
+            return None
+        w = self.base_weight
+        kind, values = decode_parts(self._stored[name], w)
+        parts = kind.row_parts(values, self.delta[name])
+        return kind, {k: v.detach().to(w.device, w.dtype) for k, v in parts.items()}
 
     def export_task(self, name: str) -> dict[str, torch.Tensor]:
         out = {"score": self.score[name]}

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from taps_cl.registry import DELTA_KINDS
 from taps_cl.taps.quant import decode, encode
@@ -85,8 +87,48 @@ class DeltaKind:
         """The dense delta of the decoded (float32, shape-checked) stored tensors."""
         raise NotImplementedError
 
+    @classmethod
+    def row_parts(
+        cls, stored: Mapping[str, torch.Tensor], dense: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """What :meth:`apply_rows` computes with, from the decoded stored tensors and the dense
+        delta the layer already holds. Default: the dense delta (already in memory)."""
+        return {"delta": dense}
+
+    @classmethod
+    def apply_rows(
+        cls,
+        layer: nn.Module,
+        x: torch.Tensor,
+        parts: Mapping[str, torch.Tensor],
+        attr: str = "weight",
+    ) -> torch.Tensor:
+        """The delta's share of ``layer(x)`` for a layer whose output is linear in its weight:
+        ``layer``'s own op with the delta as weight and no bias (a mixed-task batch adds it
+        on the task's rows after one base pass). ``parts``: what :meth:`row_parts` gave.
+        Default: the dense delta of ``parts`` (a kind overrides it with a cheaper product)."""
+        if "delta" in parts:
+            return delta_op(layer, x, parts["delta"], attr)
+        return delta_op(layer, x, cls.from_stored(parts, getattr(layer, attr)), attr)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def delta_op(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, attr: str = "weight"
+) -> torch.Tensor:
+    """``layer``'s own forward on ``x`` with ``weight`` in place of its weight and no bias
+    (its padding, stride, groups, ... apply; the weight's leading size may differ). A plain
+    pointwise conv is the matrix product it computes: a few rows at a small spatial size
+    would otherwise take the slow direct-convolution path."""
+    if _pointwise(layer):
+        out = nn.functional.linear(x.movedim(1, -1), weight.flatten(1))  # one GEMM
+        return out.movedim(-1, 1)
+    swap: dict[str, torch.Tensor | None] = {attr: weight}
+    if isinstance(getattr(layer, "bias", None), torch.Tensor):
+        swap["bias"] = None
+    return functional_call(layer, swap, (x,))
 
 
 def register_delta_kind(cls: type[DeltaKind]) -> type[DeltaKind]:
@@ -173,6 +215,27 @@ def encode_delta(parts: Mapping[str, torch.Tensor], dtype: str) -> dict[str, tor
 def decode_delta(stored: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     """The dense delta of a stored one (local keys, any registered kind, any dtype): the one
     decode that settling, loading and merging share, so all three give the same bits."""
+    kind, values = decode_parts(stored, weight)
+    delta = kind.from_stored(values, weight)
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise ValueError(f"{kind.name} delta of shape {tuple(delta.shape)} for {weight.shape}")
+    return delta
+
+
+def _pointwise(layer: nn.Module) -> bool:
+    """A torch ``ConvNd`` (its own forward, not a subclass's) that is a per-pixel matmul."""
+    if type(layer).forward not in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+        return False
+    ones = all(k == 1 for k in (*layer.kernel_size, *layer.stride))
+    zero = layer.padding == "valid" or all(p == 0 for p in layer.padding)
+    return ones and zero and layer.groups == 1 and layer.padding_mode == "zeros"
+
+
+def decode_parts(
+    stored: Mapping[str, torch.Tensor], weight: torch.Tensor
+) -> tuple[type[DeltaKind], dict[str, torch.Tensor]]:
+    """The kind of a stored delta (local keys, any dtype) and its stored tensors decoded to
+    float32, checked against ``weight``'s shape (what :func:`decode_delta` builds on)."""
     kind = kind_of(stored)
     if kind is None:
         raise ValueError(f"no delta among stored tensors {sorted(stored)}")
@@ -181,8 +244,4 @@ def decode_delta(stored: Mapping[str, torch.Tensor], weight: torch.Tensor) -> to
     )
     if bad:
         raise ValueError(f"{bad[0]}: {bad[1]} (weight {tuple(weight.shape)})")
-    values = {k: decode(stored[k], stored.get(f"{SCALE}.{k}")) for k in kind.stored}
-    delta = kind.from_stored(values, weight)
-    if tuple(delta.shape) != tuple(weight.shape):
-        raise ValueError(f"{kind.name} delta of shape {tuple(delta.shape)} for {weight.shape}")
-    return delta
+    return kind, {k: decode(stored[k], stored.get(f"{SCALE}.{k}")) for k in kind.stored}

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
-from taps_cl.taps.deltas.kind import DeltaKind, Shape, register_delta_kind
+from taps_cl.taps.deltas.kind import DeltaKind, Shape, delta_op, register_delta_kind
 
 if TYPE_CHECKING:
     from taps_cl.config import TAPSConfig
@@ -72,6 +74,33 @@ class LowRank(DeltaKind):
     @classmethod
     def from_stored(cls, stored: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
         return (stored["lora_b"] @ stored["lora_a"]).view(weight.shape)
+
+    @classmethod
+    def row_parts(
+        cls, stored: Mapping[str, torch.Tensor], dense: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return {"lora_a": stored["lora_a"], "lora_b": stored["lora_b"]}
+
+    @classmethod
+    def apply_rows(
+        cls,
+        layer: nn.Module,
+        x: torch.Tensor,
+        parts: Mapping[str, torch.Tensor],
+        attr: str = "weight",
+    ) -> torch.Tensor:
+        """The two thin factors as peft's LoRA runs them: the layer's own op into ``rank``
+        channels (a conv's ``kxk``, a linear's ``x A^T``), then ``lora_b`` mixes channels
+        (a ``1x1`` conv, ``h B^T``). A grouped conv or another layer type: the dense delta."""
+        a, b = parts["lora_a"], parts["lora_b"]
+        w = getattr(layer, attr)
+        conv = isinstance(layer, _ConvNd) and layer.groups == 1 and not layer.transposed
+        if not (conv or isinstance(layer, nn.Linear)):
+            return super().apply_rows(layer, x, {"delta": (b @ a).view(w.shape)}, attr)
+        h = delta_op(layer, x, a.view(a.shape[0], *w.shape[1:]), attr)
+        if not conv:
+            return torch.nn.functional.linear(h, b)
+        return (b @ h.flatten(2)).view(h.shape[0], b.shape[0], *h.shape[2:])
 
     def __repr__(self) -> str:
         return f"LowRank(rank={self.rank}, alpha={self.alpha})"
