@@ -5,7 +5,7 @@ its classes' scores (``max`` or ``logsumexp``, optionally at a temperature), and
 ratio form of TPL (Lin et al., ICLR 2024) compares a task against all the others:
 ``log p(z | t) - log p(z | not t)``. With one shared covariance the likelihood ratio is a monotone
 function of the task's posterior, so it chooses the same task as ``logsumexp`` and differs only
-in its confidence (measured; see ``scratch/FINDINGS.md``).
+in its confidence (measured; see ``benchmarks/research/FINDINGS.md``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Render the findings tables (markdown) from scratch/*.json.
+"""Render the findings tables (markdown) from benchmarks/research/*.json.
 
-    python scratch/tables.py > scratch/tables.md
+    python benchmarks/research/tables.py > benchmarks/research/tables.md
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Parts a, c, d: closed-form heads, routers and compact statistics on cached base features.
 
-    PYTHONPATH=. python scratch/exp_heads.py --stream fmnist5 --size 32 [--tag _nocrop]
-Prints markdown tables and writes scratch/exp_heads_<stream>_<size><tag>.json.
+    PYTHONPATH=. python benchmarks/research/exp_heads.py --stream fmnist5 --size 32 [--tag _nocrop]
+Prints markdown tables and writes benchmarks/research/exp_heads_<stream>_<size><tag>.json.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Part d: deletion on real features (fmnist5, 32 px): router after delete vs never added.
 
-    PYTHONPATH=. python scratch/deletion.py
+    PYTHONPATH=. python benchmarks/research/deletion.py
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 base feature space (task Gaussian) and in the patch's own feature space (maha, energy), plus the
 own-train vs own-test shift of each score (in-sample bias of the calibration).
 
-    PYTHONPATH=. python scratch/diag.py --stream fmnist5
+    PYTHONPATH=. python benchmarks/research/diag.py --stream fmnist5
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Cache preprocessed images and frozen-base features of the class-incremental streams.
 
-    python scratch/extract.py --size 32        # writes scratch/feats_<stream>_<size>[_nocrop].pt
+    python benchmarks/research/extract.py --size 32        # writes benchmarks/research/feats_<stream>_<size>[_nocrop].pt
 """
 
 from __future__ import annotations

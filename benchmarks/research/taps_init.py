@@ -1,9 +1,9 @@
 """Part b: closed-form head init inside TAPS training; within-task accuracy, true task given.
 
-    python scratch/taps_init.py --stream fmnist5 --size 32 --variants rand3,ridge3,...
-Writes scratch/taps_init_<stream>_<size>.json (one entry per variant: per-task accuracies,
+    python benchmarks/research/taps_init.py --stream fmnist5 --size 32 --variants rand3,ridge3,...
+Writes benchmarks/research/taps_init_<stream>_<size>.json (one entry per variant: per-task accuracies,
 accuracy at step 0 in eval mode, seconds) and saves each trained task's test logits for the
-end-to-end routing table (scratch/patchlogits_<stream>_<size>_<variant>.pt).
+end-to-end routing table (benchmarks/research/patchlogits_<stream>_<size>_<variant>.pt).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Part e: routing cost per image: base forward (32/64 px) vs random projection vs LDA scores.
 
-    PYTHONPATH=. python scratch/cost.py
+    PYTHONPATH=. python benchmarks/research/cost.py
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Train one TAPS patch per experience (ridge scale-1 init + ridge refit, 3 epochs, 32 px) and run
 EVERY patch on EVERY train and test image: the cross-task runs that shortlist re-scoring needs.
 
-    PYTHONPATH=. python scratch/train_patches.py --stream fmnist5
-Reads the cached images of /work/wt-route/scratch/feats_<stream>_32.pt. Writes
-scratch/patches_<stream>/exp<j>.pt (TaskPatch files) and scratch/cross_<stream>.pt: a dict with
+    PYTHONPATH=. python benchmarks/research/train_patches.py --stream fmnist5
+Reads the cached images of /work/wt-route/benchmarks/research/feats_<stream>_32.pt. Writes
+benchmarks/research/patches_<stream>/exp<j>.pt (TaskPatch files) and benchmarks/research/cross_<stream>.pt: a dict with
 ``train``/``test`` lists (one per patch) of ``{"h": penultimate [N, d] fp32, "logits": [N, C_p]}``
 over the concatenation of all experiences' images, plus labels, experience index and timings.
 """

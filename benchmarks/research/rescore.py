@@ -1,8 +1,8 @@
 """Shortlist re-scoring by the trained patches: task identification and end-to-end accuracy.
 
-    PYTHONPATH=. python scratch/rescore.py --stream fmnist5
-Needs scratch/cross_<stream>.pt (train_patches.py) and the cached base features. Prints a table
-and writes scratch/rescore_<stream>.json.
+    PYTHONPATH=. python benchmarks/research/rescore.py --stream fmnist5
+Needs benchmarks/research/cross_<stream>.pt (train_patches.py) and the cached base features. Prints a table
+and writes benchmarks/research/rescore_<stream>.json.
 
 Per (image, patch) scores, each normalised against the patch's own training data only:
 - ``energy``: logsumexp of the patch's logits at temperature T_p (fitted by CE on own train).

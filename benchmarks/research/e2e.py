@@ -1,7 +1,7 @@
 """End-to-end accuracy: a router's task choice x the within-task prediction of (i) the closed-form
 ridge head, (ii) TAPS patches from part b (their saved test logits).
 
-    PYTHONPATH=. python scratch/e2e.py --stream fmnist5 --variants rand3,ridge3_noT
+    PYTHONPATH=. python benchmarks/research/e2e.py --stream fmnist5 --variants rand3,ridge3_noT
 """
 
 from __future__ import annotations

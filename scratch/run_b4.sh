@@ -1,6 +1,0 @@
-#!/bin/sh
-export PYTHONPATH=/work/wt-route
-cd /work/wt-route
-P=/work/main/.venv/bin/python
-$P scratch/extract.py --size 32 --streams fmnist5s
-$P scratch/taps_init.py --stream fmnist5s --variants rand3,ridge3_noT,ridge3,rand3_refit,ridge3_noT_refit,lda3,rand1,ridge1_noT
