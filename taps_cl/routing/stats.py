@@ -27,12 +27,12 @@ full form           (older versions: ``8 C d + 2 d (d + 1) + 8 C`` bytes)
 ``route.scatter``   packed upper triangle of ``S_t``                float32 ``[d(d+1)/2]``
 ==================  ==============================================  =========================
 
-For EfficientNet-Lite0 (``d = 1280``), ``C = 10`` and ``k = 16`` the compact form is 71,792
-bytes with the calibration, against 3,381,872 for the full form: the full scatter is the bulk,
-and the rank-16-plus-diagonal approximation of it routes as well (measured in
-``benchmarks/research/FINDINGS.md``, section d, and documented in ``docs/concepts.md``). Statistics are
-accumulated in full (float64) and compressed once (:meth:`RouteStats.compress`); full
-statistics of older versions keep routing through their exact scatter.
+For EfficientNet-Lite0 (``d = 1280``), ``C = 10`` and ``k = 16`` the compact form is 71,792 bytes
+with the calibration, against 3,381,872 for the full form: the full scatter is the bulk, and the
+rank-16-plus-diagonal approximation of it routes as well (measured in
+``benchmarks/research/FINDINGS.md``, section d, and documented in ``docs/concepts.md``). Statistics
+are accumulated in full (float64) and compressed once (:meth:`RouteStats.compress`); full statistics
+of older versions keep routing through their exact scatter.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 ROUTE_PREFIX = "route."
-COMPACT_RANK = 16  # rank of the compact scatter (benchmarks/research/FINDINGS.md d: k=16 routes best)
+COMPACT_RANK = 16  # rank of the compact scatter (see docs/concepts.md, routing statistics)
 FULL_KEYS = frozenset({"route.count", "route.mean", "route.scatter"})
 COMPACT_KEYS = frozenset({"route.count", "route.mean", "route.basis", "route.diag"})
 _FP16_MAX = 6.0e4  # beyond this a value does not fit float16; such statistics keep float32
