@@ -131,3 +131,29 @@ def test_a_one_class_task_is_pooled_and_routed():
     assert scores.shape == (10, 2)
     assert router.tasks == ("one", "two")
     assert float((scores.argmax(1) == torch.tensor([1] * 5 + [0] * 5)).double().mean()) >= 0.9
+
+
+def test_compress_survives_an_eigh_that_does_not_converge(monkeypatch):
+    """LAPACK's syevd can fail on scatters with many repeated eigenvalues (a one-class task,
+    n < d); the compact form then comes from the SVD, with the same top pairs."""
+    from taps_cl.routing import compactstats
+
+    gen = torch.Generator().manual_seed(0)
+    z, y = (
+        torch.randn(12, 32, generator=gen, dtype=torch.float64),
+        torch.zeros(12, dtype=torch.long),
+    )
+    full = compactstats.full_stats(z, y, 1)
+    expected = compactstats.compress(full, 4, basis_dtype=torch.float64)
+    real = torch.linalg.eigh
+
+    def failing(*args, **kwargs):
+        monkeypatch.setattr(torch.linalg, "eigh", real)
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    got = compactstats.compress(full, 4, basis_dtype=torch.float64)
+    s_exp = expected.basis.T @ expected.basis
+    s_got = got.basis.T @ got.basis  # eigenvectors are defined up to sign: compare u u^T
+    assert torch.allclose(s_exp, s_got, atol=1e-8)
+    assert torch.allclose(expected.diag, got.diag, atol=1e-6)

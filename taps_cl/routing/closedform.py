@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from taps_cl.routing.compactstats import symmetric_eig
+
 DEFAULT_GRID = tuple(10.0**e for e in torch.arange(-6.0, 3.01, 0.5).tolist())
 
 
@@ -210,7 +212,7 @@ def ridge_from_moments(
         raise ValueError(f"gram must be [D, D] and cross [D, K], got {g.shape}, {c.shape}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    evals, evecs = torch.linalg.eigh((g + g.T) / 2)
+    evals, evecs = symmetric_eig((g + g.T) / 2)
     evals = evals.clamp(min=0)
     unit = float(evals.sum()) / max(1, min(count, g.shape[0]))
     if unit <= 0:

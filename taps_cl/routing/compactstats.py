@@ -177,6 +177,23 @@ class CompactStats:
         return cls(*(tensors[prefix + n] for n in ("count", "mean", "basis", "diag")))
 
 
+def symmetric_eig(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric PSD matrix ``s``. LAPACK's
+    ``syevd`` can fail to converge on scatters with many repeated (zero) eigenvalues, e.g. a
+    one-class task or fewer samples than dimensions; the SVD of a PSD matrix has the same pairs
+    and is tried then, and a tiny ridge on the diagonal last."""
+    try:
+        return torch.linalg.eigh(s)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, sv, _ = torch.linalg.svd(s)
+        return sv.flip(0), u.flip(1)
+    except torch.linalg.LinAlgError:
+        eps = 1e-12 * float(torch.diagonal(s).abs().sum().clamp(min=1.0))
+        return torch.linalg.eigh(s + eps * torch.eye(s.shape[0], dtype=s.dtype))
+
+
 def compress(
     stats: FullStats,
     rank: int = 16,
@@ -192,7 +209,7 @@ def compress(
     s = stats.scatter_matrix()
     s = (s + s.T) / 2
     k = min(rank, stats.dim)
-    evals, evecs = torch.linalg.eigh(s)
+    evals, evecs = symmetric_eig(s)
     top = evals[-k:].clamp(min=0).sqrt() if k else evals[:0]
     basis = (evecs[:, stats.dim - k :] * top).T.to(basis_dtype)
     u = basis.to(torch.float64)
