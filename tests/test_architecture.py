@@ -118,9 +118,11 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("name", sorted(MODS))
-def test_small_files_functions_and_classes(name):
-    path = MODS[name]
+BENCHMARKS = sorted((ROOT.parent / "benchmarks").glob("*.py"))  # research/ is kept as run
+
+
+@pytest.mark.parametrize("path", [*(MODS[n] for n in sorted(MODS)), *BENCHMARKS], ids=str)
+def test_small_files_functions_and_classes(path):
     text = path.read_text()
     assert text.count("\n") <= MAX_FILE_LINES, f"{path}: over {MAX_FILE_LINES} lines"
     for node in ast.walk(ast.parse(text)):
