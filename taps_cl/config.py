@@ -26,8 +26,13 @@ EPOCH_LENGTHS = ("own", "max", "min")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 DELTA_DTYPES = ("float32", "bfloat16", "int8")
+KiB, MiB = 1024, 1024 * 1024
+SIZES = {"tiny": 256 * KiB, "small": 512 * KiB, "compact": MiB, "large": 4 * MiB}
+PAPER = "paper"  # TAPSConfig.size: the paper's penalty selection, dense float32 deltas
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": KiB, "mib": MiB, "gib": 1024**3}
 NORM_STATS = ("base", "reset")
 HEAD_INITS = ("ridge", "random")
+DENSE_LR, LOWRANK_LR = 1e-3, 3e-3  # TrainConfig.lr=None: see TrainConfig.lr_for
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 T = TypeVar("T", bound="_JSONConfig")
@@ -121,11 +126,24 @@ class TAPSConfig(_JSONConfig):
         None, "None = dense deltas (the paper); N = low-rank B @ A, rank N"
     )
     delta_alpha: float | None = _doc(None, "low-rank deltas scale by alpha / rank; None = rank")
-    delta_dtype: str = _doc("float32", "how finalised deltas are stored: float32, bfloat16 or int8")
+    delta_dtype: str | None = _doc(
+        None,
+        "how finalised deltas are stored: float32, bfloat16 or int8; None = int8 with a size, "
+        "float32 in paper mode",
+    )
     delta_kind: str | None = _doc(
         None,
         'a registered delta kind by name (taps_cl.taps.deltas: "dense", "lowrank", your own); '
         'None = "lowrank" if delta_rank is set, else "dense"',
+    )
+    size: int | str | None = _doc(
+        "compact",
+        "one knob for what a task stores, patch plus routing statistics: a name "
+        f"({', '.join(f'{k} {v // KiB} KiB' for k, v in SIZES.items())}), bytes (an int, or "
+        "'800KB', '1.5MiB'), or 'paper'/None for the paper's penalty selection with dense "
+        "float32 deltas. A size means low-rank int8 deltas (rank 32 per MiB, 4 to 256) whose "
+        "layers are chosen once, early, to fit the bytes (see budget_select); delta_rank, "
+        "delta_dtype, delta_kind and budget, when given, win over what the size picks",
     )
     head_init: str = _doc(
         "ridge",
@@ -170,13 +188,78 @@ class TAPSConfig(_JSONConfig):
             raise ValueError(f"delta_rank must be None (dense) or an int >= 1, got {r!r}")
         if self.delta_alpha is not None and not self.delta_alpha > 0:
             raise ValueError(f"delta_alpha must be None or > 0, got {self.delta_alpha}")
-        if self.delta_dtype not in DELTA_DTYPES:
-            raise ValueError(f"delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}")
+        if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
+            raise ValueError(
+                f"delta_dtype must be None or one of {DELTA_DTYPES}, got {self.delta_dtype!r}"
+            )
+        parse_size(self.size)  # a clear error now, not when the first task is added
         if self.delta_kind is not None:
             if not isinstance(self.delta_kind, str):
                 raise TypeError(f"delta_kind must be a str or None, got {self.delta_kind!r}")
             # unknown kind or settings the kind lacks: ValueError (the kind checks its own)
             DELTA_KINDS.get(self.delta_kind).from_config(self)
+
+    # -- what the size knob resolves to (explicit fields win) ------------------------------
+
+    @property
+    def size_bytes(self) -> int | None:
+        """The byte budget of a task's stored form (patch + routing statistics), or None in
+        paper mode."""
+        return parse_size(self.size)
+
+    @property
+    def rank(self) -> int | None:
+        """The low-rank deltas' rank: ``delta_rank``, else the size's, unless ``delta_kind``
+        names another kind; None = dense."""
+        if self.delta_rank is not None or self.delta_kind not in (None, "lowrank"):
+            return self.delta_rank
+        nbytes = self.size_bytes
+        return None if nbytes is None else size_rank(nbytes)
+
+    @property
+    def stored_dtype(self) -> str:
+        """How finalised deltas are stored: ``delta_dtype``, else int8 with a size."""
+        if self.delta_dtype is not None:
+            return self.delta_dtype
+        return "float32" if self.size_bytes is None else "int8"
+
+    @property
+    def budgeted(self) -> bool:
+        """Gates are chosen once, early, to fit a budget (share or bytes), not by the penalty."""
+        return self.budget is not None or self.size_bytes is not None
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes of a :attr:`TAPSConfig.size` (None for paper mode): a name in :data:`SIZES`, an
+    int, or a number with a unit (B, KB, MB, GB, KiB, MiB, GiB; case and spaces ignored)."""
+    if size is None or size == PAPER:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise TypeError(f"size must be a name, a byte count or None, got {size!r}")
+    if isinstance(size, int):
+        nbytes = size
+    elif size.lower() in SIZES:
+        nbytes = SIZES[size.lower()]
+    else:
+        text = size.replace(" ", "").lower()
+        number = text.rstrip("kmgib")
+        unit = text[len(number) :] or "b"
+        try:
+            nbytes = int(float(number) * _UNITS[unit])
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"size {size!r} is not a size: use {sorted(SIZES)}, {PAPER!r}/None, an int of "
+                "bytes or a number with a unit, e.g. '800KB' or '1.5MiB'"
+            ) from None
+    if nbytes < 1:
+        raise ValueError(f"size must be at least 1 byte, got {size!r}")
+    return nbytes
+
+
+def size_rank(nbytes: int) -> int:
+    """The low-rank deltas' rank for a size: 32 per MiB, a power of two from 4 to 256 (the
+    transfer sweep's rank 32 fills about 1 MiB with every layer adapted, in int8)."""
+    return int(min(256, max(4, 2 ** round(math.log2(max(1.0, 32 * nbytes / MiB))))))
 
 
 @dataclass
@@ -187,7 +270,11 @@ class TrainConfig(_JSONConfig):
     batch_size: int = _doc(32, "minibatch size")
     image_size: int | None = _doc(None, "input side in pixels; None = the base's own (e.g. 224)")
     optimizer: str = _doc("adamw", '"adamw" or "sgd" (momentum 0.9)')
-    lr: float = _doc(1e-3, "learning rate of deltas, norms and head")
+    lr: float | None = _doc(
+        None,
+        "learning rate of deltas, norms and head; None = 3e-3 for low-rank deltas (the sized "
+        "default), 1e-3 for dense ones (the paper's; also full fine-tuning and the base)",
+    )
     score_lr: float | None = _doc(
         None, "None = auto: scores can cross (init - tau) ~4x in training"
     )
@@ -212,8 +299,8 @@ class TrainConfig(_JSONConfig):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be None (auto) or > 0, got {self.lr}")
         if self.score_lr is not None and self.score_lr <= 0:
             raise ValueError(f"score_lr must be None (auto) or > 0, got {self.score_lr}")
         if self.weight_decay < 0:
@@ -224,6 +311,14 @@ class TrainConfig(_JSONConfig):
             raise ValueError(f"device must be {DEVICES_HINT}, got {self.device!r}")
         if self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
+
+    def lr_for(self, rank: int | None) -> float:
+        """The learning rate: ``lr``, else the rule for the deltas' ``rank`` (None = dense).
+        Low-rank factors start at zero and move the weight by a product of two small factors,
+        so every low-rank run of the defaults sweep preferred the larger rate."""
+        if self.lr is not None:
+            return self.lr
+        return DENSE_LR if rank is None else LOWRANK_LR
 
 
 @dataclass

@@ -104,13 +104,15 @@ def task_table(records: list, base_parameters: int) -> str:
             r.layers_adapted,
             f"{r.task_parameters:,}",
             fmt_pct(r.parameter_share),
+            fmt_bytes(r.patch_bytes),
+            fmt_bytes(r.route_bytes),
             fmt_bytes(r.nbytes),
             f"{r.train_seconds:.0f} s",
         )
         for r in records
     ]
     headers = ["task", "version", "accuracy", "layers adapted", "task params", "% of base",
-               "patch bytes", "train time"]  # fmt: skip
+               "patch", "routing stats", "stored", "train time"]  # fmt: skip
     return table(headers, rows)
 
 

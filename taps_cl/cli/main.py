@@ -217,6 +217,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             fmt_pct(v.metrics.get("accuracy")),
             f"{len(v.active_layers)}/{v.num_layers}",
             f"{v.num_parameters:,}",
+            fmt_bytes(v.patch_bytes),
+            fmt_bytes(v.route_bytes),
             fmt_bytes(v.nbytes),
             fmt_bytes(v.added_bytes),
             v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "-",
@@ -224,7 +226,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         for v in versions
     ]
     print(f"task {args.name!r}: {versions[-1].num_classes} classes")
-    headers = ["version", "accuracy", "layers", "params", "bytes", "new bytes", "created"]
+    headers = ["version", "accuracy", "layers", "params", "patch", "routing stats", "stored",
+               "new bytes", "created"]  # fmt: skip
     print(table(headers, rows))
     print("adapted layers (latest): " + (", ".join(versions[-1].active_layers) or "none"))
     return 0

@@ -26,6 +26,7 @@ TRAIN_FIELDS = (
     "num_workers",
 )
 TAPS_FIELDS = (
+    "size",
     "lam",
     "tau",
     "penalty",

@@ -45,11 +45,18 @@ class TaskRecord:
     num_layers: int  # gated layers in the base
     task_parameters: int  # task-specific parameters stored (deltas, scores, norms, head)
     parameter_share: float  # task_parameters / base parameters
-    nbytes: int  # bytes of the stored patch
+    nbytes: int  # bytes the version stores: patch plus routing statistics
     train_seconds: float
     num_classes: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     base_fingerprint: str | None = None  # the base the task belongs to (new one after train_base)
+    route_bytes: int = 0  # of nbytes: the routing statistics (task-free routing)
+
+    @property
+    def patch_bytes(self) -> int:
+        """Bytes of the patch itself (deltas, scores, norms, head): nbytes without routing
+        statistics."""
+        return self.nbytes - self.route_bytes
 
     @property
     def layers_adapted(self) -> str:
@@ -282,4 +289,5 @@ def task_record(patch: TaskPatch, fit: FitResult, base_params: int) -> TaskRecor
         num_classes=patch.num_classes,
         history=fit.history,
         base_fingerprint=patch.base_fingerprint,
+        route_bytes=patch.route_nbytes,
     )

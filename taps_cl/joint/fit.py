@@ -52,7 +52,11 @@ def fit_joint(
     sizes = task_batch_sizes(names, config, joint, world_size)
     base = base_parameters(model) if train_base else []
     extra = [
-        {"params": base, "lr": joint.base_lr or config.lr, "weight_decay": config.weight_decay}
+        {
+            "params": base,
+            "lr": joint.base_lr or config.lr_for(None),
+            "weight_decay": config.weight_decay,
+        }
     ]
     for p in base:
         p.requires_grad_(True)

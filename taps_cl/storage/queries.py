@@ -27,7 +27,28 @@ def base_record(session: Session, row: BaseRow) -> BaseRecord:
     )
 
 
-def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> StoredTask:
+ROUTE_PREFIX = "route."  # the patch tensors that are routing statistics (TaskPatch kinds)
+
+
+def route_bytes(session: Session, version_ids: list[int]) -> dict[int, int]:
+    """Version id -> bytes of its routing statistics (``route.*`` tensors; 0 without), so a
+    version's bytes split into patch and routing statistics without a schema change."""
+    if not version_ids:
+        return {}
+    rows = session.execute(
+        select(VersionTensorRow.version_id, func.sum(BlobRow.size))
+        .join(BlobRow, BlobRow.sha256 == VersionTensorRow.blob_sha256)
+        .where(VersionTensorRow.version_id.in_(version_ids))
+        .where(VersionTensorRow.name.startswith(ROUTE_PREFIX, autoescape=True))
+        .group_by(VersionTensorRow.version_id)
+    )
+    found = {int(v): int(n or 0) for v, n in rows}
+    return {v: found.get(v, 0) for v in version_ids}
+
+
+def _task_record(
+    task: TaskRow, base_name: str, row: VersionRow, n: int, routed: int = 0
+) -> StoredTask:
     return StoredTask(
         name=task.name,
         base_fingerprint=task.base_fingerprint,
@@ -41,10 +62,11 @@ def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> Stor
         created_at=as_utc(task.created_at),
         updated_at=as_utc(row.created_at),
         routable=bool(row.routable),
+        route_bytes=routed,
     )
 
 
-def version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
+def version_record(task: TaskRow, row: VersionRow, routed: int = 0) -> VersionRecord:
     return VersionRecord(
         name=task.name,
         version=row.version,
@@ -59,6 +81,7 @@ def version_record(task: TaskRow, row: VersionRow) -> VersionRecord:
         config=dict(row.config),
         created_at=as_utc(row.created_at),
         routable=bool(row.routable),
+        route_bytes=routed,
     )
 
 
@@ -77,14 +100,18 @@ def task_records(session: Session, base: str | None) -> list[StoredTask]:
     )
     if base is not None:
         stmt = stmt.where(TaskRow.base_fingerprint == base)
-    return [_task_record(*row) for row in session.execute(stmt)]
+    found = list(session.execute(stmt))
+    routed = route_bytes(session, [row.id for _, _, row, _ in found])
+    return [_task_record(*r, routed=routed[r[2].id]) for r in found]
 
 
 def version_records(session: Session, task: TaskRow) -> list[VersionRecord]:
     rows = session.scalars(
         select(VersionRow).where(VersionRow.task_id == task.id).order_by(VersionRow.version)
     )
-    return [version_record(task, row) for row in rows]
+    rows = list(rows)
+    routed = route_bytes(session, [row.id for row in rows])
+    return [version_record(task, row, routed[row.id]) for row in rows]
 
 
 def _count(session: Session, column: object) -> int:

@@ -241,7 +241,8 @@ class TaskStore(StoreConnection):
             row = ops.find_version(session, task, version)
             ops.check_route_tensors(tensors, row.num_classes)
             ops.add_route_tensors(session, row, encoded, nbytes, replace)
-            return queries.version_record(task, row)
+            session.flush()
+            return queries.version_record(task, row, queries.route_bytes(session, [row.id])[row.id])
 
         return self._write(work)
 

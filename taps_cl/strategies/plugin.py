@@ -3,6 +3,9 @@
 ``loss = cross_entropy + lam * TAPSModel.penalty(task)``, with the penalty off during the warm-up
 (``TAPSConfig.warmup_epochs``): :func:`taps_cl.training.step.task_loss`, the trainer's own
 objective, so a task trained through Avalanche is optimised for exactly the same objective.
+With a budget (a ``size``, the default, or a share ``budget``) the penalty stays off and the
+plugin drives the same :class:`~taps_cl.taps.budget.BudgetController` as the trainer: layer
+importance after each step until the gates are chosen once.
 
 The plugin *returns* the loss (Avalanche calls the criterion as ``criterion(output, target)``
 and, because the criterion is a plugin, also gives it the training callbacks it needs to count
@@ -17,6 +20,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from taps_cl.strategies.multitask import PAD_LOGIT, TAPSRouter
+from taps_cl.taps.budget import BudgetController
 from taps_cl.training.loop import task_loss
 
 
@@ -29,6 +33,7 @@ class TAPSLossPlugin(SupervisedPlugin):
         self.task: str | None = None  # the task being trained; None outside training
         self.steps = 0  # optimisation steps taken on the current task
         self.warmup_steps = 0  # steps before the penalty switches on
+        self.budget: BudgetController | None = None  # chooses the gates in budget mode
         self._evaluating = False
 
     @property
@@ -51,13 +56,20 @@ class TAPSLossPlugin(SupervisedPlugin):
         self.task = self.router.training_task
         self.steps = 0
         per_epoch = steps_per_epoch(strategy)
-        self.warmup_steps = int(self.router.taps.config.warmup_epochs * per_epoch)
+        taps = self.router.taps
+        self.warmup_steps = int(taps.config.warmup_epochs * per_epoch)
+        self.budget = None
+        if taps.config.budgeted and self.task is not None:  # the budget closes gates
+            total = per_epoch * strategy.train_epochs
+            self.budget, self.warmup_steps = BudgetController(taps, self.task, total), total + 1
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
         self.steps += 1
+        if self.budget is not None:
+            self.budget.observe(self.steps)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        self.task = None
+        self.task, self.budget = None, None
 
     def before_eval(self, strategy, **kwargs) -> None:
         self._evaluating = True

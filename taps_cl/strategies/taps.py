@@ -101,6 +101,7 @@ class TAPS(SupervisedTemplate):
         model: nn.Module,
         lam: float | None = None,
         tau: float | None = None,
+        size: int | str | None = None,
         lr: float | None = None,
         score_lr: float | None = None,
         weight_decay: float | None = None,
@@ -129,8 +130,10 @@ class TAPS(SupervisedTemplate):
         """Arguments left at ``None`` come from ``train`` (default ``TrainConfig()``; e.g.
         ``TrainConfig(max_grad_norm=None)`` disables clipping). ``optimizer``: a name or a
         factory ``param_groups -> Optimizer`` called at every experience with that task's
-        groups. ``peval_mode`` and ``**base_kwargs`` go to ``SupervisedTemplate``."""
-        router = _as_router(model, config, lam, tau, head, task_names)
+        groups. ``size``: :attr:`TAPSConfig.size` (bytes a task stores; ``"paper"`` for the
+        paper's penalty selection). ``peval_mode`` and ``**base_kwargs`` go to
+        ``SupervisedTemplate``."""
+        router = _as_router(model, config, {"lam": lam, "tau": tau, "size": size}, head, task_names)
         self.mode = _initial_mode(router, mode, route_method, tasks)  # "auto" until decided
         self.route_method = route_method
         self.router = router
@@ -254,6 +257,8 @@ class TAPS(SupervisedTemplate):
         self.score_lr = self.train_config.score_lr or auto_score_lr(
             taps.config, self.train_config, total - warmup, taps.num_layers
         )
+        if taps.config.budgeted:
+            self.score_lr = 0.0  # scores only measure importance until the gates are chosen
         if self.optimizer_factory is not None:
             groups = task_groups(taps, name, self.train_config, self.score_lr)
             self.optimizer = self.optimizer_factory(groups)
@@ -338,17 +343,17 @@ def _initial_mode(
 def _as_router(
     model: nn.Module,
     config: TAPSConfig | None,
-    lam: float | None,
-    tau: float | None,
+    given: Mapping[str, Any],
     head: str | None,
     task_names: Mapping[int, str] | None,
 ) -> TAPSRouter:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    overrides = {k: v for k, v in given.items() if v is not None}
     if isinstance(model, (TAPSRouter, TAPSModel)):
-        if config is not None or lam is not None or tau is not None or head is not None:
+        if config is not None or overrides or head is not None:
             raise ValueError(
-                "model is already a TAPSModel: set lam/tau/config on it, not on the strategy"
+                "model is already a TAPSModel: set lam/tau/size/config on it, not on the strategy"
             )
         if isinstance(model, TAPSRouter):
             if task_names:
@@ -356,6 +361,5 @@ def _as_router(
             return model
         return TAPSRouter(model, task_names)
     config = config or TAPSConfig()
-    overrides = {k: v for k, v in (("lam", lam), ("tau", tau)) if v is not None}
     config = dataclasses.replace(config, **overrides)  # re-validated in __post_init__
     return TAPSRouter(TAPSModel(model, config, head=head), task_names)

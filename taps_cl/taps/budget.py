@@ -1,9 +1,15 @@
-"""A parameter budget per task: ``TAPSConfig.budget`` = the largest share of the base's
-parameters a task's patch may hold.
+"""A budget per task, in one of two units:
 
-Accounting is the patch's own (:attr:`TaskPatch.num_parameters`): the *fixed* part (the task's
-head, norms and one score per gated layer) is counted first, then each kept layer's stored size
-(dense delta or low-rank factors, plus int8 scales; :meth:`GatedWeight.stored_size`).
+- bytes: ``TAPSConfig.size`` (the default, e.g. "compact" = 1 MiB) bounds everything a task
+  stores, its patch *and* its routing statistics, because that is what a store of many tasks
+  pays for. The statistics are computed after training, so their size is reserved up front
+  (:func:`route_reserve`, the compact form's exact size).
+- parameters: ``TAPSConfig.budget``, the largest share of the base's parameters a task's patch
+  may hold, counted as :attr:`TaskPatch.num_parameters` counts. It wins over a size when given.
+
+Either way the *fixed* part (the task's head, norms and one score per gated layer) is counted
+first, then each kept layer's stored size (dense delta or low-rank factors, plus int8 scales;
+:meth:`GatedWeight.stored_size`, :meth:`GatedWeight.stored_nbytes`).
 
 How training meets it (:class:`BudgetController`, driven by :mod:`taps_cl.training.loop`): the
 penalty is off; while the first ``budget_select`` share of the task's steps runs, every layer's
@@ -23,7 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from taps_cl.config import TAPSConfig
+from taps_cl.config import SIZES, TAPSConfig
 from taps_cl.taps.layer import GatedWeight
 from taps_cl.taps.modules import TaskHeads, TaskNorm
 
@@ -46,38 +52,84 @@ class BudgetedModel(Protocol):
     def scores(self, name: str) -> dict[str, float]: ...
 
 
-def _count(tensors: Mapping[str, torch.Tensor]) -> int:
+def _count(tensors: Mapping[str, torch.Tensor], in_bytes: bool) -> int:
+    if in_bytes:
+        return sum(t.numel() * t.element_size() for t in tensors.values())
     return sum(t.numel() for t in tensors.values() if t.is_floating_point())
 
 
+def in_bytes(model: BudgetedModel) -> bool:
+    """Whether the budget is a size in bytes (no share ``budget`` given)."""
+    return model.config.budget is None and model.config.size_bytes is not None
+
+
+def route_reserve(num_classes: int, dim: int) -> int:
+    """Bytes of a task's compact routing statistics (:mod:`taps_cl.routing.stats`): counts
+    int64 [C], float16 means [C, d], a float16 rank-16 scatter basis [16, d], a float32
+    residual diagonal [d], and a few calibration numbers. ``tests/test_sizes.py`` checks it
+    against the statistics as stored."""
+    return 8 * num_classes + 2 * num_classes * dim + 2 * 16 * dim + 4 * dim + 64
+
+
 def fixed_size(model: BudgetedModel, name: str) -> int:
-    """Parameters every patch of task ``name`` holds whatever its gates: head, norms, scores."""
-    size = _count(model.heads.export_task(name)) + model.num_layers
-    return size + sum(_count(norm.export_task(name)) for _, norm in model.norms())
+    """What every patch of task ``name`` holds whatever its gates (head, norms, scores; and
+    routing statistics, with a byte budget), in the budget's unit."""
+    b = in_bytes(model)
+    size = _count(model.heads.export_task(name), b) + model.num_layers * (4 if b else 1)
+    size += sum(_count(norm.export_task(name), b) for _, norm in model.norms())
+    if b:
+        head = model.heads.export_task(name)
+        weight = next(t for k, t in head.items() if t.ndim == 2)
+        size += route_reserve(*weight.shape)
+    return size
+
+
+def layer_size(model: BudgetedModel, layer: GatedWeight) -> int:
+    """What keeping ``layer`` costs a task, in the budget's unit."""
+    return layer.stored_nbytes() if in_bytes(model) else layer.stored_size()
 
 
 def task_size(model: BudgetedModel, name: str) -> int:
-    """Parameters the task's patch holds with its current gates (fixed part first)."""
-    kept = sum(layer.stored_size() for _, layer in model.layers() if layer.is_active(name))
+    """What the task stores with its current gates (fixed part first), in the budget's unit."""
+    kept = sum(layer_size(model, la) for _, la in model.layers() if la.is_active(name))
     return fixed_size(model, name) + kept
 
 
-def budget_limit(model: BudgetedModel) -> int | None:
+def budget_limit(model: BudgetedModel, name: str) -> int | None:
+    """Task ``name``'s budget in its unit (bytes or parameters); None without one (paper
+    mode). A *named* size (e.g. "compact") whose task cannot fit it, because its head, norms
+    and routing statistics alone are larger (a 1,000-class head is 5 MB), gives the task the
+    named size for its deltas on top of them: names are targets, byte counts are limits."""
     budget = model.config.budget
-    return None if budget is None else int(budget * model.base_parameters)
+    if budget is not None:
+        return int(budget * model.base_parameters)
+    limit = model.config.size_bytes
+    if limit is not None and isinstance(model.config.size, str) and model.config.size in SIZES:
+        fixed = fixed_size(model, name)
+        if fixed > limit:
+            return fixed + limit
+    return limit
 
 
 def check_budget(model: BudgetedModel, name: str) -> None:
     """Refuse a budget smaller than the task's fixed part, naming the smallest that works."""
-    limit = budget_limit(model)
+    limit = budget_limit(model, name)
     fixed = fixed_size(model, name)
-    if limit is not None and fixed > limit:
-        least = fixed / model.base_parameters
+    if limit is None or fixed <= limit:
+        return
+    if in_bytes(model):
         raise ValueError(
-            f"budget {model.config.budget} is below what task {name!r} stores whatever its "
-            f"gates (head, norms, scores: {fixed:,} of {model.base_parameters:,} base "
-            f"parameters); the minimum budget is {least:.4f}"
+            f"size {model.config.size!r} ({limit:,} bytes) is below what task {name!r} stores "
+            f"whatever its gates (head, norms, scores, routing statistics: {fixed:,} bytes); "
+            f"give a size of at least {fixed:,} bytes, a named size, or size=None for the "
+            "paper's penalty"
         )
+    least = fixed / model.base_parameters
+    raise ValueError(
+        f"budget {model.config.budget} is below what task {name!r} stores whatever its "
+        f"gates (head, norms, scores: {fixed:,} of {model.base_parameters:,} base "
+        f"parameters); the minimum budget is {least:.4f}"
+    )
 
 
 def knapsack(values: Mapping[str, float], sizes: Mapping[str, int], room: int) -> list[str]:
@@ -113,13 +165,13 @@ def knapsack(values: Mapping[str, float], sizes: Mapping[str, int], room: int) -
 def select_gates(model: BudgetedModel, name: str, importance: Mapping[str, float]) -> list[str]:
     """Keep the open gates of largest total importance that fit the budget (:func:`knapsack`);
     close the others (and those of no positive importance). Returns the kept layer names."""
-    limit = budget_limit(model)
+    limit = budget_limit(model, name)
     if limit is None:
         return [n for n, on in model.gates(name).items() if on]
     room = limit - fixed_size(model, name)
     layers = dict(model.layers())
     open_ = [n for n, layer in layers.items() if layer.is_active(name)]
-    sizes = {n: layers[n].stored_size() for n in open_}
+    sizes = {n: layer_size(model, layers[n]) for n in open_}
     kept = set(knapsack({n: importance.get(n, 0.0) for n in open_}, sizes, room))
     for n in open_:
         if n not in kept:
@@ -132,7 +184,7 @@ def enforce_budget(
 ) -> list[str]:
     """Close the least important open gates (by ``importance``, else by score) until the task
     fits its budget. Returns the layers closed."""
-    limit = budget_limit(model)
+    limit = budget_limit(model, name)
     if limit is None:
         return []
     layers = dict(model.layers())
@@ -144,7 +196,7 @@ def enforce_budget(
     for n in order:
         if size <= limit:
             break
-        size -= layers[n].stored_size()
+        size -= layer_size(model, layers[n])
         layers[n].close(name)
         closed.append(n)
     return closed

@@ -60,7 +60,7 @@ def inject(base: nn.Module, config: TAPSConfig, skip: str) -> tuple[dict[str, st
     leaving the subtree ``skip`` (the head) alone. Returns the gated layers' names -> paths of
     their :class:`GatedWeight` s, and the wrapped norms' paths, both in module order."""
     tau, score_init = config.tau, config.score_init
-    delta = {"kind": kind_for(config), "dtype": config.delta_dtype}
+    delta = {"kind": kind_for(config), "dtype": config.stored_dtype}
     layer_paths: dict[str, str] = {}
     norm_names: list[str] = []
     done = [skip]  # wrapped subtrees: their insides are the wrapper's business

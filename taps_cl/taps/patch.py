@@ -125,8 +125,15 @@ class TaskPatch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all tensors as stored."""
+        """Bytes of all tensors as stored (the patch and its routing statistics, if any)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def route_nbytes(self) -> int:
+        """Of :attr:`nbytes`: the routing statistics (``route.*`` tensors)."""
+        return sum(
+            t.numel() * t.element_size() for k, t in self.tensors.items() if k.startswith("route.")
+        )
 
     # The file format is the store's export format: both read and write it through the
     # method's own file I/O (taps_cl.taps.patchfile), never through storage.

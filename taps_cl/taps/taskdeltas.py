@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from taps_cl.taps.deltas import DeltaKind, Dense, decode_delta, encode_delta, stored_numbers
+from taps_cl.taps.deltas import (
+    DeltaKind,
+    Dense,
+    decode_delta,
+    encode_delta,
+    stored_nbytes,
+    stored_numbers,
+)
 from taps_cl.taps.task import TaskInfo, TaskModule, copy_checked
 
 _DENSE = Dense()
@@ -57,6 +64,11 @@ class TaskDeltas(TaskModule):
         """Numbers a new task stores for this weight if its gate stays on (its kind's stored
         tensors, plus per-row scales for int8)."""
         return stored_numbers(self.new_task_kind.shapes(self.base_weight.shape), self.delta_dtype)
+
+    def stored_nbytes(self) -> int:
+        """Bytes a new task stores for this weight if its gate stays on (the byte budget's
+        unit)."""
+        return stored_nbytes(self.new_task_kind.shapes(self.base_weight.shape), self.delta_dtype)
 
     def add_task(self, info: TaskInfo) -> None:
         super().add_task(info)

@@ -43,7 +43,9 @@ ACCURACY = "accuracy"  # final eval accuracy of the task
 ACTIVE_LAYERS = "active_layers"  # gated layers the task adapts
 NUM_LAYERS = "num_layers"  # gated layers of the model
 TASK_PARAMETERS = "task_parameters"  # task-specific parameters of the stored patch
-TASK_BYTES = "task_bytes"  # bytes of the stored patch
+TASK_BYTES = "task_bytes"  # bytes the version stores: patch + routing statistics
+PATCH_BYTES = "patch_bytes"  # of task_bytes: the patch (deltas, scores, norms, head)
+ROUTE_BYTES = "route_bytes"  # of task_bytes: the routing statistics
 TRAIN_TIME_S = "train_time_s"  # seconds of training
 
 ACC_EXP_RE = re.compile(r"^acc_exp(\d+)$")

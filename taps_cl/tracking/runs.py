@@ -158,8 +158,9 @@ def log_task_run(
     Params: ``config`` (flattened with dots), ``base``, ``data.<split>`` sizes. Metrics: every
     numeric history value per epoch (step = epoch; ``eval_accuracy`` also as ``accuracy``),
     ``metrics`` at the last epoch, ``active_layers``/``num_layers`` from ``gates``, and
-    ``task_parameters``/``task_bytes`` from ``patch_summary["num_parameters"]``/``["nbytes"]``
-    unless ``metrics`` has them. Artifacts: ``gates/<task>.png`` (score per layer with the tau
+    ``task_parameters``/``task_bytes``/``patch_bytes``/``route_bytes`` from ``patch_summary``'s
+    ``num_parameters``/``nbytes``/``patch_bytes``/``route_bytes`` unless ``metrics`` has them
+    (``task_bytes`` = patch + routing statistics, all the version stores). Artifacts: ``gates/<task>.png`` (score per layer with the tau
     line; ``tau`` defaults to the ``tau`` found in ``config``, else 0.1), ``gates/<task>.json``
     and ``patch_summary.json``. ``parent``: the id of a :func:`parent_run`. ``model``: the
     merged ``nn.Module``, logged as the run's MLflow model (``input_shape``: one input's
@@ -213,7 +214,13 @@ def _final_numbers(metrics, gates, scores, patch_summary) -> dict[str, float]:
     numbers, _ = _numbers_and_rest(metrics)
     numbers.setdefault(names.ACTIVE_LAYERS, float(sum(bool(v) for v in gates.values())))
     numbers.setdefault(names.NUM_LAYERS, float(len(scores)))
-    for key, source in ((names.TASK_PARAMETERS, "num_parameters"), (names.TASK_BYTES, "nbytes")):
+    sources = (
+        (names.TASK_PARAMETERS, "num_parameters"),
+        (names.TASK_BYTES, "nbytes"),
+        (names.PATCH_BYTES, "patch_bytes"),
+        (names.ROUTE_BYTES, "route_bytes"),
+    )
+    for key, source in sources:
         if is_number(patch_summary.get(source)):
             numbers.setdefault(key, float(patch_summary[source]))
     return numbers
@@ -282,5 +289,7 @@ def patch_summary(patch: TaskPatch) -> dict[str, Any]:
         "num_layers": patch.num_layers,
         "num_parameters": patch.num_parameters,
         "nbytes": patch.nbytes,
+        "patch_bytes": patch.nbytes - patch.route_nbytes,
+        "route_bytes": patch.route_nbytes,
         "base_fingerprint": patch.base_fingerprint,
     }

@@ -83,7 +83,7 @@ def train_plain(
     runtime = Runtime.of(config)
     model.to(runtime.device)
     stream = TaskStream(train_data, config.batch_size, config.seed, config, runtime)
-    groups = [{"params": trainable, "lr": config.lr, "weight_decay": config.weight_decay}]
+    groups = [{"params": trainable, "lr": config.lr_for(None), "weight_decay": config.weight_decay}]
     opt = make_optimizer(groups, config)
     total = len(stream) * config.epochs
     stepper = Stepper(opt, make_schedule(opt, config, total), config, runtime, what=what)

@@ -211,7 +211,7 @@ def _settle(model: TAPSModel, name: str, fit: FitResult, eval_data: Any, config)
     can change its outputs, the reported accuracy is re-measured on the stored form."""
     closed = model.settle_task(name)
     fit.parameter_share = model.parameter_share(name)
-    if eval_data is not None and (closed or model.config.delta_dtype != "float32"):
+    if eval_data is not None and (closed or model.config.stored_dtype != "float32"):
         fit.accuracy = evaluate(model, name, eval_data, config)["accuracy"]
         if fit.history:
             fit.history[-1]["stored_accuracy"] = fit.accuracy
@@ -241,7 +241,7 @@ def _task_runs(model, tasks, config, runtime, batch_sizes, epoch_length) -> dict
         total = per_epoch * config.epochs
         warmup = int(model.config.warmup_epochs * per_epoch)
         budget = None
-        if model.config.budget is not None:  # the budget, not the penalty, closes gates
+        if model.config.budgeted:  # the budget, not the penalty, closes gates
             budget, warmup = BudgetController(model, name, total), total + 1
         runs[name] = _TaskRun(name, tasks[name], stream, per_epoch, total, warmup, budget)
     return runs

@@ -71,7 +71,7 @@ class Stepper:
         if not torch.isfinite(check):
             raise TrainingDivergedError(
                 f"{self.what}: loss is {float(check)} at step {self.steps}; lower lr (now "
-                f"{self.config.lr}) or check the data; earlier tasks are unchanged."
+                f"{self.config.lr or 'auto'}) or check the data; earlier tasks are unchanged."
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -123,11 +123,11 @@ def task_groups(
     """A task's optimizer groups: deltas and head at ``lr`` with weight decay, norms at ``lr``
     without, scores at ``score_lr`` without."""
     groups = model.param_groups(name)
-    wd = config.weight_decay
+    wd, lr = config.weight_decay, config.lr_for(model.config.rank)
     return [
-        {"params": groups["delta"], "lr": config.lr, "weight_decay": wd},
-        {"params": groups["head"], "lr": config.lr, "weight_decay": wd},
-        {"params": groups["norm"], "lr": config.lr, "weight_decay": 0.0},
+        {"params": groups["delta"], "lr": lr, "weight_decay": wd},
+        {"params": groups["head"], "lr": lr, "weight_decay": wd},
+        {"params": groups["norm"], "lr": lr, "weight_decay": 0.0},
         {"params": groups["score"], "lr": score_lr, "weight_decay": 0.0},
     ]
 

@@ -18,6 +18,7 @@ from taps_cl.taps.deltas.kind import (
     misfit,
     register_delta_kind,
     stored_keys,
+    stored_nbytes,
     stored_numbers,
 )
 from taps_cl.taps.deltas.lowrank import LowRank
@@ -36,5 +37,6 @@ __all__ = [
     "misfit",
     "register_delta_kind",
     "stored_keys",
+    "stored_nbytes",
     "stored_numbers",
 ]

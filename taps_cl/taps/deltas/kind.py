@@ -155,7 +155,7 @@ def register_delta_kind(cls: type[DeltaKind]) -> type[DeltaKind]:
 def kind_for(config: TAPSConfig) -> DeltaKind:
     """The kind ``config`` selects: ``delta_kind`` by name, else low-rank if ``delta_rank``
     is set, else dense (the paper's)."""
-    name = config.delta_kind or ("lowrank" if config.delta_rank is not None else "dense")
+    name = config.delta_kind or ("lowrank" if config.rank is not None else "dense")
     return DELTA_KINDS.get(name).from_config(config)
 
 
@@ -200,6 +200,15 @@ def stored_numbers(shapes: Mapping[str, Shape], dtype: str) -> int:
     """Numbers a delta with stored tensors of ``shapes`` stores (int8: plus a scale per row)."""
     scales = sum(s[0] for s in shapes.values() if s) if dtype == "int8" else 0
     return sum(math.prod(s) for s in shapes.values()) + scales
+
+
+def stored_nbytes(shapes: Mapping[str, Shape], dtype: str) -> int:
+    """Bytes a delta with stored tensors of ``shapes`` stores as ``dtype`` (int8: one byte a
+    value plus a float32 scale per row)."""
+    if dtype == "int8":
+        return sum(math.prod(s) + 4 * (s[0] if s else 0) for s in shapes.values())
+    width = 2 if dtype == "bfloat16" else 4
+    return width * sum(math.prod(s) for s in shapes.values())
 
 
 def encode_delta(parts: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:

@@ -35,9 +35,9 @@ class LowRank(DeltaKind):
 
     @classmethod
     def from_config(cls, config: TAPSConfig) -> LowRank:
-        if config.delta_rank is None:
-            raise ValueError("delta_kind 'lowrank' needs delta_rank (an int >= 1)")
-        return cls(config.delta_rank, config.delta_alpha)
+        if config.rank is None:
+            raise ValueError("delta_kind 'lowrank' needs delta_rank (an int >= 1) or a size")
+        return cls(config.rank, config.delta_alpha)
 
     @property
     def scaling(self) -> float:
