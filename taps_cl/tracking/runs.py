@@ -160,7 +160,8 @@ def log_task_run(
     ``metrics`` at the last epoch, ``active_layers``/``num_layers`` from ``gates``, and
     ``task_parameters``/``task_bytes``/``patch_bytes``/``route_bytes`` from ``patch_summary``'s
     ``num_parameters``/``nbytes``/``patch_bytes``/``route_bytes`` unless ``metrics`` has them
-    (``task_bytes`` = patch + routing statistics, all the version stores). Artifacts: ``gates/<task>.png`` (score per layer with the tau
+    (``task_bytes`` = patch + routing statistics, all the version stores).
+    Artifacts: ``gates/<task>.png`` (score per layer with the tau
     line; ``tau`` defaults to the ``tau`` found in ``config``, else 0.1), ``gates/<task>.json``
     and ``patch_summary.json``. ``parent``: the id of a :func:`parent_run`. ``model``: the
     merged ``nn.Module``, logged as the run's MLflow model (``input_shape``: one input's
