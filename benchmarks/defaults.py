@@ -1,30 +1,24 @@
-"""How the defaults of TrainConfig/TAPSConfig were chosen (issue 13, item 4), and a check of them
-on a task they were not tuned on.
+"""How the defaults of TrainConfig/TAPSConfig were chosen, and a check of them on a task they
+were not tuned on.
 
-A staged coordinate search on the *tuning* tasks (real Lite0, 64 px, 3 epochs, AdamW), one knob
-at a time from the previous defaults, then the winners on the *held-out* task at three batch
-sizes, against the previous defaults and full fine-tuning:
+``--stage sizes`` (the default; issue 20): bytes are an axis. Every candidate of
+``benchmarks/_sizes.py: CANDIDATES`` (the previous dense default with the paper's penalty; the
+size knob at three sizes; compact with the lr of dense runs; the compact representation with the
+paper's penalty, uniform and size-weighted) runs on the *tuning* tasks (real Lite0, 64 px, 3
+epochs, batch 32); stored bytes are all in (patch + routing statistics). The default is the most
+accurate candidate whose mean stored bytes are at most ``--max-bytes`` (1 MiB; ties within
+``--tolerance`` go to fewer bytes). Then, on the *held-out* task, every candidate again with full
+fine-tuning (lr 1e-3 and 3e-3, the better one counts) and PEFT LoRA rank 16 (lr 3e-3); a short
+run (400 digits images, 1 epoch at 32 px: 13 steps) of the chosen default against the previous
+one; and the training time of the chosen default over the previous one.
 
-1. lr in {1e-3, 3e-3} x norm statistics in {"base", "reset"}
-2. lam in {0.25, 0.5, 1.0}
-3. the score-lr rule scaled by {0.5, 1, 2} (the rule itself scales with the step count, so it
-   is not tied to one dataset or batch size)
-4. dense deltas vs delta_rank 8 / 16 (kept only if it wins)
-5. norm statistics again on a long run (10 epochs)
+``--stage knobs`` (issue 13, the previous round): a staged coordinate search on the tuning
+tasks, one knob at a time from the previous defaults (lr, norm statistics, lam, the score-lr
+rule's scale, dense vs low rank, norm statistics on a long run), objective ``mean accuracy -
+exchange * mean share of the base``; then the held-out check at three batch sizes.
 
-A knob's winner maximises ``mean accuracy - exchange * mean share of the base`` over the tuning
-tasks (``--exchange`` 0.05: one accuracy point is worth 20% of the base's parameters, close to
-the rate at which full fine-tuning buys accuracy over the feature extractor on this suite, see
-``docs/benchmarks.md``; a configuration below that rate buys accuracy more dearly than
-fine-tuning does). Without the size term every
-knob that keeps more layers (lower lam, slower scores) would win. Ties within ``--tolerance``
-go to the previous default.
-
-Held-out check: on the held-out task, every value tried for every knob, varied one at a time
-from the chosen defaults, with the same objective; then the chosen defaults at batch sizes 16,
-32 and 64 against full fine-tuning at the same batch size.
-
-    python benchmarks/defaults.py        # writes benchmarks/results/defaults.json
+    python benchmarks/defaults.py                 # sizes: writes benchmarks/results/defaults.json
+    python benchmarks/defaults.py --stage knobs   # the previous round's search
 """
 
 from __future__ import annotations
@@ -38,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
 import taps_cl.training.loop as train_mod
+from benchmarks._sizes import CANDIDATES, Cache, baseline_row, front, means, taps_row
 from benchmarks.harness import RESULTS, parser, print_table, save
 from benchmarks.transfer import _prepared, _taps_row
 from taps_cl.bases import load_base
@@ -77,7 +72,7 @@ def run_taps(base, data, taps: TAPSConfig, train: TrainConfig, score_scale: floa
 
 
 def _setting(s: dict) -> tuple[TAPSConfig, TrainConfig, float]:
-    taps = TAPSConfig(lam=s["lam"], norm_stats=s["norm_stats"], delta_rank=s["rank"])
+    taps = TAPSConfig(size=None, lam=s["lam"], norm_stats=s["norm_stats"], delta_rank=s["rank"])
     train = TrainConfig(epochs=s["epochs"], lr=s["lr"], batch_size=s["batch"],
                         image_size=s["image_size"], seed=0)  # fmt: skip
     return taps, train, s["score_scale"]
@@ -151,21 +146,11 @@ def held_out(search: Search, cur: dict, args: argparse.Namespace) -> tuple[dict,
     return held_knobs, held
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__, out=RESULTS / "defaults.json")
-    p.add_argument("--tune", nargs="+", default=["fashion_mnist", "lfw_faces"])
-    p.add_argument("--held-out", default="digits")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--tolerance", type=float, default=0.005)
-    p.add_argument("--exchange", type=float, default=0.05, help="accuracy per unit share")
-    p.add_argument("--long-epochs", type=int, default=10)
-    p.add_argument("--long-max-train", type=int, default=1000)
-    args = p.parse_args(argv)
-    torch.set_num_threads(2)
-    base = load_base("efficientnet_lite0")
+def knob_search(args: argparse.Namespace, base) -> None:
+    """The previous round's staged coordinate search (``--stage knobs``)."""
     size = args.image_size
     data = {n: _data(base, n, size, None) for n in [*args.tune, args.held_out]}
-    old = {"lr": TrainConfig.lr, "norm_stats": "base", "lam": 0.5, "score_scale": 1.0,
+    old = {"lr": 1e-3, "norm_stats": "base", "lam": 0.5, "score_scale": 1.0,
            "rank": None, "epochs": 3, "batch": 32, "image_size": size}  # fmt: skip
     search = Search(base, data, args.tolerance, args.exchange)
     cur, tuning = old, {}
@@ -189,6 +174,70 @@ def main(argv: list[str] | None = None) -> None:
         "long_run_norm_stats": long_pick["norm_stats"], "held_out_knobs": held_knobs,
         "held_out_best": agree, "held_out_batches": held,
         "rows": search.rows + long_search.rows})  # fmt: skip
+
+
+def size_stage(args: argparse.Namespace, base) -> None:
+    """Bytes as an axis: the candidates on the tuning tasks, the choice, the held-out check,
+    the short run and the time ratio (``--stage sizes``)."""
+    cache, size = Cache(args.cache), args.image_size
+    data = {n: _data(base, n, size, None) for n in [*args.tune, args.held_out]}
+    train = TrainConfig(epochs=3, batch_size=32, image_size=size, seed=0)
+    rows = [taps_row(base, data[n], c, train, cache) for c in CANDIDATES for n in args.tune]
+    tuned = means(rows)
+    fits = {m: s for m, s in tuned.items() if s["bytes"] <= args.max_bytes}
+    best = max(s["accuracy"] for s in fits.values())
+    ties = [m for m, s in fits.items() if s["accuracy"] >= best - args.tolerance]
+    chosen = min(ties, key=lambda m: tuned[m]["bytes"])
+    _print_means(f"tuning tasks {args.tune}", tuned)
+    print(f"chosen: {chosen!r} (most accurate at <= {args.max_bytes / 2**20:.2f} MiB all in)")
+    held = [taps_row(base, data[args.held_out], c, train, cache) for c in CANDIDATES]
+    for lr in (1e-3, 3e-3):
+        ft = TrainConfig.from_dict({**train.to_dict(), "lr": lr})
+        held.append({**baseline_row(base, data[args.held_out], "finetune", ft, cache),
+                     "method": f"finetune@lr{lr:g}"})  # fmt: skip
+    lora = TrainConfig.from_dict({**train.to_dict(), "lr": 3e-3})
+    held.append(baseline_row(base, data[args.held_out], "lora", lora, cache, rank=16))
+    held_means = means(held)
+    _print_means(f"held-out task {args.held_out}", held_means)
+    short_data = _data(base, "digits", 32, 400)
+    short_train = TrainConfig(epochs=1, batch_size=32, image_size=32, seed=0)
+    short = [taps_row(base, short_data, c, short_train, cache) for c in (chosen, "paper")]
+    _print_means("short run (digits, 400 images, 1 epoch, 32 px)", means(short))
+    ratio = tuned[chosen]["seconds"] / tuned["paper"]["seconds"]
+    print(f"training time {chosen!r} / previous default: {ratio:.2f}x")
+    save(args, {
+        "args": vars(args), "stage": "sizes", "candidates": {k: {"taps": v[0], "lr": v[1]}
+        for k, v in CANDIDATES.items()}, "previous": "paper", "chosen": chosen,
+        "tuning": tuned, "tuning_front": front(tuned), "held_out": held_means,
+        "held_out_front": front(held_means), "short_run": means(short),
+        "time_ratio": ratio, "rows": rows + held + short})  # fmt: skip
+
+
+def _print_means(title: str, summary: dict[str, dict]) -> None:
+    print(title)
+    on_front = set(front(summary))
+    print_table(["method", "accuracy", "stored (all in)", "seconds", "front"], [
+        (m, fmt_pct(s["accuracy"]), f"{s['bytes'] / 2**20:.2f} MiB", f"{s['seconds']:.0f}",
+         "*" if m in on_front else "") for m, s in summary.items()
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=RESULTS / "defaults.json")
+    p.add_argument("--stage", choices=("sizes", "knobs"), default="sizes")
+    p.add_argument("--tune", nargs="+", default=["fashion_mnist", "lfw_faces"])
+    p.add_argument("--held-out", default="digits")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument("--max-bytes", type=int, default=2**20, help="sizes: all-in bytes allowed")
+    p.add_argument("--cache", default=None, help="sizes: JSON-lines file of finished rows")
+    p.add_argument("--exchange", type=float, default=0.05, help="knobs: accuracy per share")
+    p.add_argument("--long-epochs", type=int, default=10)
+    p.add_argument("--long-max-train", type=int, default=1000)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    base = load_base("efficientnet_lite0")
+    (size_stage if args.stage == "sizes" else knob_search)(args, base)
 
 
 if __name__ == "__main__":
