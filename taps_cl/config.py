@@ -96,9 +96,13 @@ class _JSONConfig:
 
 @dataclass
 class TAPSConfig(_JSONConfig):
-    """How TAPS gates layers. Defaults follow the authors' code unless noted."""
+    """How TAPS gates layers. ``size`` (default "compact", about 1 MiB a task all in) chooses
+    the representation and a byte budget; ``size="paper"`` is the paper's penalty selection,
+    whose knobs (``lam``, ``penalty``, ``warmup_epochs``) follow the authors' code."""
 
-    lam: float = _doc(0.5, "sparsity penalty weight; larger -> fewer adapted layers (see docs)")
+    lam: float = _doc(
+        0.5, "sparsity penalty weight (paper mode); larger -> fewer adapted layers (see docs)"
+    )
     tau: float = _doc(0.1, "gate threshold: layer i is adapted iff score_i >= tau")
     score_init: float = _doc(0.15, "initial score; > tau, so every layer starts adapted")
     penalty: str = _doc(
@@ -117,10 +121,11 @@ class TAPSConfig(_JSONConfig):
     budget: float | None = _doc(
         None,
         "largest share of the base's parameters a task may store (deltas, norms, head, scores); "
-        "None = lam alone decides. With a budget the gates are chosen once (see budget_select)",
+        "wins over size's bytes. None = size decides (lam in paper mode). With a budget the "
+        "gates are chosen once (see budget_select)",
     )
     budget_select: float = _doc(
-        0.1, "with a budget: share of a task's steps before gates are chosen"
+        0.1, "with a size or budget: share of a task's steps before gates are chosen (>= 8)"
     )
     delta_rank: int | None = _doc(
         None, "None = dense deltas (the paper); N = low-rank B @ A, rank N"
