@@ -1,9 +1,10 @@
 """The paper's Table 1 at small scale on the offline suite: feature extractor, full fine-tuning and
 TAPS on the real ImageNet-pretrained EfficientNet-Lite0, same epochs and optimizer budget.
 
-Per task: accuracy, task-specific parameters, stored bytes; plus the mean.  Writes JSON.
+Per task: accuracy, stored bytes all in (patch + routing statistics), layers, time; plus the
+mean. TAPS twice: in paper mode (the previous default) and with this release's defaults.
 
-    python benchmarks/transfer.py                      # the documented run
+    python benchmarks/transfer.py                      # the documented run (all-in bytes)
     python benchmarks/transfer.py --fast               # a quick smoke run
     python benchmarks/transfer.py --budgets 0.05,0.1,0.2,0.35 --image-size 48
         # budget sweep (issue 13): TAPS per budget (dense fp32, int8, low rank, both), last-k
@@ -37,31 +38,6 @@ from taps_cl.training.loop import fit_task
 CAPS = {"fashion_mnist": (2000, 1000), "digits": (None, None), "lfw_faces": (None, None)}
 
 
-def run_task(base, name: str, args: argparse.Namespace) -> list[dict]:
-    max_train, max_test = CAPS[name]
-    if args.fast:
-        max_train, max_test = 300, 150
-    spec = get_task(name, max_train=max_train, max_test=max_test)
-    train = prepare(spec.train, preprocessing=base.preprocessing, image_size=args.image_size)
-    test = prepare(spec.test, preprocessing=base.preprocessing, image_size=args.image_size)
-    cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, lr=args.lr, seed=0)
-    rows = []
-    for mode in ("linear", "finetune"):
-        res = fit_baseline(base.module, spec.num_classes, train, test, cfg, mode=mode)
-        rows.append(_row(name, mode, res.accuracy, res.task_parameters, res.nbytes, res.seconds))
-    model = TAPSModel(copy.deepcopy(base.module), TAPSConfig(lam=args.lam, penalty=args.penalty))
-    model.add_task(name, spec.num_classes, seed=0)
-    start = time.perf_counter()
-    fit = fit_task(model, name, train, test, cfg, quiet=True)
-    patch = model.finalize_task(name)
-    row = _row(
-        name, "taps", fit.accuracy, patch.num_parameters, patch.nbytes, time.perf_counter() - start
-    )
-    row["layers"] = f"{len(patch.active_layers)}/{patch.num_layers}"
-    rows.append(row)
-    return rows
-
-
 def _prepared(base, name: str, args: argparse.Namespace):
     max_train, max_test = CAPS[name] if not args.fast else (300, 150)
     if args.max_train:
@@ -72,13 +48,14 @@ def _prepared(base, name: str, args: argparse.Namespace):
     return spec, train, test
 
 
-VARIANTS = {  # label -> TAPSConfig fields of a TAPS configuration in the budget sweep
-    "taps": {"delta_rank": None},
-    "taps-int8": {"delta_rank": None, "delta_dtype": "int8"},
-    "taps-r8": {"delta_rank": 8},
-    "taps-r8-int8": {"delta_rank": 8, "delta_dtype": "int8"},
-    "taps-r32-int8": {"delta_rank": 32, "delta_dtype": "int8"},
-    "taps-bf16": {"delta_rank": None, "delta_dtype": "bfloat16"},
+VARIANTS = {  # label -> TAPSConfig fields in the budget sweep (size None: the share budget and
+    # these fields alone decide, as when the sweep was run)
+    "taps": {"size": None, "delta_rank": None},
+    "taps-int8": {"size": None, "delta_rank": None, "delta_dtype": "int8"},
+    "taps-r8": {"size": None, "delta_rank": 8},
+    "taps-r8-int8": {"size": None, "delta_rank": 8, "delta_dtype": "int8"},
+    "taps-r32-int8": {"size": None, "delta_rank": 32, "delta_dtype": "int8"},
+    "taps-bf16": {"size": None, "delta_rank": None, "delta_dtype": "bfloat16"},
 }
 
 
@@ -226,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--lr", type=float, default=None, help="None: the rule (lr_for)")
     p.add_argument("--lam", type=float, default=TAPSConfig.lam)
     p.add_argument("--penalty", default=TAPSConfig.penalty, choices=["uniform", "weighted"])
     p.add_argument("--tasks", nargs="+", default=list(CAPS))
@@ -255,36 +232,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+TABLE_METHODS = ("linear", "finetune", "lora@r16", "taps (paper)", "taps (default)")
+
+
+def table_rows(base, name: str, args: argparse.Namespace, cache) -> list[dict]:
+    """One task of the table: the feature extractor, full fine-tuning (lr 1e-3 and 3e-3, the
+    better one counts), PEFT LoRA rank 16 (lr 3e-3) and TAPS in paper mode (the previous
+    default) and with this release's defaults; bytes all in (patch + routing statistics)."""
+    from benchmarks._sizes import baseline_row, taps_row
+
+    data = _prepared(base, name, args)
+    train = TrainConfig(epochs=args.epochs, batch_size=32, image_size=args.image_size, seed=0)
+    at = {lr: TrainConfig.from_dict({**train.to_dict(), "lr": lr}) for lr in (1e-3, 3e-3)}
+    tuned = [baseline_row(base, data, "finetune", at[lr], cache) for lr in at]
+    rows = [
+        baseline_row(base, data, "linear", train, cache),
+        max(tuned, key=lambda r: r["accuracy"]),
+        baseline_row(base, data, "lora", at[3e-3], cache, rank=16),
+        {**taps_row(base, data, "paper", train, cache), "method": "taps (paper)"},
+        {**taps_row(base, data, "compact", train, cache), "method": "taps (default)"},
+    ]
+    return rows
+
+
 def table_one(base, args: argparse.Namespace) -> None:
-    """The paper's Table 1: feature extractor, fine-tuning and TAPS per task, and the means."""
-    n_base = base.num_parameters
-    rows = [r for name in args.tasks for r in run_task(base, name, args)]
-    means = []
-    for method in ("linear", "finetune", "taps"):
-        sel = [r for r in rows if r["method"] == method]
-        means.append({
-            "task": "MEAN", "method": method,
-            "accuracy": sum(r["accuracy"] for r in sel) / len(sel),
-            "params": sum(r["params"] for r in sel) / len(sel),
-            "bytes": sum(r["bytes"] for r in sel) / len(sel),
-            "seconds": sum(r["seconds"] for r in sel),
-        })  # fmt: skip
-    headers = ["task", "method", "accuracy", "task params", "% of base", "stored", "layers", "time"]
+    """The paper's Table 1 with bytes: per task and the means."""
+    from benchmarks._sizes import Cache
+
+    cache = Cache(args.cache)
+    rows = [r for name in args.tasks for r in table_rows(base, name, args, cache)]
+    means = [
+        {"task": "MEAN", "method": m,
+         **{k: sum(r[k] for r in rows if r["method"] == m) / len(args.tasks)
+            for k in ("accuracy", "bytes", "seconds")}}
+        for m in TABLE_METHODS
+    ]  # fmt: skip
+    headers = ["task", "method", "accuracy", "stored (all in)", "patch", "routing", "layers", "lr",
+               "time"]  # fmt: skip
     print_table(headers, [
-        (r["task"], r["method"], fmt_pct(r["accuracy"]), f"{r['params']:,.0f}",
-         fmt_pct(r["params"] / n_base), fmt_bytes(r["bytes"]), r.get("layers", "-"),
-         f"{r['seconds']:.0f} s")
+        (r["task"], r["method"], fmt_pct(r["accuracy"]), fmt_bytes(r["bytes"]),
+         fmt_bytes(r["patch_bytes"]) if "patch_bytes" in r else "-",
+         fmt_bytes(r["route_bytes"]) if "route_bytes" in r else "-", r.get("layers", "-"),
+         f"{r['lr']:g}" if "lr" in r else "-", f"{r['seconds']:.0f} s")
         for r in rows + means
     ])  # fmt: skip
-    ft, tp, lin = (
-        next(m for m in means if m["method"] == k) for k in ("finetune", "taps", "linear")
-    )
-    print(
-        f"\nTAPS - fine-tune mean accuracy: {100 * (tp['accuracy'] - ft['accuracy']):+.2f} points"
-    )
-    print(f"TAPS - feature extractor: {100 * (tp['accuracy'] - lin['accuracy']):+.2f} points")
-    print(f"TAPS stores {tp['params'] / n_base:.1%} of the base's parameters per task on average")
-    save(args, {"args": vars(args), "rows": rows, "means": means})
+    by = {m["method"]: m for m in means}
+    for label in ("taps (paper)", "taps (default)"):
+        t = by[label]
+        print(
+            f"{label}: {100 * (t['accuracy'] - by['finetune']['accuracy']):+.2f} points vs the "
+            f"better fine-tune, {100 * (t['accuracy'] - by['lora@r16']['accuracy']):+.2f} vs "
+            f"LoRA r16, {t['bytes'] / 2**20:.2f} MiB per task all in"
+        )
+    time_ratio = by["taps (default)"]["seconds"] / by["taps (paper)"]["seconds"]
+    print(f"training time, default / paper: {time_ratio:.2f}x")
+    save(args, {"args": vars(args), "rows": rows, "means": means, "time_ratio": time_ratio})
 
 
 def main(argv: list[str] | None = None) -> None:
