@@ -30,13 +30,12 @@ CANDIDATES: dict[str, tuple[dict[str, Any], float | None]] = {
     "compact": ({}, None),  # size "compact" (1 MiB all in), low-rank int8, lr by rank (3e-3)
     "compact@lr1e-3": ({}, 1e-3),  # the rank-dependent lr, checked
     "compact-penalty": ({"size": None, "delta_rank": 32, "delta_dtype": "int8"}, None),
-    "compact-weighted": (
-        {"size": None, "delta_rank": 32, "delta_dtype": "int8", "penalty": "weighted"},
-        None,
-    ),
     "small": ({"size": "small"}, None),  # 512 KiB
     "large": ({"size": "large"}, None),  # 4 MiB
 }
+
+
+HELD_OUT = ("paper", "compact", "compact-penalty")  # candidates re-run on the held-out task
 
 
 class Cache:
