@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exchange", type=float, default=0.05, help="knobs: accuracy per share")
     p.add_argument("--long-epochs", type=int, default=10)
     p.add_argument("--long-max-train", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     base = load_base("efficientnet_lite0")
     (size_stage if args.stage == "sizes" else knob_search)(args, base)
 

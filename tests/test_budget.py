@@ -18,11 +18,11 @@ from tests.test_store import _child
 from tests.test_taps_core import CASES, _x
 from tests.tiny import tiny_cnn, tiny_images
 
-COMPACT = {
-    "lora": TAPSConfig(delta_rank=2),
-    "int8": TAPSConfig(delta_dtype="int8"),
-    "bf16": TAPSConfig(delta_dtype="bfloat16"),
-    "lora_int8": TAPSConfig(delta_rank=2, delta_dtype="int8", delta_alpha=4.0),
+COMPACT = {  # explicit settings on the paper mode (size=None), as written before the size knob
+    "lora": TAPSConfig(size=None, delta_rank=2),
+    "int8": TAPSConfig(size=None, delta_dtype="int8"),
+    "bf16": TAPSConfig(size=None, delta_dtype="bfloat16"),
+    "lora_int8": TAPSConfig(size=None, delta_rank=2, delta_dtype="int8", delta_alpha=4.0),
 }
 
 

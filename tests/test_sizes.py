@@ -16,6 +16,7 @@ from taps_cl.scenarios import get_task
 from taps_cl.taps.budget import fixed_size, route_reserve, task_size
 from taps_cl.taps.model import TAPSModel
 from taps_cl.training.loop import fit_task
+from tests.test_taps_core import CASES, IDS, _train_steps, _x
 from tests.tiny import tiny_cnn, tiny_images
 
 PAPER = TAPSConfig(size=None)
@@ -149,3 +150,45 @@ def _digits(data) -> TensorDataset:
     xs = torch.stack([data[i][0].float().expand(3, 8, 8) for i in range(len(data))])
     ys = torch.tensor([int(data[i][1]) for i in range(len(data))])
     return TensorDataset(xs / max(float(xs.max()), 1.0), ys)
+
+
+# -- the default on every architecture ------------------------------------------------------------
+
+
+def _perturb_any(model: TAPSModel, name: str, seed: int) -> None:
+    """Random values in whatever the task's deltas are made of (factors for low rank)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in model.layers():
+            for p in layer.trainable_deltas(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for p in model.param_groups(name)["norm"]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
+def test_the_default_forgets_nothing_and_round_trips_bit_for_bit(name, factory, size):
+    """Low-rank int8 deltas under the default size on timm, torchvision, attention and HF
+    models: every committed task gives the same bits after more tasks and after a reload."""
+    model = TAPSModel(factory())
+    x = _x(size)
+    outputs = {}
+    for i, task in enumerate(["t0", "t1"]):
+        model.add_task(task, 2 + i, seed=i)
+        _perturb_any(model, task, seed=10 + i)
+        _train_steps(model, task, x)
+        patch = model.finalize_task(task)
+        stored = {**patch.kind("delta"), **patch.kind("lora_a"), **patch.kind("lora_b")}
+        assert stored and all(t.dtype == torch.int8 for t in stored.values())  # int8 deltas
+        with torch.no_grad():
+            outputs[task] = model(x, task=task)
+        for earlier, expected in outputs.items():
+            with torch.no_grad():
+                assert torch.equal(model(x, task=earlier), expected), earlier
+    fresh = TAPSModel(factory())
+    for task in outputs:
+        fresh.load_patch(model.export_patch(task))
+        with torch.no_grad():
+            assert torch.equal(fresh(x, task=task), outputs[task])
+            merged = model.merged(task)(x)
+            assert (merged - outputs[task]).abs().max() <= 1e-4 * (1 + outputs[task].abs().max())

@@ -20,6 +20,8 @@ from taps_cl.taps.modules import TaskNorm
 from taps_cl.taps.wrap import Transparent
 from tests.tiny import tiny_cnn
 
+PAPER = TAPSConfig(size=None)  # these tests pin down the paper mode's mechanics (dense deltas)
+
 
 class MLP(nn.Module):
     def __init__(self) -> None:
@@ -174,7 +176,7 @@ def test_fresh_wrap_is_identity(name, factory, size):
     # The reference is frozen like the wrapped base: torch's MultiheadAttention takes another
     # kernel (last-bit differences) when its weights require grad, even under no_grad.
     reference = copy.deepcopy(base).requires_grad_(False)
-    model = TAPSModel(base)
+    model = TAPSModel(base, PAPER)
     x = _x(size)
     with torch.no_grad():
         assert torch.equal(model(x), _logits(reference(x)))
@@ -188,7 +190,7 @@ def test_fresh_wrap_is_identity(name, factory, size):
 
 @pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
 def test_merged_matches_gated_and_prunes(name, factory, size):
-    model = TAPSModel(factory())
+    model = TAPSModel(factory(), PAPER)
     model.add_task("a", 3)
     _perturb(model, "a", seed=2, off=2)
     x = _x(size)
@@ -208,7 +210,7 @@ def test_merged_matches_gated_and_prunes(name, factory, size):
 
 @pytest.mark.parametrize("name,factory,size", CASES, ids=IDS)
 def test_zero_forgetting_and_patch_round_trip(name, factory, size):
-    model = TAPSModel(factory())
+    model = TAPSModel(factory(), PAPER)
     x = _x(size)
     outputs = {}
     for i, task in enumerate(["t0", "t1", "t2"]):
@@ -221,7 +223,7 @@ def test_zero_forgetting_and_patch_round_trip(name, factory, size):
         for earlier, expected in outputs.items():  # every earlier task is bit-for-bit unchanged
             with torch.no_grad():
                 assert torch.equal(model(x, task=earlier), expected), earlier
-    fresh = TAPSModel(factory())
+    fresh = TAPSModel(factory(), PAPER)
     for task in outputs:
         fresh.load_patch(model.export_patch(task))
         with torch.no_grad():
@@ -241,7 +243,7 @@ def _train_steps(model: TAPSModel, task: str, x: torch.Tensor, steps: int = 2) -
 
 def test_base_batchnorm_statistics_never_move():
     base = tiny_cnn()
-    model = TAPSModel(base)
+    model = TAPSModel(base, PAPER)
     before = {k: v.clone() for k, v in base.state_dict().items() if "base" in k or "running" in k}
     model.add_task("a", 3)
     model.train()
@@ -254,7 +256,7 @@ def test_base_batchnorm_statistics_never_move():
 
 
 def test_task_names_and_errors():
-    model = TAPSModel(tiny_cnn())
+    model = TAPSModel(tiny_cnn(), PAPER)
     model.add_task("a", 2)
     with pytest.raises(DuplicateTaskError):
         model.add_task("a", 2)
@@ -265,7 +267,7 @@ def test_task_names_and_errors():
             model.add_task(bad, 2)
     with pytest.raises(ValueError, match="num_classes"):
         model.add_task("b", 0)
-    other = TAPSModel(tiny_cnn(seed=1))
+    other = TAPSModel(tiny_cnn(seed=1), PAPER)
     with pytest.raises(BaseMismatchError):
         other.load_patch(model.export_patch("a"))
     assert "a" not in other.tasks
@@ -356,7 +358,7 @@ def _same(a: object, b: object) -> bool:
 
 @pytest.mark.parametrize("name,factory,size", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
 def test_attention_projections_are_gated(name, factory, size):
-    model = TAPSModel(factory())
+    model = TAPSModel(factory(), PAPER)
     attention = [n for n, m in model.base.named_modules() if isinstance(m, TaskAdaptiveAttention)]
     assert attention
     for path in attention:
@@ -385,7 +387,7 @@ def test_attention_projections_are_gated(name, factory, size):
 def test_wrappers_answer_like_the_wrapped_module(name, factory, size):
     base = factory()
     reference = copy.deepcopy(base)
-    model = TAPSModel(base)
+    model = TAPSModel(base, PAPER)
     model.add_task("a", 3)
     _perturb(model, "a", seed=3, off=0)
     wrappers = _wrappers(model)
@@ -410,7 +412,7 @@ def test_wrappers_answer_like_the_wrapped_module(name, factory, size):
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_encoder_fast_path_sees_the_active_task(context, monkeypatch):
-    model = TAPSModel(_seeded(Encoder)())
+    model = TAPSModel(_seeded(Encoder)(), PAPER)
     model.add_task("a", 3)
     _perturb(model, "a", seed=5, off=0)
     x = _x(8)
@@ -436,7 +438,7 @@ def test_encoder_fast_path_sees_the_active_task(context, monkeypatch):
 
 
 def test_patch_names_of_ordinary_models_are_unchanged():
-    model = TAPSModel(tiny_cnn())
+    model = TAPSModel(tiny_cnn(), PAPER)
     model.add_task("a", 3)
     names = set(model.finalize_task("a").tensors)
     norm = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -446,7 +448,7 @@ def test_patch_names_of_ordinary_models_are_unchanged():
 
 
 def test_wrapped_model_pickles_and_deep_copies():
-    model = TAPSModel(_seeded(Encoder)())
+    model = TAPSModel(_seeded(Encoder)(), PAPER)
     model.add_task("a", 3)
     _perturb(model, "a", seed=6)
     model.finalize_task("a")
@@ -461,12 +463,12 @@ def test_wrapped_model_pickles_and_deep_copies():
 
 
 def test_state_dict_round_trip_needs_the_same_tasks_first():
-    model = TAPSModel(tiny_cnn())
+    model = TAPSModel(tiny_cnn(), PAPER)
     for i, task in enumerate(("a", "b")):
         model.add_task(task, 2 + i, seed=i)
         _perturb(model, task, seed=i)
     state, x = model.state_dict(), _x(16)
-    fresh = TAPSModel(tiny_cnn())
+    fresh = TAPSModel(tiny_cnn(), PAPER)
     with pytest.raises(ValueError, match=r"\['a', 'b'\].*add_task"):
         fresh.load_state_dict(state)
     fresh.add_task("a", 2)
@@ -481,7 +483,7 @@ def test_task_patch_save_load_is_the_export_format(tmp_path):
     from taps_cl.storage import read_patch_file
     from taps_cl.taps.patch import TaskPatch
 
-    model = TAPSModel(tiny_cnn())
+    model = TAPSModel(tiny_cnn(), PAPER)
     model.add_task("a", 3, ["x", "y", "z"])
     _perturb(model, "a", seed=3)
     patch = model.finalize_task("a")
@@ -490,7 +492,7 @@ def test_task_patch_save_load_is_the_export_format(tmp_path):
     assert read_patch_file(path)[0].name == "a" and loaded.class_names == ["x", "y", "z"]
     assert loaded.tensors.keys() == patch.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], v) for k, v in patch.tensors.items())
-    fresh = TAPSModel(tiny_cnn())
+    fresh = TAPSModel(tiny_cnn(), PAPER)
     fresh.load_patch(loaded)
     with torch.no_grad():
         assert torch.equal(fresh(_x(16), task="a"), model(_x(16), task="a"))
