@@ -143,7 +143,7 @@ def test_low_rank_task_starts_as_the_base():
 
 
 def test_low_rank_factors_are_what_is_stored_and_counted():
-    model = TAPSModel(tiny_cnn(width=16), TAPSConfig(delta_rank=2))
+    model = TAPSModel(tiny_cnn(width=16), TAPSConfig(size=None, delta_rank=2))
     model.add_task("a", 3)
     _perturb(model, "a", off=0)
     patch = model.finalize_task("a")

@@ -79,7 +79,7 @@ def _engine(path: Path, config: TAPSConfig | None = None) -> Engine:
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_a_kind_registered_in_a_test_goes_end_to_end(rowscale, tmp_path, dtype):
-    config = TAPSConfig(lam=0.0, delta_kind="rowscale", delta_dtype=dtype)  # lam 0: gates stay
+    config = TAPSConfig(size=None, lam=0.0, delta_kind="rowscale", delta_dtype=dtype)  # gates stay
     engine = _engine(tmp_path / "a.db", config)
     x, y = tiny_images(24, 3)
     rec = engine.add_task((x, y), name="t", quiet=True)
@@ -110,7 +110,8 @@ def test_a_kind_registered_in_a_test_goes_end_to_end(rowscale, tmp_path, dtype):
 
 
 def test_a_kind_trains_and_counts_like_the_built_in_ones(rowscale):
-    model = TAPSModel(tiny_cnn(), TAPSConfig(delta_kind="rowscale", delta_dtype="int8"))
+    config = TAPSConfig(size=None, delta_kind="rowscale", delta_dtype="int8")
+    model = TAPSModel(tiny_cnn(), config)
     model.add_task("a", 3)
     conv2 = model.base.get_submodule("conv2")
     assert conv2.factorised and list(conv2.row_scale) == ["a"] and "a" not in conv2.delta
@@ -152,7 +153,8 @@ def test_unknown_or_unregistered_kinds_are_refused():
     with pytest.raises(ValueError, match="unknown delta kind 'rowscale'.*dense"):
         TAPSConfig(delta_kind="rowscale")
     with pytest.raises(ValueError, match="needs delta_rank"):
-        TAPSConfig(delta_kind="lowrank")
+        TAPSConfig(delta_kind="lowrank", size=None)  # with a size, the size gives the rank
+    assert TAPSConfig(delta_kind="lowrank").rank == 32
     with pytest.raises(ValueError, match="must start with one of"):
         TaskPatch("t", 2, {"row_scale.conv1": torch.zeros(2)}, [], 1, "f" * 64)
 
@@ -162,7 +164,8 @@ def test_delta_kind_round_trips_and_old_configs_load():
     assert TAPSConfig.from_json(config.to_json()) == config
     old = {k: v for k, v in TAPSConfig(delta_rank=4).to_dict().items() if k != "delta_kind"}
     assert type(kind_for(TAPSConfig.from_dict(old))).__name__ == "LowRank"  # today's rule
-    assert type(kind_for(TAPSConfig())).__name__ == "Dense"
+    assert type(kind_for(TAPSConfig(size=None))).__name__ == "Dense"  # the paper's
+    assert type(kind_for(TAPSConfig())).__name__ == "LowRank"  # the default size
 
 
 def test_the_cli_option_comes_from_the_dataclass():

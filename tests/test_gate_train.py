@@ -109,7 +109,7 @@ def test_fit_task_learns_and_leaves_base_untouched():
 
 
 def test_strong_penalty_closes_gates_in_a_short_run():
-    model = TAPSModel(tiny_cnn(), TAPSConfig(lam=50.0))
+    model = TAPSModel(tiny_cnn(), TAPSConfig(lam=50.0, size="paper"))
     model.add_task("a", 3)
     result = fit_task(model, "a", _data(), None, TrainConfig(epochs=2, batch_size=16), quiet=True)
     assert len(result.active_layers) < model.num_layers

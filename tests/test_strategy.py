@@ -164,10 +164,10 @@ def test_tasks_up_front_create_all_parameters_before_training(bench):
 
 
 def test_loss_is_cross_entropy_plus_core_penalty_and_score_lr_is_auto(bench):
-    strategy = taps_strategy(train_epochs=2, lam=0.5)
+    strategy = taps_strategy(train_epochs=2, lam=0.5, size="paper")
     strategy.train(bench.train_stream[0])
     steps = 2 * -(-32 // 8)
-    cfg = TAPSConfig(lam=0.5)
+    cfg = TAPSConfig(lam=0.5, size="paper")
     assert strategy.score_lr == pytest.approx(auto_score_lr(cfg, TrainConfig(), steps, 2))
     loss_fn = strategy._criterion
     taps = strategy.taps_model
@@ -176,6 +176,21 @@ def test_loss_is_cross_entropy_plus_core_penalty_and_score_lr_is_auto(bench):
     expected = torch.nn.functional.cross_entropy(out, y) + 0.5 * taps.penalty("task0")
     assert torch.allclose(loss_fn(out, y), expected)
     loss_fn.task = None  # outside training: the plain task loss
+    assert torch.allclose(loss_fn(out, y), torch.nn.functional.cross_entropy(out, y))
+
+
+def test_the_default_size_chooses_gates_once_within_its_bytes(bench):
+    """Budget mode through Avalanche, as the trainer runs it: scores only measure importance
+    (score lr 0, no penalty), the gates are chosen once, and the patch fits the size."""
+    strategy = taps_strategy(train_epochs=2, size=6_000)
+    loss_fn = strategy._criterion
+    strategy.train(bench.train_stream[0])
+    assert strategy.score_lr == 0.0
+    patch = strategy.patches[0]
+    assert patch.nbytes <= 6_000 and patch.config["size"] == 6_000
+    out, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    loss_fn.task, loss_fn.steps = "task0", 100
+    loss_fn.warmup_steps = loss_fn.steps + 1  # as set for a budgeted task: the penalty stays off
     assert torch.allclose(loss_fn(out, y), torch.nn.functional.cross_entropy(out, y))
 
 

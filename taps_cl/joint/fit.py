@@ -51,13 +51,8 @@ def fit_joint(
     world_size = world()[1]
     sizes = task_batch_sizes(names, config, joint, world_size)
     base = base_parameters(model) if train_base else []
-    extra = [
-        {
-            "params": base,
-            "lr": joint.base_lr or config.lr_for(None),
-            "weight_decay": config.weight_decay,
-        }
-    ]
+    base_lr = joint.base_lr or config.lr_for(None)  # the base's weights are dense
+    extra = [{"params": base, "lr": base_lr, "weight_decay": config.weight_decay}]
     for p in base:
         p.requires_grad_(True)
     try:

@@ -130,18 +130,16 @@ class TAPS(SupervisedTemplate):
         """Arguments left at ``None`` come from ``train`` (default ``TrainConfig()``; e.g.
         ``TrainConfig(max_grad_norm=None)`` disables clipping). ``optimizer``: a name or a
         factory ``param_groups -> Optimizer`` called at every experience with that task's
-        groups. ``size``: :attr:`TAPSConfig.size` (bytes a task stores; ``"paper"`` for the
-        paper's penalty selection). ``peval_mode`` and ``**base_kwargs`` go to
-        ``SupervisedTemplate``."""
+        groups. ``size``: :attr:`TAPSConfig.size` (``"paper"``: the penalty selects).
+        ``peval_mode`` and ``**base_kwargs`` go to ``SupervisedTemplate``."""
         router = _as_router(model, config, {"lam": lam, "tau": tau, "size": size}, head, task_names)
         self.mode = _initial_mode(router, mode, route_method, tasks)  # "auto" until decided
-        self.route_method = route_method
-        self.router = router
+        self.route_method, self.router = route_method, router
         self.optimizer_factory = optimizer if callable(optimizer) else None
+        optimizer_name = None if callable(optimizer) else optimizer
         given = dict(epochs=train_epochs, batch_size=train_mb_size, lr=lr, score_lr=score_lr,
                      weight_decay=weight_decay, schedule=schedule, seed=seed,
-                     max_grad_norm=max_grad_norm,
-                     optimizer=None if callable(optimizer) else optimizer)  # fmt: skip
+                     max_grad_norm=max_grad_norm, optimizer=optimizer_name)  # fmt: skip
         self.train_config = _train_config(train, given)
         self._init_tasks(store, tasks)
         super().__init__(
@@ -293,8 +291,9 @@ class TAPS(SupervisedTemplate):
         super()._after_training_exp(**kwargs)
 
     def _finish_task(self, label: int) -> None:
-        self._closed_form_head(self.taps_model.config.head_refit)  # on the trained features
         name = self.router.training_task
+        self.router.taps.settle_task(name)  # the stored form: the head meets its features
+        self._closed_form_head(self.taps_model.config.head_refit)  # on the trained features
         patch = self.router.taps.finalize_task(name)
         if self.router.classinc is not None:  # the patch carries its route statistics
             stats = self.router.classinc.finish(name)

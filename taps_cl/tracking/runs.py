@@ -158,15 +158,12 @@ def log_task_run(
     Params: ``config`` (flattened with dots), ``base``, ``data.<split>`` sizes. Metrics: every
     numeric history value per epoch (step = epoch; ``eval_accuracy`` also as ``accuracy``),
     ``metrics`` at the last epoch, ``active_layers``/``num_layers`` from ``gates``, and
-    ``task_parameters``/``task_bytes``/``patch_bytes``/``route_bytes`` from ``patch_summary``'s
-    ``num_parameters``/``nbytes``/``patch_bytes``/``route_bytes`` unless ``metrics`` has them
-    (``task_bytes`` = patch + routing statistics, all the version stores).
-    Artifacts: ``gates/<task>.png`` (score per layer with the tau
-    line; ``tau`` defaults to the ``tau`` found in ``config``, else 0.1), ``gates/<task>.json``
-    and ``patch_summary.json``. ``parent``: the id of a :func:`parent_run`. ``model``: the
-    merged ``nn.Module``, logged as the run's MLflow model (``input_shape``: one input's
-    ``(C, H, W)``) and registered under ``task`` with ``registry_tags`` (e.g. the store version) on
-    the new registry version.
+    ``task_parameters``, ``task_bytes`` (all stored), ``patch_bytes`` and ``route_bytes`` from
+    ``patch_summary`` unless ``metrics`` has them. Artifacts: ``gates/<task>.png`` (scores, the
+    ``tau`` line: ``tau``, else ``config``'s, else 0.1), ``gates/<task>.json`` and
+    ``patch_summary.json``. ``parent``: the id of a :func:`parent_run`. ``model``: the merged
+    ``nn.Module``, logged as the run's MLflow model (``input_shape``: one input's ``(C, H, W)``)
+    and registered under ``task`` with ``registry_tags`` (e.g. the store version).
     """
     config, gates, scores, sizes, metrics, patch_summary = _checked(
         task, config, gates, scores, dataset_sizes, metrics, patch_summary

@@ -327,7 +327,9 @@ class _Loop:
 
     def refit(self, r: _TaskRun) -> None:
         """Refit task ``r``'s head in closed form on its trained features (eval mode), before
-        its last epoch is measured: a short run ends with a head behind its features."""
+        its last epoch is measured: a short run ends with a head behind its features. The task
+        is settled first (budget, stored dtype), so the head meets the features it will serve."""
+        self.model.settle_task(r.name)
         fit_heads(self.model, {r.name: r.data}, self.config, after_training=True)
 
     def close_epoch(self, r: _TaskRun, result: RunResult, evals: Mapping[str, Any]) -> None:
