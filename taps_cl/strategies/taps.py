@@ -136,10 +136,9 @@ class TAPS(SupervisedTemplate):
         self.mode = _initial_mode(router, mode, route_method, tasks)  # "auto" until decided
         self.route_method, self.router = route_method, router
         self.optimizer_factory = optimizer if callable(optimizer) else None
-        optimizer_name = None if callable(optimizer) else optimizer
         given = dict(epochs=train_epochs, batch_size=train_mb_size, lr=lr, score_lr=score_lr,
                      weight_decay=weight_decay, schedule=schedule, seed=seed,
-                     max_grad_norm=max_grad_norm, optimizer=optimizer_name)  # fmt: skip
+                     max_grad_norm=max_grad_norm, optimizer=_named(optimizer))  # fmt: skip
         self.train_config = _train_config(train, given)
         self._init_tasks(store, tasks)
         super().__init__(
@@ -337,6 +336,11 @@ def _initial_mode(
     if mode == "class":
         router.classinc = ClassIncremental(route_method)
     return mode
+
+
+def _named(optimizer: str | OptimizerFactory | None) -> str | None:
+    """The optimizer's name for ``TrainConfig`` (a factory builds its own, so None)."""
+    return None if callable(optimizer) else optimizer
 
 
 def _as_router(
