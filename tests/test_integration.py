@@ -12,6 +12,7 @@ from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.data import prepare
 from taps_cl.engine import Engine
 from taps_cl.scenarios import get_task
+from taps_cl.taps.budget import route_reserve
 from taps_cl.taps.model import TAPSModel
 from taps_cl.training.baselines import fit_baseline
 from taps_cl.training.loop import fit_task
@@ -46,6 +47,8 @@ def test_taps_beats_the_frozen_feature_extractor(lite0):
     assert fit.accuracy > linear.accuracy + 0.04, (fit.accuracy, linear.accuracy)
     assert 0 < len(patch.active_layers) < patch.num_layers  # gates really closed, some stayed on
     assert patch.num_parameters < 0.5 * lite0.num_parameters
+    # the default size: about 1 MiB a task, routing statistics included
+    assert patch.nbytes + route_reserve(10, 1280) <= 1024**2
 
 
 def test_engine_on_real_base_round_trips_through_the_store(lite0, tmp_path):
