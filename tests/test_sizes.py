@@ -192,3 +192,18 @@ def test_the_default_forgets_nothing_and_round_trips_bit_for_bit(name, factory, 
             assert torch.equal(fresh(x, task=task), outputs[task])
             merged = _logits(model.merged(task)(x))
             assert (merged - outputs[task]).abs().max() <= 1e-4 * (1 + outputs[task].abs().max())
+
+
+def test_joint_runs_keep_every_task_within_its_size(tmp_path):
+    """The knob reaches joint mode: each task of one joint run stores at most the size, routing
+    statistics included, and the engine reports the split."""
+    from tests.test_engine import tiny_engine
+
+    engine = tiny_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
+    data = {f"t{i}": tiny_images(32, 2 + i, seed=i) for i in range(2)}
+    records = engine.add_tasks(data, joint=True, config=TAPSConfig(size=12_000), quiet=True)
+    for record in records:
+        assert 0 < record.route_bytes < record.nbytes <= 12_000
+        assert record.patch_bytes == record.nbytes - record.route_bytes
+        (stored,) = engine.store.versions(record.name)
+        assert (stored.nbytes, stored.route_bytes) == (record.nbytes, record.route_bytes)
