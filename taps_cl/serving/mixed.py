@@ -129,7 +129,8 @@ class MixedForwards:
             part = torch.cat([
                 mixed(c.to(self.device), i.to(self.device)).float().cpu()
                 for c, i in zip(xs.split(_CHUNK), idx.split(_CHUNK), strict=True)
-            ])  # fmt: skip
+            ])[:, :width]  # fmt: skip
+            # (the mixed model may hold a wider task than these rows use: -inf columns)
             if sel is None:
                 out[:, : part.shape[1]] = part
             else:
@@ -178,12 +179,13 @@ class MixedForwards:
                 if key in self._slots:
                     self._slots.move_to_end(key)
             current = self._mixed
-            if current is not None and all(k in current[0] for k in keys):
+            fits = len(self._slots) <= self._limit()  # (the limit may have been lowered)
+            if fits and current is not None and all(k in current[0] for k in keys):
                 return current
-            for key in keys:
-                if key not in self._slots:
-                    self._make_room(keys)
-                    self._load(key)
+            missing = [k for k in keys if k not in self._slots]
+            self._make_room(keys, len(missing))
+            for key in missing:
+                self._load(key)
             held = list(self._slots)
             model = MixedTaskModel(self._get_holder(), [self._slots[k] for k in held])
             self._mixed = ({k: i for i, k in enumerate(held)}, model)
@@ -194,8 +196,9 @@ class MixedForwards:
             self._holder = self._new_model().to(self.device).eval()
         return self._holder
 
-    def _make_room(self, keep: Sequence[Key]) -> None:
-        while len(self._slots) >= self._limit():
+    def _make_room(self, keep: Sequence[Key], extra: int) -> None:
+        """Drop least recently used versions not in ``keep`` until ``extra`` more fit."""
+        while len(self._slots) + extra > self._limit():
             victim = next((k for k in self._slots if k not in keep), None)
             if victim is None:
                 return  # every held version is needed now (a chunk is at most the limit)
