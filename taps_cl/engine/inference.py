@@ -90,8 +90,8 @@ class Inference:
         Candidates are the routable current versions of this base's tasks (``tasks=`` restricts
         them). Cost: one base forward per distinct trained input size, the discriminant, then
         one mixed-task forward running each input through its chosen task (``"lda"``,
-        ``"ncm"``; equal to each task's merged module to float rounding, same argmax). ``method``: ``"lda"``
-        (default: pooled-covariance discriminant on base features; see
+        ``"ncm"``; equal to each task's merged module to float rounding, same argmax).
+        ``method``: ``"lda"`` (default: pooled-covariance discriminant on base features; see
         ``benchmarks/routing.py`` and the docs for how the methods compare), ``"ncm"``
         (cosine to class means), ``"combined"`` (LDA shortlists 2 tasks, their patches'
         calibrated energy decides) or ``"energy"`` (every patch on every input; for comparison).
