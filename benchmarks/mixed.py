@@ -158,6 +158,14 @@ def main(argv: list[str] | None = None) -> None:
                   "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "agreement": agree,
         "cost": timing,
+        "routed": {k: {"grouped_x": c["routed_grouped_x"], "mixed_x": c["routed_mixed_x"]}
+                   for k, c in timing.items()},
+        "targets": {
+            "routed_mixed_5_tasks_x": timing["5"]["routed_mixed_x"],  # target <= 2.0
+            "routed_mixed_growth_2_to_32": timing["32"]["routed_mixed_x"]
+            / timing["2"]["routed_mixed_x"],  # target <= 1.1
+            "resume_from_stage": "not implemented (see docs/benchmarks.md)",
+        },
     }  # fmt: skip
     print_table(
         ["tasks", "mixed / single", "grouped / single", "routed: mixed", "routed: grouped"],

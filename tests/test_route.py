@@ -50,7 +50,8 @@ class ForwardSpy:
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str | None, int]] = []
-        logits, features = TaskServer.logits, TaskServer.features
+        self.mixed: list[tuple[list, list[int]]] = []  # (versions, each row's slot)
+        logits, features, mixed = TaskServer.logits, TaskServer.features, TaskServer.mixed_logits
 
         def spy_logits(server, entry, x):
             self.calls.append((entry.name, x.shape[0]))
@@ -60,7 +61,12 @@ class ForwardSpy:
             self.calls.append((None, x.shape[0]))
             return features(server, x)
 
+        def spy_mixed(server, keys, x, rows):
+            self.mixed.append((list(keys), rows.tolist()))
+            return mixed(server, keys, x, rows)
+
         monkeypatch.setattr(TaskServer, "logits", spy_logits)
+        monkeypatch.setattr(TaskServer, "mixed_logits", spy_mixed)
         monkeypatch.setattr(TaskServer, "features", spy_features)
 
 
@@ -89,9 +95,11 @@ def test_each_chosen_patch_runs_once_on_its_group(engine, monkeypatch, method):
     assert spy.calls.count((None, 11)) == 1  # one base forward for the features
     per_task = [task for task, _ in spy.calls if task is not None]
     assert sorted(per_task) == sorted(set(per_task))  # each patch at most once
-    if method == "lda":
-        groups = {t: routed.tasks.count(t) for t in set(routed.tasks)}
-        assert sorted(c for c in spy.calls if c[0]) == sorted(groups.items())
+    if method == "lda":  # no merged forward per group: ONE mixed forward over every row
+        assert per_task == [] and len(spy.mixed) == 1
+        keys, slots = spy.mixed[0]
+        assert [keys[s][0] for s in slots] == routed.tasks
+        assert sorted(keys) == sorted((t, 1) for t in set(routed.tasks))
 
 
 def test_tasks_restriction_unknown_and_bad_input(engine):

@@ -8,6 +8,7 @@ fingerprint and preprocessing, store, device); nothing here reaches the store di
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,20 @@ class Inference:
         return self.server.served(name, version).class_names
 
     def predict(
-        self, name: str, inputs: Any, logits: bool = False, version: int | None = None
+        self,
+        name: str | Sequence[str],
+        inputs: Any,
+        logits: bool = False,
+        version: int | None = None,
     ) -> torch.Tensor:
         """Class indices (or logits with ``logits=True``) for raw ``inputs``. Safe to call
-        from any number of threads (each task version is served by its own merged module)."""
+        from any number of threads (each task version is served by its own merged module).
+
+        ``name`` may also be a sequence of task names, one per input (current versions, no
+        ``version=``): then every row runs through its task in ONE mixed-task forward (the
+        base once, each task's delta, norms and head on its rows), and logits are padded with
+        ``-inf`` to the widest head. It agrees with each task's own ``predict`` to float
+        rounding (same argmax); the single-name path stays the bit-for-bit one."""
         validate_version(version)
         out = self.server.predict(name, inputs, version)
         return out if logits else out.argmax(1)
@@ -78,8 +89,9 @@ class Inference:
 
         Candidates are the routable current versions of this base's tasks (``tasks=`` restricts
         them). Cost: one base forward per distinct trained input size, the discriminant, then
-        each chosen task's patch once on the inputs routed to it. ``method``: ``"lda"``
-        (default: pooled-covariance discriminant on base features; see
+        one mixed-task forward running each input through its chosen task (``"lda"``,
+        ``"ncm"``; equal to each task's merged module to float rounding, same argmax).
+        ``method``: ``"lda"`` (default: pooled-covariance discriminant on base features; see
         ``benchmarks/routing.py`` and the docs for how the methods compare), ``"ncm"``
         (cosine to class means), ``"combined"`` (LDA shortlists 2 tasks, their patches'
         calibrated energy decides) or ``"energy"`` (every patch on every input; for comparison).

@@ -1,10 +1,11 @@
 """One answer per row of a checked request: routed rows through the server's task-free routing,
-rows that name their task through that task's merged module.
+rows that name their task through it, in one mixed-task forward.
 
 Rows without a task go to :meth:`TaskServer.route` together (exactly what ``Engine.route``
-gives for those images); rows that name one run, grouped per task, once through its served
-module (what ``Engine.predict`` gives). Every named task is looked up before any forward, so
-an unknown name costs no compute.
+gives for those images); rows that name one run together in ONE mixed-task forward, each
+through its task (what ``Engine.predict`` with a task per row gives; the same as each task's
+own ``predict`` to float rounding), so a request naming many tasks costs about one forward.
+Every named task is looked up before any forward, so an unknown name costs no compute.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from taps_cl.data import preprocess
 from taps_cl.serving.requests import DecodedRows
 from taps_cl.serving.server import TaskServer
 
@@ -45,14 +45,14 @@ def answer_rows(
 ) -> list[Answer]:
     """Answers for ``rows`` in order. ``versions`` renames served versions for the caller (a
     snapshot serves each task as its own version 1 and reports the version it was taken from)."""
-    named: dict[str, list[int]] = {}
-    free: list[int] = []
-    for i, task in enumerate(rows.tasks):
-        (named.setdefault(task, []) if task is not None else free).append(i)
-    current = {name: server.current_version(name) for name in named}  # unknown names: now
+    named = [i for i, task in enumerate(rows.tasks) if task is not None]
+    free = [i for i, task in enumerate(rows.tasks) if task is None]
+    current = {rows.tasks[i]: 0 for i in named}
+    current = {name: server.current_version(name) for name in current}  # unknown names: now
     out: list[Answer | None] = [None] * len(rows)
-    for name, idx in named.items():
-        for i, answer in zip(idx, _named(server, name, current[name], rows, idx), strict=True):
+    if named:
+        keys = [(rows.tasks[i], current[rows.tasks[i]]) for i in named]
+        for i, answer in zip(named, _named(server, keys, rows, named), strict=True):
             out[i] = answer
     if free:
         routed = server.route([rows.images[i] for i in free], None, method)
@@ -74,14 +74,14 @@ def answer_rows(
 
 
 def _named(
-    server: TaskServer, name: str, version: int, rows: DecodedRows, idx: list[int]
+    server: TaskServer, keys: list[tuple[str, int]], rows: DecodedRows, idx: list[int]
 ) -> list[Answer]:
-    entry = server.served(name, version)
-    x = preprocess([rows.images[i] for i in idx], entry.preprocessing, entry.image_size)
-    prob = torch.softmax(server.logits(entry, x).to(torch.float64), 1)
+    logits = server.mixed.predict(keys, [rows.images[i] for i in idx])  # -inf padded
+    prob = torch.softmax(logits.to(torch.float64), 1)
     conf, labels = prob.max(1)
-    names = entry.class_names
-    return [
-        Answer(name, k, names[k] if names else None, float(c), version)
-        for k, c in zip(labels.tolist(), conf.tolist(), strict=True)
-    ]
+    info = server.mixed.info(list(dict.fromkeys(keys)))
+    out = []
+    for key, k, c in zip(keys, labels.tolist(), conf.tolist(), strict=True):
+        names = info[key].class_names
+        out.append(Answer(key[0], k, names[k] if names else None, float(c), key[1]))
+    return out

@@ -3,9 +3,10 @@
 The server-side of :mod:`taps_cl.routing`, owned by a :class:`~taps_cl.serving.TaskServer`
 (``server.route(...)``). Per call: the task list (cached by the server for ``version_ttl``
 seconds); inputs preprocessed once per distinct trained input size; one forward of the plain
-base feature extractor per size; the router's scores; then each chosen (or, for
-``"combined"``, shortlisted) task's merged module runs ONCE on its inputs. The router (and
-its cached inverse covariance) is built once per set of routable task versions and reused.
+base feature extractor per size; the router's scores; then ONE mixed-task forward runs every
+input through its chosen task (:mod:`taps_cl.serving.mixed`), or, for ``"combined"`` and
+``"energy"``, each shortlisted task's merged module runs once on its shortlisted inputs. The
+router (and its cached inverse covariance) is built once per set of routable task versions.
 
 Statistics are taken at training time (:func:`taps_cl.training.route_stats.route_stats`) from the
 task's training data and stored with the version; routing reads them back from the store.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,6 +63,10 @@ class RoutingHost(Protocol):
     def features(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def task_logits(self, name: str, version: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def mixed_logits(
+        self, keys: Sequence[tuple[str, int]], x: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -160,26 +165,46 @@ class TaskRouting:
             logits[name] = host.task_logits(name, cand.versions[name], view)
             return logits[name]
 
-        result = cand.router.route(views, method, patched if method in PATCHED_METHODS else None)
-        return self._finish(result, cand, patched, logits, method)
+        if method in PATCHED_METHODS:
+            result = cand.router.route(views, method, patched)
+            return self._finish(result, cand, self._shortlisted(result, logits))
+        result = cand.router.route(views, method, None)
+        return self._finish(result, cand, self._mixed(result, cand, x))
 
-    def _finish(
-        self,
-        result: RouteResult,
-        cand: _Candidates,
-        patched: Callable[[str, torch.Tensor], torch.Tensor],
-        logits: dict[str, torch.Tensor],
-        method: str,
-    ) -> Routed:
+    def _shortlisted(self, result: RouteResult, logits: dict[str, torch.Tensor]) -> dict:
+        """Each chosen task's logits on its rows: the patch already ran on every input it
+        shortlisted ("combined"/"energy": a merged forward per shortlisted task)."""
+        out = {}
+        for name, idx in result.groups().items():
+            out[name] = (idx, logits[name][_positions(self._shortlist(result, name), idx)])
+        return out
+
+    def _mixed(self, result: RouteResult, cand: _Candidates, x: dict) -> dict:
+        """The chosen tasks on their rows in ONE mixed-task forward per distinct view (the base
+        once, each task's delta, norms and head on its rows), not a merged forward per task."""
+        groups = result.groups()
+        by_view: dict[tuple, list[str]] = {}
+        for name in sorted(groups):
+            by_view.setdefault(_key(cand.preps[name]), []).append(name)
+        out = {}
+        for view, names in by_view.items():
+            slot = {name: i for i, name in enumerate(names)}
+            rows = torch.cat([groups[name] for name in names]).sort().values  # batch order
+            slots = torch.tensor([slot[result.task_names[i]] for i in rows.tolist()])
+            xs = x[view] if rows.numel() == x[view].shape[0] else x[view][rows]
+            logits = self.host.mixed_logits([(n, cand.versions[n]) for n in names], xs, slots)
+            for name, i in slot.items():
+                mine = slots == i
+                out[name] = (rows[mine], logits[mine])
+        return out
+
+    def _finish(self, result: RouteResult, cand: _Candidates, chosen: dict) -> Routed:
+        """Labels and confidences from each chosen task's logits on its rows (``chosen``: task
+        -> (rows, logits; a mixed forward's are padded with ``-inf``, which softmax zeroes))."""
         n = result.task_index.shape[0]
         labels = torch.empty(n, dtype=torch.int64)
         prob = torch.empty(n, dtype=torch.float64)
-        for name, idx in result.groups().items():
-            if method not in PATCHED_METHODS:
-                out = patched(name, idx)  # the chosen patch, once, on its group
-            else:  # the patch already ran on every input it shortlisted (which hold idx)
-                pos = _positions(self._shortlist(result, name), idx)
-                out = logits[name][pos]
+        for idx, out in chosen.values():
             p = torch.softmax(out.to(torch.float64), 1)
             labels[idx] = p.argmax(1)
             prob[idx] = p.max(1).values

@@ -12,6 +12,11 @@ of threads may call ``predict``/``route`` at once. Loads are serialised by one l
 double-checked cache (concurrent first loads of a task load it once; a load that raises leaves
 the cache as it was). Loaded versions are kept in an LRU of ``max_loaded`` entries.
 
+Routing (``"lda"``/``"ncm"``) and ``predict`` with a task per input do not use the merged
+modules: their rows run in one mixed-task forward (:class:`~taps_cl.serving.mixed.MixedForwards`,
+its own LRU of at most ``max_loaded`` versions, same locking rule), agreeing with the merged
+modules to float rounding (``tests/test_mixed.py`` states the tolerance).
+
 Staleness rule: committed versions are immutable, so a loaded ``(task, version)`` never goes
 stale. Which version is *current* is cached per server for ``version_ttl`` seconds: a version
 committed (or a task deleted) by another process becomes the default within ``version_ttl``
@@ -27,7 +32,7 @@ import copy
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +44,7 @@ from taps_cl.config import TrainConfig
 from taps_cl.data import prepare, preprocess
 from taps_cl.errors import BaseMismatchError, UnknownTaskError
 from taps_cl.routing import base_feature_extractor
+from taps_cl.serving.mixed import MixedForwards
 from taps_cl.serving.route import Routed, TaskRouting
 from taps_cl.storage import StoredTask, TaskStoreAPI
 from taps_cl.taps.merge import merge_patch
@@ -98,6 +104,15 @@ class TaskServer:
         self._lock = threading.Lock()  # guards _served and _records (short, no I/O)
         self._load_lock = threading.RLock()  # serialises loads and every use of the loader
         self.routing = TaskRouting(self)  # task-free routing over the same tasks
+        # Rows of many versions in one forward (routing, per-row predict): a holder of its own,
+        # at most max_loaded versions (see taps_cl.serving.mixed).
+        self.mixed = MixedForwards(
+            new_model=new_model,
+            load_patch=self.load_patch,
+            base_preprocessing=preprocessing,
+            device=device,
+            max_loaded=lambda: self.max_loaded,
+        )
 
     @property
     def model(self) -> TAPSModel:
@@ -122,6 +137,7 @@ class TaskServer:
             for key in [k for k in self._served if k[0] == name]:
                 del self._served[key]
             self._records = None
+        self.mixed.forget(name)
 
     def task_records(self, *, fresh: bool = False) -> dict[str, StoredTask]:
         """Name -> store record of this base's tasks, at most ``version_ttl`` seconds old."""
@@ -210,6 +226,13 @@ class TaskServer:
         """Logits of task ``name`` at ``version`` for preprocessed ``x`` (CPU, float32)."""
         return self.logits(self.served(name, version), x)
 
+    def mixed_logits(
+        self, keys: Sequence[tuple[str, int]], x: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Row ``i`` of preprocessed ``x`` through version ``keys[rows[i]]``, all rows in one
+        mixed forward: logits padded with ``-inf`` to the widest head (CPU, float32)."""
+        return self.mixed.logits(keys, x, rows)
+
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Base features (the classifier's input, no task) of preprocessed ``x``."""
@@ -224,10 +247,20 @@ class TaskServer:
         outs = [module(c.to(device)).float().cpu() for c in x.split(_CHUNK)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def predict(self, name: str, inputs: Any, version: int | None = None) -> torch.Tensor:
-        """Logits of task ``name`` for raw ``inputs`` (CPU, float32)."""
-        entry = self.served(name, version)
-        return self.logits(entry, preprocess(inputs, entry.preprocessing, entry.image_size))
+    def predict(
+        self, name: str | Sequence[str], inputs: Any, version: int | None = None
+    ) -> torch.Tensor:
+        """Logits of task ``name`` for raw ``inputs`` (CPU, float32). ``name`` may also name
+        a task per input (current versions): then one mixed forward, logits padded with
+        ``-inf`` to the widest head."""
+        if isinstance(name, str):
+            entry = self.served(name, version)
+            return self.logits(entry, preprocess(inputs, entry.preprocessing, entry.image_size))
+        names = row_names(name)
+        if version is not None:
+            raise ValueError("version= applies to one task; a task per row uses current versions")
+        current = {n: self.current_version(n) for n in dict.fromkeys(names)}  # unknown: now
+        return self.mixed.predict([(n, current[n]) for n in names], inputs)
 
     def evaluate(self, name: str, dataset: Any, version: int | None = None) -> dict[str, float]:
         entry = self.served(name, version)
@@ -250,6 +283,22 @@ class TaskServer:
         """Task-free prediction over this server's routable tasks (see
         :class:`~taps_cl.serving.route.TaskRouting`)."""
         return self.routing.route(inputs, tasks, method)
+
+
+def row_names(names: object) -> list[str]:
+    """``names`` as a non-empty list of task names (one per input), or a clear error."""
+    if not isinstance(names, Sequence) or isinstance(names, (str, bytes)):
+        raise TypeError(
+            f"name must be a task name or a sequence of them (one per input), got "
+            f"{type(names).__name__}"
+        )
+    names = list(names)
+    if not names:
+        raise ValueError("a task per input needs at least one input (got no task names)")
+    bad = sorted({type(n).__name__ for n in names if not isinstance(n, str)})
+    if bad:
+        raise TypeError(f"task names per input must be str, got {bad}")
+    return names
 
 
 class _AnyTask(nn.Module):

@@ -8,6 +8,10 @@ statistics of :mod:`taps_cl.routing` are accumulated on its training data; after
 :class:`~taps_cl.routing.TaskRouter` over every trained task decides, per input, which
 patch answers. The model's output is then logits over the global class space: the routed task's
 logits at its global ids, ``PAD_LOGIT`` everywhere else, which is what Avalanche's metrics expect.
+With ``"lda"``/``"ncm"`` every row runs through its routed task in ONE mixed-task forward
+(:class:`~taps_cl.taps.mixed.MixedTaskModel`: the base once, each task's delta, norms and head on
+its rows; equal to each task's own forward to float rounding); ``"energy"``/``"combined"`` reuse
+the logits of the patches they shortlisted.
 
 What is accumulated, and when (last training epoch of the experience, one extra no-gradient
 forward per minibatch):
@@ -37,6 +41,7 @@ from taps_cl.routing import (
     base_features,
 )
 from taps_cl.strategies.experiences import PAD_LOGIT
+from taps_cl.taps.mixed import MixedTaskModel
 from taps_cl.taps.model import TAPSModel
 
 MODES = ("auto", "task", "class")
@@ -54,6 +59,7 @@ class ClassIncremental:
         self._stats: RouteStatsAccumulator | None = None
         self._calib: CalibrationAccumulator | None = None
         self.last_route: RouteResult | None = None  # routing of the latest routed forward
+        self._mixed: tuple[tuple, MixedTaskModel] | None = None  # (tasks, device), model
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -140,6 +146,9 @@ class ClassIncremental:
         cache: dict[str, torch.Tensor] = {}
         result = self.route(taps, x, cache)
         self.last_route = result
+        mixed = None if cache else self._mixed_model(taps, x.device)
+        if mixed is not None:  # every row through its routed task in ONE forward
+            return self._spread(result, mixed(x, result.task_names))
         out: torch.Tensor | None = None
         for name, idx in result.groups().items():
             idx = idx.to(x.device)
@@ -147,6 +156,24 @@ class ClassIncremental:
             if out is None:
                 out = logits.new_full((x.shape[0], self.width), PAD_LOGIT)
             out[idx[:, None], self.classes[name].to(x.device)[None, :]] = logits.to(out.dtype)
+        return out
+
+    def _mixed_model(self, taps: TAPSModel, device: torch.device) -> MixedTaskModel | None:
+        """The mixed-task model over the routed (frozen) tasks, kept while they and the
+        device stay the same; None if a task is still training (each task then runs alone)."""
+        key = (tuple(self.router.tasks), str(device))
+        if self._mixed is None or self._mixed[0] != key:
+            if not all(taps.is_frozen(t) for t in key[0]):
+                return None
+            self._mixed = (key, MixedTaskModel(taps, key[0]))
+        return self._mixed[1]
+
+    def _spread(self, result: RouteResult, logits: torch.Tensor) -> torch.Tensor:
+        """Padded mixed logits (row i: its routed task's classes first) at global class ids."""
+        out = logits.new_full((logits.shape[0], self.width), PAD_LOGIT)
+        for name, idx in result.groups().items():
+            idx, ids = idx.to(out.device), self.classes[name].to(out.device)
+            out[idx[:, None], ids[None, :]] = logits[idx][:, : len(ids)]
         return out
 
 

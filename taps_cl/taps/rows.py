@@ -30,10 +30,10 @@ from collections.abc import Hashable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from taps_cl.taps.rowplan import current_plan, put, take
+from taps_cl.taps.swap import call_with
 
 # Layers whose forward is linear in the weight (it pads, strides, groups, never transforms the
 # weight), by the class that defines the forward they run. Extend: register_linear_in_weight.
@@ -102,23 +102,24 @@ class RowLayer(_Rows):
         plan.check(x, f"{type(self.base).__name__} input")
         groups = plan.by(self._keys)
         if len(groups) == 1 and groups[0][0] is not None:  # one adapting task has every row
-            return functional_call(
-                self.base, {self.attr: self._weight(groups[0][0])}, (x, *args), kwargs
-            )
+            return call_with(self.base, {self.attr: self._weight(groups[0][0])}, (x, *args), kwargs)
         if not self.linear:
             out = None
             for slot, rows in groups:
                 swap = {} if slot is None else {self.attr: self._deltas[slot]}
-                part = functional_call(self.base, swap, (take(x, rows), *args), kwargs)
+                part = call_with(self.base, swap, (take(x, rows), *args), kwargs)
                 out = put(out, rows, part, plan.n)
             return out
         y = self.base(x, *args, **kwargs)
+        delta = None  # the tasks' delta products, each on its rows (zero elsewhere)
         for slot, rows in groups:
             if slot is not None:
                 kind, parts = self._deltas[slot]
                 part = kind.apply_rows(self.base, take(x, rows), parts, self.attr)
-                y = y.add_(part) if rows is None else y.index_add_(0, rows, part)
-        return y
+                if delta is None:
+                    delta = part.new_zeros((plan.n, *part.shape[1:]))
+                delta.index_copy_(0, rows, part)  # (a CPU index_add_ is many times slower)
+        return y if delta is None else y.add_(delta)
 
     def _weight(self, slot: int) -> torch.Tensor:
         """The task's ``W + dW``: the very sum its merged module holds (dense: same bits)."""
@@ -155,10 +156,10 @@ class RowNorm(_Rows):
         if self.mode == "fold":
             n, c = x.shape[:2]
             swap = {k: v.index_select(0, plan.index).reshape(-1) for k, v in self._stack.items()}
-            out = functional_call(self.base, swap, (x.reshape(1, n * c, *x.shape[2:]), *args))
+            out = call_with(self.base, swap, (x.reshape(1, n * c, *x.shape[2:]), *args))
             return out.reshape(x.shape)
         if self.mode == "affine":
-            out = functional_call(self.base, {"weight": None, "bias": None}, (x, *args), kwargs)
+            out = call_with(self.base, {"weight": None, "bias": None}, (x, *args), kwargs)
             return self._affine(out, plan.index)
         out = None
         for key, rows in groups:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from taps_cl.registry import DELTA_KINDS
 from taps_cl.taps.quant import decode, encode
+from taps_cl.taps.swap import call_with
 
 if TYPE_CHECKING:
     from taps_cl.config import TAPSConfig
@@ -128,7 +128,7 @@ def delta_op(
     swap: dict[str, torch.Tensor | None] = {attr: weight}
     if isinstance(getattr(layer, "bias", None), torch.Tensor):
         swap["bias"] = None
-    return functional_call(layer, swap, (x,))
+    return call_with(layer, swap, (x,))  # thread safe: serving threads share layer
 
 
 def register_delta_kind(cls: type[DeltaKind]) -> type[DeltaKind]:
