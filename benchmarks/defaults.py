@@ -6,8 +6,10 @@ were not tuned on.
 size knob at three sizes; compact with the lr of dense runs; the compact representation with the
 paper's penalty) runs on the *tuning* tasks (real Lite0, 64 px, 3
 epochs, batch 32); stored bytes are all in (patch + routing statistics). The default is the most
-accurate candidate whose mean stored bytes are at most ``--max-bytes`` (1 MiB; ties within
-``--tolerance`` go to fewer bytes). Then, on the *held-out* task, the chosen one, the previous
+accurate candidate (mean over the tuning tasks) among those a size bounds by construction and
+whose every task stayed within ``--max-bytes`` (1 MiB); ties within ``--tolerance`` go to fewer
+bytes. The penalty's selection is reported but not eligible: its bytes follow the task (this
+eligibility rule was written after a first look at the tuning rows, see docs/benchmarks.md). Then, on the *held-out* task, the chosen one, the previous
 default and the compact representation under the penalty again, with full
 fine-tuning (lr 1e-3 and 3e-3, the better one counts) and PEFT LoRA rank 16 (lr 3e-3); a short
 run (400 digits images, 1 epoch at 32 px: 13 steps) of the chosen default against the previous
@@ -185,12 +187,13 @@ def size_stage(args: argparse.Namespace, base) -> None:
     train = TrainConfig(epochs=3, batch_size=32, image_size=size, seed=0)
     rows = [taps_row(base, data[n], c, train, cache) for c in CANDIDATES for n in args.tune]
     tuned = means(rows)
-    fits = {m: s for m, s in tuned.items() if s["bytes"] <= args.max_bytes}
+    fits = {m: s for m, s in tuned.items() if m in bounded(rows, args.max_bytes)}
     best = max(s["accuracy"] for s in fits.values())
     ties = [m for m, s in fits.items() if s["accuracy"] >= best - args.tolerance]
     chosen = min(ties, key=lambda m: tuned[m]["bytes"])
     _print_means(f"tuning tasks {args.tune}", tuned)
-    print(f"chosen: {chosen!r} (most accurate at <= {args.max_bytes / 2**20:.2f} MiB all in)")
+    print(f"chosen: {chosen!r} (most accurate of the sizes that keep every task within "
+          f"{args.max_bytes / 2**20:.2f} MiB all in)")  # fmt: skip
     again = dict.fromkeys([chosen, *HELD_OUT])
     held = [taps_row(base, data[args.held_out], c, train, cache) for c in again]
     for lr in (1e-3, 3e-3):
@@ -213,6 +216,14 @@ def size_stage(args: argparse.Namespace, base) -> None:
         "tuning": tuned, "tuning_front": front(tuned), "held_out": held_means,
         "held_out_front": front(held_means), "short_run": means(short),
         "time_ratio": ratio, "rows": rows + held + short})  # fmt: skip
+
+
+def bounded(rows: list[dict], max_bytes: int) -> list[str]:
+    """Candidates eligible as the default: a size bounds their bytes by construction (the
+    penalty's selection does not: its bytes follow the task), and every task stayed within
+    ``max_bytes`` all in."""
+    sized = [m for m, (fields, _) in CANDIDATES.items() if fields.get("size", "compact")]
+    return [m for m in sized if all(r["bytes"] <= max_bytes for r in rows if r["method"] == m)]
 
 
 def _print_means(title: str, summary: dict[str, dict]) -> None:
