@@ -11,7 +11,8 @@ new :class:`ClassTable`), each part on first use:
 Memory: the class means are not kept in float64 (they are re-read from the statistics when a
 part needs them), so a table holds ``8 K d`` bytes per computed part (``K`` classes over all
 tasks) and no ``d x d`` matrix. The LDA part is the whole cost of a new set of tasks at scale
-(``O(K d^2)``: every class's row depends on the pooled covariance, which every task moves).
+(``O(K d^2)``: every class's row depends on the pooled covariance, which every task moves);
+it is solved in chunks of classes, so a router of many tasks needs no ``K x d`` temporaries.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from taps_cl.routing.closedform import oas_shrinkage
 from taps_cl.routing.stats import RouteStats
+
+_SOLVE_ROWS = 2048  # classes solved at once (bounds the temporaries of a large router)
 
 
 class ClassTable:
@@ -81,5 +84,13 @@ def lda_projection(
     chol, info = torch.linalg.cholesky_ex(shrunk)
     if int(info) != 0:
         raise ValueError("shrunk covariance is singular; use shrinkage > 0")
-    proj = torch.cholesky_solve(mu.T.contiguous(), chol).T  # rows: W mu_c
-    return {"proj": proj, "bias": -0.5 * (proj * mu).sum(1), "alpha": a}
+    if mu.shape[0] <= _SOLVE_ROWS:
+        proj = torch.cholesky_solve(mu.T.contiguous(), chol).T  # rows: W mu_c
+        return {"proj": proj, "bias": -0.5 * (proj * mu).sum(1), "alpha": a}
+    proj = torch.empty_like(mu)  # in chunks of classes: no K x d temporaries beside it
+    bias = torch.empty(mu.shape[0], dtype=torch.float64)
+    for rows in torch.arange(mu.shape[0]).split(_SOLVE_ROWS):
+        part = mu[rows]
+        proj[rows] = torch.cholesky_solve(part.T.contiguous(), chol).T
+        bias[rows] = -0.5 * (proj[rows] * part).sum(1)
+    return {"proj": proj, "bias": bias, "alpha": a}
