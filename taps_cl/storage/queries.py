@@ -27,20 +27,50 @@ def base_record(session: Session, row: BaseRow) -> BaseRecord:
     )
 
 
-def _task_record(task: TaskRow, base_name: str, row: VersionRow, n: int) -> StoredTask:
+# The columns of a task record: selected as plain columns, not ORM rows (building an ORM row and
+# decoding a version's JSON config per task was most of the cost of a listing of many tasks).
+_TASK_COLUMNS = (
+    TaskRow.name,
+    TaskRow.base_fingerprint,
+    BaseRow.name,
+    TaskRow.current_version,
+    VersionRow.num_classes,
+    VersionRow.class_names,
+    VersionRow.num_parameters,
+    VersionRow.nbytes,
+    TaskRow.created_at,
+    VersionRow.created_at,
+    VersionRow.routable,
+)
+
+
+def _task_record(row: tuple, n: int) -> StoredTask:
+    (
+        name,
+        fp,
+        base_name,
+        current,
+        classes,
+        class_names,
+        params,
+        nbytes,
+        created,
+        updated,
+        routable,
+    ) = row
     return StoredTask(
-        name=task.name,
-        base_fingerprint=task.base_fingerprint,
+        name=name,
+        base_fingerprint=fp,
         base_name=base_name,
-        current_version=task.current_version,
+        current_version=current,
         num_versions=int(n),
-        num_classes=row.num_classes,
-        class_names=row.class_names,
-        num_parameters=row.num_parameters,
-        nbytes=row.nbytes,
-        created_at=as_utc(task.created_at),
-        updated_at=as_utc(row.created_at),
-        routable=bool(row.routable),
+        num_classes=classes,
+        class_names=class_names,
+        num_parameters=params,
+        nbytes=nbytes,
+        created_at=as_utc(created),
+        updated_at=as_utc(updated),
+        routable=bool(routable),
     )
 
 
@@ -68,7 +98,7 @@ def task_records(session: Session, base: str | None) -> list[StoredTask]:
         select(VersionRow.task_id, func.count().label("n")).group_by(VersionRow.task_id).subquery()
     )
     stmt = (
-        select(TaskRow, BaseRow.name, VersionRow, counts.c.n)
+        select(*_TASK_COLUMNS, counts.c.n)
         .join(BaseRow, BaseRow.fingerprint == TaskRow.base_fingerprint)
         .join(VersionRow, VersionRow.task_id == TaskRow.id)
         .where(VersionRow.version == TaskRow.current_version)
@@ -77,7 +107,7 @@ def task_records(session: Session, base: str | None) -> list[StoredTask]:
     )
     if base is not None:
         stmt = stmt.where(TaskRow.base_fingerprint == base)
-    return [_task_record(*row) for row in session.execute(stmt)]
+    return [_task_record(tuple(row[:-1]), row[-1]) for row in session.execute(stmt)]
 
 
 def version_records(session: Session, task: TaskRow) -> list[VersionRecord]:
