@@ -22,8 +22,16 @@ Each task's statistics are full (versions written before compact statistics) or 
 own term to one pooled scatter (:class:`~taps_cl.routing.pool.PooledScatter`). With every task
 full the pooled sum, the discriminant and hence every decision and confidence are the previous
 release's, bit for bit; with compact tasks adding or removing one updates the sum in place.
-The router caches the inverse covariance and class projections and recomputes them after a
-change (one ``d x d`` Cholesky factorisation).
+The router caches the class projections (:class:`~taps_cl.routing.classtable.ClassTable`) and
+recomputes them after a change (one ``d x d`` Cholesky factorisation and one solve over every
+class). :meth:`TaskRouter.derive` makes the router of a slightly different set of tasks from an
+existing one (its pooled sum plus or minus the changed tasks' terms) and leaves that one as it
+was, so serving threads can keep routing with it.
+
+Size: the router holds each task's statistics as stored (compact: about 72 KB per task at
+``d = 1280``, ``C = 10``; no ``d x d`` matrix per task), one float64 ``d x d`` pooled sum and
+the class table (``8 K d`` bytes for the discriminant's rows, ``K`` classes over all tasks);
+:attr:`TaskRouter.nbytes` counts them.
 
 Methods are registered (:mod:`~taps_cl.routing.methods`): a new one is a function plus
 ``@register_method``; the four above register at the end of this module.
@@ -32,11 +40,12 @@ Methods are registered (:mod:`~taps_cl.routing.methods`): a new one is a functio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from taps_cl.routing.classtable import ClassTable
 from taps_cl.routing.closedform import oas_shrinkage
 from taps_cl.routing.methods import METHODS, PATCHED_METHODS, ROUTING_METHODS, register_method
 from taps_cl.routing.pool import PooledScatter
@@ -95,7 +104,7 @@ class TaskRouter:
         self.discriminant_weight = float(discriminant_weight)
         self.cosine_scale = float(cosine_scale)  # softmax scale of cosine scores (confidence)
         self._pool = PooledScatter()
-        self._cache: dict[str, torch.Tensor | float | tuple] | None = None
+        self._cache: ClassTable | None = None
         for name, value in (stats or {}).items():
             self.add(name, value)
 
@@ -139,6 +148,33 @@ class TaskRouter:
         self._pool.rebuild()
         self._cache = None
 
+    def derive(
+        self, add: Mapping[str, RouteStats] | None = None, remove: Iterable[str] = ()
+    ) -> TaskRouter:
+        """A new router over this one's tasks without ``remove`` and with ``add`` (new tasks or
+        replaced statistics), same settings. The pooled sum is this one's plus or minus the
+        changed tasks' terms (``O(k d^2)`` each with compact statistics; no task is re-read);
+        the projection is computed on first use. ``self`` is left as it was."""
+        out = TaskRouter(
+            shrinkage=self.shrinkage,
+            reduce=self.reduce,
+            top_k=self.top_k,
+            discriminant_weight=self.discriminant_weight,
+            cosine_scale=self.cosine_scale,
+        )
+        out._pool = self._pool.copy()
+        for name in remove:
+            out.remove(name)
+        for name, value in (add or {}).items():
+            out.add(name, value)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors the router holds: statistics, pooled sum and class table."""
+        held = sum(s.nbytes for s in self._pool.values()) + self._pool.nbytes
+        return held + (self._cache.nbytes if self._cache is not None else 0)
+
     # -- cached projection -------------------------------------------------------------------
 
     def pooled_covariance(self) -> tuple[torch.Tensor, int]:
@@ -157,32 +193,16 @@ class TaskRouter:
             )
         return total / dof, dof
 
-    def _prepared(self, need_lda: bool) -> dict:
+    def _table(self) -> ClassTable:
         if self._cache is None:
             _require_tasks(self)
-            means, task_of, class_of = [], [], []
-            for t, name in enumerate(self.tasks):
-                stats = self._pool.stats(name)
-                seen = (stats.count > 0).nonzero().flatten()
-                means.append(stats.mean.to(torch.float64)[seen])
-                task_of += [t] * len(seen)
-                class_of += seen.tolist()
-            mu = torch.cat(means)
-            self._cache = {
-                "mu": mu,
-                "mu_unit": torch.nn.functional.normalize(mu, dim=1),
-                "task_of": torch.tensor(task_of, dtype=torch.int64),
-                "class_of": torch.tensor(class_of, dtype=torch.int64),
-            }
-        if need_lda and "proj" not in self._cache:
-            sigma, dof = self.pooled_covariance()
-            self._cache.update(_lda_projection(self._cache["mu"], sigma, dof, self.shrinkage))
+            self._cache = ClassTable([self._pool.stats(name) for name in self.tasks])
         return self._cache
 
     @property
     def shrinkage_value(self) -> float:
         """The shrinkage ``a`` in use (OAS estimate or the fixed value)."""
-        return float(self._prepared(True)["alpha"])
+        return float(self._table().lda(self.pooled_covariance, self.shrinkage)["alpha"])
 
     # -- scores ------------------------------------------------------------------------------
 
@@ -211,27 +231,15 @@ class TaskRouter:
         if isinstance(z, dict):
             return _view_scores(self, z, method)
         if method == "lda":
-            cache = self._prepared(True)
-            return z @ cache["proj"].T + cache["bias"]
+            lda = self._table().lda(self.pooled_covariance, self.shrinkage)
+            return z @ lda["proj"].T + lda["bias"]
         if method == "ncm":
-            cache = self._prepared(False)
-            return torch.nn.functional.normalize(z, dim=1) @ cache["mu_unit"].T
+            return torch.nn.functional.normalize(z, dim=1) @ self._table().unit_means().T
         raise ValueError(f"class scores exist for 'lda' and 'ncm', not {method!r}")
-
-    def _reduce(self, scores: torch.Tensor, method: str) -> torch.Tensor:
-        cache = self._prepared(False)
-        n, num_tasks = scores.shape[0], len(self.tasks)
-        out = torch.full((n, num_tasks), -math.inf, dtype=torch.float64)
-        index = cache["task_of"].expand(n, -1)
-        if self.reduce == "max" or method == "ncm":
-            return out.scatter_reduce(1, index, scores, "amax")
-        peak = out.scatter_reduce(1, index, scores, "amax")
-        summed = torch.zeros_like(out).scatter_add(1, index, (scores - peak.gather(1, index)).exp())
-        return peak + summed.log()
 
     def task_scores(self, features: Features, method: str = "lda") -> torch.Tensor:
         """Discriminant (or cosine) task scores ``[n, T]``, columns in :attr:`tasks` order."""
-        return self._reduce(self.class_scores(features, method), method)
+        return _reduce(self, self.class_scores(features, method), method)
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -256,8 +264,8 @@ class TaskRouter:
     def discriminant(self, features: Features, method: str) -> RouteResult:
         """Route by class scores alone (``"lda"`` or ``"ncm"``): the best task, its best class."""
         class_scores = self.class_scores(features, method)
-        scores = self._reduce(class_scores, method)
-        within = _best_class(self._prepared(False), class_scores, scores.argmax(1))
+        scores = _reduce(self, class_scores, method)
+        within = _best_class(self._table(), class_scores, scores.argmax(1))
         scale = self.cosine_scale if method == "ncm" else 1.0
         return _result(self.tasks, scores, within, scale)
 
@@ -288,7 +296,7 @@ class TaskRouter:
         scores = torch.full((n, len(tasks)), -math.inf, dtype=torch.float64)
         post = torch.log_softmax(self.task_scores(z), 1) if use_discriminant else None
         for name, idx in shortlist.items():
-            scores[idx, tasks.index(name)] = self._patch_score(name, idx, logits.get(name), post)
+            scores[idx, tasks.index(name)] = _patch_score(self, name, idx, logits.get(name), post)
         if bool(torch.isinf(scores).all(1).any()):
             raise ValueError("some inputs were shortlisted for no task")
         chosen = scores.argmax(1)
@@ -298,20 +306,38 @@ class TaskRouter:
             within[idx[mask]] = logits[name].detach().cpu()[mask].argmax(1).to(torch.int64)
         return _result(tasks, scores, within, 1.0)
 
-    def _patch_score(
-        self, name: str, idx: torch.Tensor, logits: torch.Tensor | None, post: torch.Tensor | None
-    ) -> torch.Tensor:
-        calib = self._pool.stats(name).calibration
-        if calib is None:
-            raise ValueError(f"task {name!r} has no calibration; collect it with its statistics")
-        expect = (len(idx), int(self._pool.stats(name).num_classes))
-        if logits is None or tuple(logits.shape) != expect:
-            got = None if logits is None else tuple(logits.shape)
-            raise ValueError(f"patched logits of {name!r} must have shape {expect}, got {got}")
-        score = calib.score(logits.detach().to("cpu"))
-        if post is not None:
-            score = score + self.discriminant_weight * post[idx, self.tasks.index(name)]
-        return score
+
+def _patch_score(
+    router: TaskRouter,
+    name: str,
+    idx: torch.Tensor,
+    logits: torch.Tensor | None,
+    post: torch.Tensor | None,
+) -> torch.Tensor:
+    """Calibrated energy of ``name``'s patch on ``idx`` (plus the weighted log-posterior)."""
+    stats = router.stats(name)
+    if stats.calibration is None:
+        raise ValueError(f"task {name!r} has no calibration; collect it with its statistics")
+    expect = (len(idx), int(stats.num_classes))
+    if logits is None or tuple(logits.shape) != expect:
+        got = None if logits is None else tuple(logits.shape)
+        raise ValueError(f"patched logits of {name!r} must have shape {expect}, got {got}")
+    score = stats.calibration.score(logits.detach().to("cpu"))
+    if post is not None:
+        score = score + router.discriminant_weight * post[idx, router.tasks.index(name)]
+    return score
+
+
+def _reduce(router: TaskRouter, scores: torch.Tensor, method: str) -> torch.Tensor:
+    """Class scores ``[n, K]`` -> task scores ``[n, T]`` (logsumexp or max over each task)."""
+    n, num_tasks = scores.shape[0], len(router.tasks)
+    out = torch.full((n, num_tasks), -math.inf, dtype=torch.float64)
+    index = router._table().task_of.expand(n, -1)
+    if router.reduce == "max" or method == "ncm":
+        return out.scatter_reduce(1, index, scores, "amax")
+    peak = out.scatter_reduce(1, index, scores, "amax")
+    summed = torch.zeros_like(out).scatter_add(1, index, (scores - peak.gather(1, index)).exp())
+    return peak + summed.log()
 
 
 def _rows(z: torch.Tensor | dict[str, torch.Tensor]) -> int:
@@ -325,24 +351,6 @@ def _result(
     probs = torch.softmax(scores * scale, dim=1)
     confidence = probs.gather(1, chosen[:, None]).squeeze(1)
     return RouteResult(tasks, chosen, within, confidence, scores)
-
-
-def _lda_projection(
-    mu: torch.Tensor, sigma: torch.Tensor, dof: int, shrinkage: float | str
-) -> dict:
-    """Rows ``W mu_c`` and biases ``-0.5 mu_c' W mu_c`` of the discriminant, ``W`` the inverse
-    of ``sigma`` shrunk towards ``tr(sigma)/d I`` by OAS (``"oas"``) or a fixed amount."""
-    a = oas_shrinkage(sigma, dof) if shrinkage == "oas" else float(shrinkage)
-    d = sigma.shape[0]
-    target = float(torch.diagonal(sigma).sum()) / d
-    if target <= 0:
-        raise ValueError("pooled covariance has zero trace (all features equal per class)")
-    shrunk = (1 - a) * sigma + a * target * torch.eye(d, dtype=torch.float64)
-    chol, info = torch.linalg.cholesky_ex(shrunk)
-    if int(info) != 0:
-        raise ValueError("shrunk covariance is singular; use shrinkage > 0")
-    proj = torch.cholesky_solve(mu.T.contiguous(), chol).T  # rows: W mu_c
-    return {"proj": proj, "bias": -0.5 * (proj * mu).sum(1), "alpha": a}
 
 
 def _checked(features: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -361,10 +369,12 @@ def _checked(features: torch.Tensor, dim: int | None) -> torch.Tensor:
     return z
 
 
-def _best_class(cache: dict, class_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+def _best_class(
+    table: ClassTable, class_scores: torch.Tensor, chosen: torch.Tensor
+) -> torch.Tensor:
     """The best class of each input within its chosen task (columns of other tasks masked)."""
-    masked = class_scores.masked_fill(cache["task_of"][None, :] != chosen[:, None], -math.inf)
-    return cache["class_of"][masked.argmax(1)]
+    masked = class_scores.masked_fill(table.task_of[None, :] != chosen[:, None], -math.inf)
+    return table.class_of[masked.argmax(1)]
 
 
 def _require_tasks(router: TaskRouter) -> None:
@@ -373,17 +383,17 @@ def _require_tasks(router: TaskRouter) -> None:
 
 
 def _view_scores(router: TaskRouter, views: dict[str, torch.Tensor], method: str) -> torch.Tensor:
-    """Class scores with each task's columns taken from that task's own view of the inputs."""
-    task_of = router._prepared(False)["task_of"]
-    done: dict[int, torch.Tensor] = {}
-    out = None
+    """Class scores with each task's columns taken from that task's own view of the inputs
+    (one scoring per distinct view; one masked copy per further view, not per task)."""
+    groups: dict[int, list[int]] = {}
     for t, name in enumerate(router.tasks):
-        view = views[name]
-        if id(view) not in done:
-            done[id(view)] = router.class_scores(view, method)
-        out = done[id(view)].clone() if out is None else out
-        cols = task_of == t
-        out[:, cols] = done[id(view)][:, cols]
+        groups.setdefault(id(views[name]), []).append(t)
+    firsts = [router.tasks[ts[0]] for ts in groups.values()]
+    out = router.class_scores(views[firsts[0]], method)
+    task_of = router._table().task_of
+    for first, tasks in zip(firsts[1:], list(groups.values())[1:], strict=True):
+        cols = torch.isin(task_of, torch.tensor(tasks, dtype=torch.int64))
+        out[:, cols] = router.class_scores(views[first], method)[:, cols]
     return out
 
 

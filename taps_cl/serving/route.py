@@ -15,6 +15,7 @@ task's training data and stored with the version; routing reads them back from t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from taps_cl.bases import Preprocessing, version_preprocessing
 from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
 from taps_cl.routing import METHODS, PATCHED_METHODS, RouteResult, RouteStats, TaskRouter
+from taps_cl.serving.routerdiff import changes, closest, superseded
 from taps_cl.storage import StoredTask, TaskStoreAPI
 
 __all__ = ["DEFAULT_METHOD", "Routed", "RoutingHost", "TaskRouting"]
@@ -91,8 +93,10 @@ class TaskRouting:
 
     def candidates(self, tasks: Sequence[str] | None) -> _Candidates:
         """The router over the routable current versions (restricted to ``tasks``), cached
-        by the tuple of (name, version) so any new or changed version rebuilds it."""
-        records = self.host.task_records()  # cached (see taps_cl.serving.server)
+        by the tuple of (name, version); a new or changed version derives a new router from
+        the closest cached one (see :mod:`taps_cl.serving.routerdiff`), and routers of
+        versions that are no longer current leave the cache."""
+        records = every = self.host.task_records()  # cached (see taps_cl.serving.server)
         if tasks is not None:
             if isinstance(tasks, str):
                 tasks = [tasks]
@@ -114,21 +118,34 @@ class TaskRouting:
             cand = self._routers.get(key)
             if cand is None:
                 cand = self._routers[key] = self._build(chosen, records)
+                for old in [k for k in self._routers if superseded(k, key, tasks, every)]:
+                    del self._routers[old]  # never asked again: bounded memory
                 while len(self._routers) > _CACHED_ROUTERS:
                     self._routers.popitem(last=False)
             self._routers.move_to_end(key)
             return cand
 
     def _build(self, chosen: list[tuple[str, int]], records: dict) -> _Candidates:
+        """The candidates of ``chosen``: derived from the closest cached router when few tasks
+        changed (only the changed versions are read from the store), else built afresh."""
         store, fp = self.host.store, self.host.fingerprint
+        cached = list(self._routers.values())
+        src = closest([c.versions for c in cached], dict(chosen))
+        source = cached[src] if src is not None else None
+        added, removed = changes(source.versions if source else {}, dict(chosen))
         known = self._known_stats()
         stats, preps = {}, {}
-        for name, version in chosen:
+        for name, version in added.items():
             stats[name] = known.get((name, version)) or store.route_stats(name, version, base=fp)
             config = next(v.config for v in store.versions(name, base=fp) if v.version == version)
             preps[name] = version_preprocessing(config, self.host.preprocessing)
+        if source is not None:
+            router = source.router.derive(stats, removed)
+            preps = {**{n: p for n, p in source.preps.items() if n not in removed}, **preps}
+        else:
+            router = TaskRouter(stats)
         return _Candidates(
-            TaskRouter(stats),
+            router,
             preps,
             {n: records[n].class_names for n, _ in chosen},
             dict(chosen),
@@ -237,6 +254,7 @@ def _no_tasks(host: RoutingHost) -> str:
     return f"no tasks to route to in {host.store.url}; train one with add_task first"
 
 
+@functools.lru_cache(maxsize=256)  # once per distinct preprocessing, not per task and call
 def _key(prep: Preprocessing) -> tuple:
     """Versions with equal preprocessing share one preprocessed view and one base forward."""
     return dataclasses.astuple(prep)

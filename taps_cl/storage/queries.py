@@ -46,23 +46,53 @@ def route_bytes(session: Session, version_ids: list[int]) -> dict[int, int]:
     return {v: found.get(v, 0) for v in version_ids}
 
 
-def _task_record(
-    task: TaskRow, base_name: str, row: VersionRow, n: int, routed: int = 0
-) -> StoredTask:
+# The columns of a task record: selected as plain columns, not ORM rows (building an ORM row and
+# decoding a version's JSON config per task was most of the cost of a listing of many tasks).
+_TASK_COLUMNS = (
+    TaskRow.name,
+    TaskRow.base_fingerprint,
+    BaseRow.name,
+    TaskRow.current_version,
+    VersionRow.num_classes,
+    VersionRow.class_names,
+    VersionRow.num_parameters,
+    VersionRow.nbytes,
+    TaskRow.created_at,
+    VersionRow.created_at,
+    VersionRow.routable,
+    VersionRow.id,
+)
+
+
+def _task_record(row: tuple, n: int, routed: dict[int, int]) -> StoredTask:
+    (
+        name,
+        fp,
+        base_name,
+        current,
+        classes,
+        class_names,
+        params,
+        nbytes,
+        created,
+        updated,
+        routable,
+        version_id,
+    ) = row
     return StoredTask(
-        name=task.name,
-        base_fingerprint=task.base_fingerprint,
+        name=name,
+        base_fingerprint=fp,
         base_name=base_name,
-        current_version=task.current_version,
+        current_version=current,
         num_versions=int(n),
-        num_classes=row.num_classes,
-        class_names=row.class_names,
-        num_parameters=row.num_parameters,
-        nbytes=row.nbytes,
-        created_at=as_utc(task.created_at),
-        updated_at=as_utc(row.created_at),
-        routable=bool(row.routable),
-        route_bytes=routed,
+        num_classes=classes,
+        class_names=class_names,
+        num_parameters=params,
+        nbytes=nbytes,
+        created_at=as_utc(created),
+        updated_at=as_utc(updated),
+        routable=bool(routable),
+        route_bytes=routed.get(version_id, 0),
     )
 
 
@@ -91,7 +121,7 @@ def task_records(session: Session, base: str | None) -> list[StoredTask]:
         select(VersionRow.task_id, func.count().label("n")).group_by(VersionRow.task_id).subquery()
     )
     stmt = (
-        select(TaskRow, BaseRow.name, VersionRow, counts.c.n)
+        select(*_TASK_COLUMNS, counts.c.n)
         .join(BaseRow, BaseRow.fingerprint == TaskRow.base_fingerprint)
         .join(VersionRow, VersionRow.task_id == TaskRow.id)
         .where(VersionRow.version == TaskRow.current_version)
@@ -101,8 +131,8 @@ def task_records(session: Session, base: str | None) -> list[StoredTask]:
     if base is not None:
         stmt = stmt.where(TaskRow.base_fingerprint == base)
     found = list(session.execute(stmt))
-    routed = route_bytes(session, [row.id for _, _, row, _ in found])
-    return [_task_record(*r, routed=routed[r[2].id]) for r in found]
+    routed = route_bytes(session, [row[-2] for row in found])
+    return [_task_record(tuple(row[:-1]), row[-1], routed) for row in found]
 
 
 def version_records(session: Session, task: TaskRow) -> list[VersionRecord]:
