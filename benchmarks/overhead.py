@@ -1,7 +1,10 @@
 """TAPS overhead on the real base, measured in one run so both sides see the same machine.
 
-Prints two ratios and writes JSON:
+Prints three ratios and writes JSON:
 - TAPS training step time / plain fine-tuning step time (target <= 1.15)
+- a step of this release's default (size "compact": low-rank deltas on every layer, as before
+  its gates are chosen, the costliest phase) / a step of the paper mode (dense deltas on every
+  layer, as at its start); issue 20: training time within 1.2x of the previous default
 - merged-model inference time / base inference time (target <= 1.02)
 
 Steps are interleaved (A, B, B, A, ...) and the median is reported, so background load hits
@@ -37,7 +40,7 @@ def training_steps(base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     finetune.reset_classifier(10)
     finetune.train()
     ft_opt = torch.optim.AdamW(finetune.parameters(), lr=1e-4)
-    taps = TAPSModel(copy.deepcopy(base), TAPSConfig(lam=1.0))
+    taps = TAPSModel(copy.deepcopy(base), TAPSConfig(lam=1.0, size="paper"))
     taps.add_task("t", 10)
     taps_opt = build_optimizer(taps, "t", TrainConfig(lr=1e-4), score_lr=1e-3)
     taps.train()
@@ -54,7 +57,18 @@ def training_steps(base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
         loss.backward()
         taps_opt.step()
 
-    return {"finetune": ft_step, "taps": taps_step, "model": taps}
+    default = TAPSModel(copy.deepcopy(base), TAPSConfig())
+    default.add_task("t", 10)
+    default_opt = build_optimizer(default, "t", TrainConfig(), score_lr=0.0)
+    default.train()
+
+    def default_step() -> None:  # budget mode: no penalty, scores only measure importance
+        loss = F.cross_entropy(default(x, task="t"), y)
+        default_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        default_opt.step()
+
+    return {"finetune": ft_step, "taps": taps_step, "default": default_step, "model": taps}
 
 
 def inference(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -89,11 +103,13 @@ def measure(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "finetune_step_s": train["finetune"],
         "taps_step_s": train["taps"],
+        "default_step_s": train["default"],
         "base_infer_s": infer["base"],
         "merged_infer_s": infer["merged"],
     }
     res["taps_over_finetune_step"] = res["taps_step_s"] / res["finetune_step_s"]
     res["merged_over_base_inference"] = res["merged_infer_s"] / res["base_infer_s"]
+    res["default_over_paper_step"] = res["default_step_s"] / res["taps_step_s"]
     return res
 
 
@@ -107,11 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     res = measure(args)
-    rows = [("fine-tune step", "finetune_step_s"), ("TAPS step", "taps_step_s"),
+    rows = [("fine-tune step", "finetune_step_s"), ("TAPS step (paper)", "taps_step_s"),
+            ("TAPS step (default size)", "default_step_s"),
             ("base inference", "base_infer_s"), ("merged inference", "merged_infer_s")]  # fmt: skip
     print_table(["median of", "ms"], [(label, f"{1e3 * res[k]:.1f}") for label, k in rows])
     print(f"TAPS step / fine-tune step = {res['taps_over_finetune_step']:.3f}  (target <= 1.15)")
     print(f"merged / base inference    = {res['merged_over_base_inference']:.3f}  (target <= 1.02)")
+    print(f"default / paper TAPS step  = {res['default_over_paper_step']:.3f}  (target <= 1.2)")
     save(args, res)
 
 
