@@ -11,9 +11,10 @@ whose every task stayed within ``--max-bytes`` (1 MiB); ties within ``--toleranc
 bytes. The penalty's selection is reported but not eligible: its bytes follow the task (this
 eligibility rule was written after a first look at the tuning rows, see docs/benchmarks.md).
 Then, on the *held-out* task, the chosen one, the previous default and the compact
-representation under the penalty again, with full fine-tuning (lr 1e-3 and 3e-3, the better one counts) and PEFT LoRA rank 16 (lr 3e-3); a short
-run (400 digits images, 1 epoch at 32 px: 13 steps) of the chosen default against the previous
-one; and the training time of the chosen default over the previous one.
+representation under the penalty again, with full fine-tuning (lr 1e-3 and 3e-3, the better
+one counts) and PEFT LoRA rank 16 (lr 3e-3); a short run (400 digits images, 1 epoch at 32 px:
+13 steps) of the chosen default against the previous one; and the training time of the chosen
+default over the previous one.
 
 ``--stage knobs`` (issue 13, the previous round): a staged coordinate search on the tuning
 tasks, one knob at a time from the previous defaults (lr, norm statistics, lam, the score-lr
