@@ -60,11 +60,10 @@ _TASK_COLUMNS = (
     TaskRow.created_at,
     VersionRow.created_at,
     VersionRow.routable,
-    VersionRow.id,
 )
 
 
-def _task_record(row: tuple, n: int, routed: dict[int, int]) -> StoredTask:
+def _task_record(row: tuple, n: int) -> StoredTask:
     (
         name,
         fp,
@@ -77,7 +76,6 @@ def _task_record(row: tuple, n: int, routed: dict[int, int]) -> StoredTask:
         created,
         updated,
         routable,
-        version_id,
     ) = row
     return StoredTask(
         name=name,
@@ -92,7 +90,6 @@ def _task_record(row: tuple, n: int, routed: dict[int, int]) -> StoredTask:
         created_at=as_utc(created),
         updated_at=as_utc(updated),
         routable=bool(routable),
-        route_bytes=routed.get(version_id, 0),
     )
 
 
@@ -130,9 +127,9 @@ def task_records(session: Session, base: str | None) -> list[StoredTask]:
     )
     if base is not None:
         stmt = stmt.where(TaskRow.base_fingerprint == base)
-    found = list(session.execute(stmt))
-    routed = route_bytes(session, [row[-2] for row in found])
-    return [_task_record(tuple(row[:-1]), row[-1], routed) for row in found]
+    # The split into patch and routing statistics is per version (``versions()``): a listing of
+    # every task stays one query.
+    return [_task_record(tuple(row[:-1]), row[-1]) for row in session.execute(stmt)]
 
 
 def version_records(session: Session, task: TaskRow) -> list[VersionRecord]:

@@ -36,12 +36,6 @@ class StoredTask:
     created_at: datetime  # when the task was first committed
     updated_at: datetime  # when the current version was committed
     routable: bool = False  # the current version carries route statistics (task-free routing)
-    route_bytes: int = 0  # of nbytes: the current version's routing statistics
-
-    @property
-    def patch_bytes(self) -> int:
-        """Bytes of the current version's patch (nbytes without routing statistics)."""
-        return self.nbytes - self.route_bytes
 
 
 @dataclass(frozen=True)
