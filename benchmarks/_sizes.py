@@ -12,11 +12,10 @@ the rows add that instead of running the statistics pass.
 from __future__ import annotations
 
 import copy
-import json
 import time
-from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import RowCache
 from taps_cl.config import TAPSConfig, TrainConfig
 from taps_cl.taps.budget import route_reserve
 from taps_cl.taps.model import TAPSModel
@@ -38,28 +37,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], float | None]] = {
 HELD_OUT = ("paper", "compact", "compact-penalty")  # candidates re-run on the held-out task
 
 
-class Cache:
-    """Finished rows in a JSON-lines file keyed by what produced them, so ``defaults.py`` and
-    ``transfer.py`` share runs and a long run resumes where it stopped."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-        self.rows: dict[str, dict] = {}
-        if self.path and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                row = json.loads(line)
-                self.rows[row.pop("key")] = row
-
-    def get(self, key: str, make) -> dict:
-        if key not in self.rows:
-            self.rows[key] = make()
-            if self.path:
-                with self.path.open("a") as f:
-                    f.write(json.dumps({"key": key, **self.rows[key]}) + "\n")
-        return dict(self.rows[key])
-
-
-def taps_row(base, data, label: str, train: TrainConfig, cache: Cache) -> dict:
+def taps_row(base, data, label: str, train: TrainConfig, cache: RowCache) -> dict:
     """One TAPS task of candidate ``label`` trained and finalised; bytes all in."""
     fields, lr = CANDIDATES[label]
     spec, train_ds, test_ds = data
@@ -89,7 +67,7 @@ def taps_row(base, data, label: str, train: TrainConfig, cache: Cache) -> dict:
     return {"task": spec.name, "method": label, **cache.get(key, make)}
 
 
-def baseline_row(base, data, mode: str, train: TrainConfig, cache: Cache, rank: int = 0) -> dict:
+def baseline_row(base, data, mode: str, train: TrainConfig, cache: RowCache, rank: int = 0) -> dict:
     """Full fine-tuning (``mode="finetune"``), the linear probe or a PEFT LoRA adapter of
     ``rank`` (``mode="lora"``) on one task; bytes as each would store them."""
     spec, train_ds, test_ds = data

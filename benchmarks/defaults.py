@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
 import taps_cl.training.loop as train_mod
-from benchmarks._sizes import CANDIDATES, HELD_OUT, Cache, baseline_row, front, means, taps_row
-from benchmarks.harness import RESULTS, parser, print_table, save
+from benchmarks._sizes import CANDIDATES, HELD_OUT, baseline_row, front, means, taps_row
+from benchmarks.harness import RESULTS, RowCache, parser, print_table, save
 from benchmarks.transfer import _prepared, _taps_row
 from taps_cl.bases import load_base
 from taps_cl.cli.tables import fmt_pct
@@ -183,7 +183,7 @@ def knob_search(args: argparse.Namespace, base) -> None:
 def size_stage(args: argparse.Namespace, base) -> None:
     """Bytes as an axis: the candidates on the tuning tasks, the choice, the held-out check,
     the short run and the time ratio (``--stage sizes``)."""
-    cache, size = Cache(args.cache), args.image_size
+    cache, size = RowCache(args.cache, {"table": "sizes"}), args.image_size
     data = {n: _data(base, n, size, None) for n in [*args.tune, args.held_out]}
     train = TrainConfig(epochs=3, batch_size=32, image_size=size, seed=0)
     rows = [taps_row(base, data[n], c, train, cache) for c in CANDIDATES for n in args.tune]

@@ -182,3 +182,25 @@ def log_strategies(
         return
     for name, summary, matrix in runs:
         log_strategy_result(experiment, name, summary, matrix, params)
+
+
+class RowCache:
+    """Finished sweep rows in a JSON-lines file, so a long sweep resumes where it stopped."""
+
+    def __init__(self, path: str | None, signature: dict) -> None:
+        self.path, self.signature = (Path(path) if path else None), signature
+        self.rows: dict[str, dict] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                if row.pop("signature") == signature:
+                    self.rows[row.pop("key")] = row
+
+    def get(self, key: str, make) -> dict:
+        if key not in self.rows:
+            self.rows[key] = make()
+            if self.path:
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"key": key, "signature": self.signature,
+                                        **self.rows[key]}) + "\n")  # fmt: skip
+        return self.rows[key]

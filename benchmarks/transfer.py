@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an install
 
-from benchmarks.harness import RESULTS, parser, print_table, save
+from benchmarks.harness import RESULTS, RowCache, parser, print_table, save
 from taps_cl.bases import load_base
 from taps_cl.cli.tables import fmt_bytes, fmt_pct
 from taps_cl.config import TAPSConfig, TrainConfig
@@ -61,28 +61,6 @@ VARIANTS = {  # label -> TAPSConfig fields in the budget sweep (size None: the s
 
 def hash_config(taps: TAPSConfig) -> str:
     return hashlib.sha256(taps.to_json().encode()).hexdigest()[:12]
-
-
-class RowCache:
-    """Finished sweep rows in a JSON-lines file, so a long sweep resumes where it stopped."""
-
-    def __init__(self, path: str | None, signature: dict) -> None:
-        self.path, self.signature = (Path(path) if path else None), signature
-        self.rows: dict[str, dict] = {}
-        if self.path and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                row = json.loads(line)
-                if row.pop("signature") == signature:
-                    self.rows[row.pop("key")] = row
-
-    def get(self, key: str, make) -> dict:
-        if key not in self.rows:
-            self.rows[key] = make()
-            if self.path:
-                with self.path.open("a") as f:
-                    f.write(json.dumps({"key": key, "signature": self.signature,
-                                        **self.rows[key]}) + "\n")  # fmt: skip
-        return self.rows[key]
 
 
 def run_budget_task(base, name: str, args: argparse.Namespace, cache: RowCache) -> list[dict]:
@@ -257,9 +235,7 @@ def table_rows(base, name: str, args: argparse.Namespace, cache) -> list[dict]:
 
 def table_one(base, args: argparse.Namespace) -> None:
     """The paper's Table 1 with bytes: per task and the means."""
-    from benchmarks._sizes import Cache
-
-    cache = Cache(args.cache)
+    cache = RowCache(args.cache, {"table": "sizes"})  # the rows benchmarks/defaults.py writes
     rows = [r for name in args.tasks for r in table_rows(base, name, args, cache)]
     means = [
         {"task": "MEAN", "method": m,

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from taps_cl.config import SIZES, TAPSConfig, TrainConfig, parse_size, size_rank
 from taps_cl.routing.stats import RouteStatsAccumulator
 from taps_cl.scenarios import get_task
-from taps_cl.taps.budget import fixed_size, route_reserve, task_size
+from taps_cl.taps.budget import budget_limit, fixed_size, route_reserve, task_size
 from taps_cl.taps.model import TAPSModel
 from taps_cl.training.loop import fit_task
 from tests.test_taps_core import CASES, IDS, _logits, _train_steps, _x
@@ -123,8 +123,6 @@ def test_a_named_size_a_task_cannot_fit_buys_that_much_on_top_of_its_head():
     model.add_task("big", 4000)  # its head alone is above 256 KiB
     fixed = fixed_size(model, "big")
     assert fixed > SIZES["tiny"]
-    from taps_cl.taps.budget import budget_limit
-
     assert budget_limit(model, "big") == fixed + SIZES["tiny"]
 
 
@@ -207,3 +205,21 @@ def test_joint_runs_keep_every_task_within_its_size(tmp_path):
         assert record.patch_bytes == record.nbytes - record.route_bytes
         (stored,) = engine.store.versions(record.name)
         assert (stored.nbytes, stored.route_bytes) == (record.nbytes, record.route_bytes)
+
+
+def test_the_stored_form_is_evaluated_once_and_reported(monkeypatch):
+    """The head refit settles the task before its last evaluation, so that evaluation already
+    measures the int8 form the patch stores: no second pass over the eval data."""
+    import taps_cl.training.loop as loop
+
+    calls = []
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = TAPSModel(tiny_cnn(width=16), TAPSConfig())
+    model.add_task("a", 3)
+    cfg = TrainConfig(epochs=1, batch_size=8, device="cpu")
+    fit = fit_task(model, "a", _data(24), _data(12, seed=1), cfg, quiet=True)
+    assert len(calls) == 1
+    model.finalize_task("a")
+    assert fit.history[-1]["stored_accuracy"] == fit.accuracy
+    assert fit.accuracy == real(model, "a", _data(12, seed=1), cfg)["accuracy"]

@@ -74,13 +74,11 @@ def route_reserve(num_classes: int, dim: int) -> int:
 def fixed_size(model: BudgetedModel, name: str) -> int:
     """What every patch of task ``name`` holds whatever its gates (head, norms, scores; and
     routing statistics, with a byte budget), in the budget's unit."""
-    b = in_bytes(model)
-    size = _count(model.heads.export_task(name), b) + model.num_layers * (4 if b else 1)
+    b, head = in_bytes(model), model.heads.export_task(name)
+    size = _count(head, b) + model.num_layers * (4 if b else 1)
     size += sum(_count(norm.export_task(name), b) for _, norm in model.norms())
     if b:
-        head = model.heads.export_task(name)
-        weight = next(t for k, t in head.items() if t.ndim == 2)
-        size += route_reserve(*weight.shape)
+        size += route_reserve(*head["weight"].shape)  # [classes, features]
     return size
 
 

@@ -131,9 +131,7 @@ class TaskPatch:
     @property
     def route_nbytes(self) -> int:
         """Of :attr:`nbytes`: the routing statistics (``route.*`` tensors)."""
-        return sum(
-            t.numel() * t.element_size() for k, t in self.tensors.items() if k.startswith("route.")
-        )
+        return sum(t.numel() * t.element_size() for t in self.kind("route").values())
 
     # The file format is the store's export format: both read and write it through the
     # method's own file I/O (taps_cl.taps.patchfile), never through storage.

@@ -155,6 +155,7 @@ class _TaskRun:
     budget: BudgetController | None = None  # with TAPSConfig.budget: chooses the gates
     steps: int = 0
     sums: torch.Tensor | None = None  # [ce * n, correct, n] of its current epoch
+    settled: bool = False  # settled before its last evaluation (the head refit settles it)
 
     @property
     def active(self) -> bool:
@@ -200,21 +201,25 @@ def fit_tasks(
     loop.run(runs, result, eval_data or {}, quiet or world()[0] != 0)
     model.eval()
     for name, fit in result.fits.items():
-        _settle(model, name, fit, (eval_data or {}).get(name), config)
+        _settle(model, name, fit, (eval_data or {}).get(name), config, runs[name].settled)
         fit.active_layers = [k for k, on in model.gates(name).items() if on]
         fit.steps, fit.seconds = runs[name].total, result.seconds
     return result
 
 
-def _settle(model: TAPSModel, name: str, fit: FitResult, eval_data: Any, config) -> None:
+def _settle(
+    model: TAPSModel, name: str, fit: FitResult, eval_data: Any, config, measured: bool
+) -> None:
     """Bring the task to the form its patch will store (budget, pruning, delta dtype); if that
-    can change its outputs, the reported accuracy is re-measured on the stored form."""
+    can change its outputs, the reported accuracy is that of the stored form: re-measured,
+    unless the task was settled before its last evaluation (``measured``, after a refit)."""
     closed = model.settle_task(name)
     fit.parameter_share = model.parameter_share(name)
-    if eval_data is not None and (closed or model.config.stored_dtype != "float32"):
+    changed = closed or (not measured and model.config.stored_dtype != "float32")
+    if eval_data is not None and changed:
         fit.accuracy = evaluate(model, name, eval_data, config)["accuracy"]
-        if fit.history:
-            fit.history[-1]["stored_accuracy"] = fit.accuracy
+    if eval_data is not None and fit.history and (changed or measured):
+        fit.history[-1]["stored_accuracy"] = fit.accuracy
 
 
 def _check_trainable(model: TAPSModel, names: Sequence[str]) -> None:
@@ -330,6 +335,7 @@ class _Loop:
         its last epoch is measured: a short run ends with a head behind its features. The task
         is settled first (budget, stored dtype), so the head meets the features it will serve."""
         self.model.settle_task(r.name)
+        r.settled = True
         fit_heads(self.model, {r.name: r.data}, self.config, after_training=True)
 
     def close_epoch(self, r: _TaskRun, result: RunResult, evals: Mapping[str, Any]) -> None:
