@@ -35,7 +35,8 @@ from taps_cl.taps.patch import TASK_NAME_RE, validate_task_name
 from tests._store_child import BASE, make_patch
 
 OTHER = "c" * 64
-TABLES = ("bases", "tasks", "task_versions", "blobs", "version_tensors", "base_tensors")
+TABLES = ("bases", "tasks", "task_versions", "blobs", "version_tensors", "version_parts",
+          "base_tensors", "store_state")  # fmt: skip
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -98,17 +99,38 @@ def _relabel(patch, meta) -> None:  # noqa: ANN001
 
 # -- corrupted stores: (case, tamper the db, argv after 'taps-cl', exact error) --------------
 
-ROW_CASES = {
-    "dtype": "UPDATE version_tensors SET dtype='int32' WHERE name='delta.conv1'",
-    "shape": "UPDATE version_tensors SET shape='[8, 27]' WHERE name='delta.conv1'",
-    "config": "UPDATE task_versions SET config=json_set(config, '$.image_size', 64)",
-    "classes": 'UPDATE task_versions SET num_classes=4, class_names=\'["a","b","c","d"]\'',
-}
+ROW_CASES = {  # case: (how the version is stored, the edit)
+    "dtype": ("per tensor", "UPDATE version_tensors SET dtype='int32' WHERE name='delta.conv1'"),
+    "shape": ("per tensor", "UPDATE version_tensors SET shape='[8, 27]' WHERE name='delta.conv1'"),
+    "part": ("packed", "UPDATE version_parts SET part='route'"),
+    "parts": ("packed", "DELETE FROM version_parts"),
+    "config": ("packed", "UPDATE task_versions SET config=json_set(config, '$.image_size', 64)"),
+    "classes": ("packed",
+                'UPDATE task_versions SET num_classes=4, class_names=\'["a","b","c","d"]\''),
+}  # fmt: skip
+
+
+def _per_tensor(db: Path) -> None:
+    """Store the versions of ``db`` per tensor, as before packing (revision 0004): down to 0003
+    (which unpacks them) and up again (which leaves them as they are)."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from taps_cl.storage.database import _alembic_config
+
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0003")
+    engine.dispose()
+    TaskStore(db).close()
 
 
 @pytest.mark.parametrize("case", sorted(ROW_CASES))
 def test_tampered_rows_are_integrity_errors_naming_task_and_version(db, tmp_path, capsys, case):
-    _sql(db, ROW_CASES[case])
+    form, statement = ROW_CASES[case]
+    if form == "per tensor":
+        _per_tensor(db)
+    _sql(db, statement)
     before = dump(db)
     with TaskStore(db) as s, pytest.raises(StoreIntegrityError, match="'flowers' version 1"):
         s.load("flowers")

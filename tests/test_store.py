@@ -25,7 +25,8 @@ from taps_cl.errors import (
 )
 from taps_cl.storage import TaskStore, ops
 from taps_cl.storage.database import VERSION_TABLE
-from taps_cl.storage.models import BlobRow, Model, VersionTensorRow
+from taps_cl.storage.models import BlobRow, Model, VersionPartRow
+from taps_cl.storage.packing import pack
 from taps_cl.taps.model import TAPSModel
 from tests._store_child import BASE, make_patch
 from tests.tiny import tiny_cnn, tiny_images
@@ -37,6 +38,11 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
     )
+
+
+def _stored(tensors: dict) -> int:
+    """Bytes a packed version of ``tensors`` stores (its parts' safetensors blobs)."""
+    return sum(len(p.data) for p in pack(tensors).values())
 
 
 def _child(*args: str) -> subprocess.Popen:
@@ -81,18 +87,22 @@ def test_versions_count_up_and_old_ones_stay_loadable(store):
     assert (task.num_classes, task.base_fingerprint) == (3, BASE)
 
 
-def test_recommit_with_few_changes_stores_only_changed_blobs(store):
+def test_recommit_stores_identical_content_once(store):
+    # Versions are packed (one safetensors blob per part, storage/packing.py): identical
+    # parts are stored once, a changed tensor stores its part anew.
     first = make_patch()
     store.commit(first)
+    store.commit(make_patch())
     tensors = dict(first.tensors, **{"head.weight": torch.randn(3, 16)})
     store.commit(make_patch(tensors=tensors))
-    v1, v2 = store.versions("flowers")
-    head_bytes = 3 * 16 * 4
-    assert v1.added_bytes == first.nbytes and v2.added_bytes == head_bytes
+    v1, v2, v3 = store.versions("flowers")
+    size1, size3 = _stored(first.tensors), _stored(tensors)
+    assert (v1.added_bytes, v2.added_bytes, v3.added_bytes) == (size1, 0, size3)
+    assert v1.nbytes == v2.nbytes == first.nbytes  # the tensors' bytes, not the blobs'
     stats = store.stats()
-    assert stats.blob_bytes == first.nbytes + head_bytes
-    assert stats.dedup_saved_bytes == first.nbytes - head_bytes > 0
-    assert (stats.tasks, stats.versions) == (1, 2)
+    assert stats.blob_bytes == size1 + size3
+    assert stats.dedup_saved_bytes == size1 > first.nbytes
+    assert (stats.tasks, stats.versions, stats.tensors) == (1, 3, 3 * len(first.tensors))
 
 
 def test_delete_version_and_task_collects_unused_blobs(store):
@@ -100,7 +110,7 @@ def test_delete_version_and_task_collects_unused_blobs(store):
     store.commit(first)
     store.commit(make_patch(tensors=dict(first.tensors, **{"head.bias": torch.ones(3)})))
     assert store.delete("flowers", 2) == [2]
-    assert store.stats().blob_bytes == first.nbytes  # the v2-only blob is gone
+    assert store.stats().blob_bytes == _stored(first.tensors)  # the v2-only blob is gone
     assert store.commit(make_patch(seed=5)) == 3  # deleted numbers are not reused
     assert store.delete("flowers") == [1, 3]
     stats = store.stats()
@@ -200,19 +210,19 @@ def test_commit_many_with_new_base_weights_is_all_or_nothing(store, monkeypatch)
 
 
 @pytest.mark.parametrize("damage", ["tamper", "truncate"])
-def test_damaged_blob_raises_integrity_error_naming_the_tensor(store, store_url, damage):
+def test_damaged_blob_raises_integrity_error_naming_the_part(store, store_url, damage):
     store.commit(make_patch())
     engine = create_engine(store_url)
     with engine.begin() as conn:
         sha, data = conn.execute(
             select(BlobRow.sha256, BlobRow.data)
-            .join(VersionTensorRow, VersionTensorRow.blob_sha256 == BlobRow.sha256)
-            .where(VersionTensorRow.name == "head.weight")
+            .join(VersionPartRow, VersionPartRow.blob_sha256 == BlobRow.sha256)
+            .where(VersionPartRow.part == "patch")
         ).one()
         bad = data[:-4] if damage == "truncate" else bytes([data[0] ^ 1]) + data[1:]
         conn.execute(update(BlobRow).where(BlobRow.sha256 == sha).values(data=bad))
     engine.dispose()
-    with pytest.raises(StoreIntegrityError, match="'flowers' version 1, tensor 'head.weight'"):
+    with pytest.raises(StoreIntegrityError, match="'flowers' version 1, part 'patch'"):
         store.load("flowers")
 
 

@@ -25,6 +25,7 @@ from taps_cl.storage.database import (
     writable,
 )
 from taps_cl.storage.failures import translated
+from taps_cl.storage.listing import ListingCache, bump_generation
 
 T = TypeVar("T")
 _RETRIES = 12
@@ -46,6 +47,7 @@ class StoreConnection:
         with translated(where):
             self._url = resolve_url(url)
         self._read_engine = self._write_engine = None
+        self._listing = ListingCache()  # task listings, valid while the generation stands
         try:
             with translated(self.url):
                 self._open(create, readonly)
@@ -92,7 +94,8 @@ class StoreConnection:
         self.close()
 
     def _write(self, work: Callable[[Session], T]) -> T:
-        """Run ``work`` in one write transaction; retry the whole of it on transient conflicts."""
+        """Run ``work`` in one write transaction; retry the whole of it on transient conflicts.
+        The transaction ends by bumping the store generation (:mod:`taps_cl.storage.listing`)."""
         if self.readonly:
             raise StoreReadOnlyError(
                 f"task store {self.url} is open read-only; open it with write access to change it"
@@ -100,7 +103,9 @@ class StoreConnection:
         for attempt in range(_RETRIES):
             try:
                 with translated(self.url), self._writer.begin() as session:
-                    return work(session)
+                    result = work(session)
+                    bump_generation(session)
+                    return result
             except StoreError as err:
                 cause = err.__cause__
                 if not isinstance(cause, DBAPIError) or attempt + 1 == _RETRIES:

@@ -101,6 +101,9 @@ class VersionRow(Model):
     # sha256 over its tensor rows, classes, layers and config (storage/digest.py); checked on
     # every read. Nullable only because SQLite cannot add a NOT NULL column to filled tables.
     digest: Mapped[str | None] = mapped_column(String(64))
+    # tensors stored as packed parts (version_parts, revision 0004) instead of one
+    # version_tensors row and blob per tensor; the digest is then format 2 (storage/digest.py)
+    packed: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
 
 
 class BlobRow(Model):
@@ -123,6 +126,29 @@ class VersionTensorRow(Model):
     blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     dtype: Mapped[str] = mapped_column(String(32))
     shape: Mapped[list[int]] = mapped_column(JSON)
+
+
+class VersionPartRow(Model):
+    """(version, part) -> the blob holding that part of its tensors as one safetensors byte
+    string (storage/packing.py): ``patch`` (the patch) and ``route`` (routing statistics)."""
+
+    __tablename__ = "version_parts"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("task_versions.id"), primary_key=True)
+    part: Mapped[str] = mapped_column(String(32), primary_key=True)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    num_tensors: Mapped[int] = mapped_column(Integer)
+    nbytes: Mapped[int] = mapped_column(BigInteger)  # of the tensors (the blob adds a header)
+
+
+class StoreStateRow(Model):
+    """One row: a generation counter bumped by every write transaction, so that a reader can
+    tell with one cheap query whether anything changed since it last listed the store."""
+
+    __tablename__ = "store_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)
 
 
 class BaseTensorRow(Model):

@@ -1,5 +1,6 @@
-"""Reads and writes on an open session. ``TaskStore`` owns the transactions around them: every
-function here either runs inside one write transaction or only reads."""
+"""Writes on an open session, and the lookups they start from. ``TaskStore`` owns the
+transactions around them: every function here either runs inside one write transaction or only
+reads. Reading tensors back is :mod:`taps_cl.storage.reads`."""
 
 from __future__ import annotations
 
@@ -7,24 +8,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, literal, select
 from sqlalchemy.orm import Session
 
-from taps_cl.errors import StoreIntegrityError, UnknownBaseError, UnknownTaskError
+from taps_cl.errors import UnknownBaseError, UnknownTaskError
 from taps_cl.routing.stats import ROUTE_PREFIX, RouteStats
-from taps_cl.storage.digest import version_digest
+from taps_cl.storage.digest import packed_digest, version_digest
 from taps_cl.storage.models import (
     BaseRow,
     BaseTensorRow,
     BlobRow,
     TaskRow,
+    VersionPartRow,
     VersionRow,
     VersionTensorRow,
 )
-from taps_cl.storage.serialize import sha256, tensor_from_bytes, tensor_to_bytes
+from taps_cl.storage.packing import ROUTE, Part, pack
+from taps_cl.storage.serialize import sha256, tensor_to_bytes
 from taps_cl.taps.patch import TaskPatch
 
-_CHUNK = 500  # keeps IN (...) lists well below every driver's parameter limit
+CHUNK = 500  # keeps IN (...) lists well below every driver's parameter limit
 
 
 @dataclass
@@ -45,13 +48,31 @@ class Encoded:
         return cls(refs, blobs)
 
 
+Parts = dict[str, Part]  # part name -> packed part (storage/packing.py)
+
+
 @dataclass
 class PreparedVersion:
     patch: TaskPatch
     metrics: dict[str, Any]
     config: dict[str, Any]
-    encoded: Encoded
+    parts: Parts  # the patch's tensors, packed (new versions are always packed)
     routable: bool = False  # the patch carries valid route statistics
+
+
+@dataclass
+class RouteTensors:
+    """Route statistics to attach to a version, encoded both ways before any lock: per tensor
+    (versions stored before packing keep that form) and as a packed ``route`` part."""
+
+    encoded: Encoded
+    part: Part
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> RouteTensors:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return cls(Encoded.of(tensors), pack(tensors)[ROUTE], nbytes)
 
 
 def check_route_tensors(tensors: dict[str, torch.Tensor], num_classes: int) -> bool:
@@ -90,8 +111,8 @@ def ensure_base(session: Session, fingerprint: str) -> BaseRow:
 def put_blobs(session: Session, blobs: dict[str, bytes]) -> int:
     """Insert the blobs the store lacks; return how many bytes that added."""
     keys, existing = list(blobs), set()
-    for i in range(0, len(keys), _CHUNK):
-        chunk = keys[i : i + _CHUNK]
+    for i in range(0, len(keys), CHUNK):
+        chunk = keys[i : i + CHUNK]
         existing.update(session.scalars(select(BlobRow.sha256).where(BlobRow.sha256.in_(chunk))))
     new = [{"sha256": k, "size": len(d), "data": d} for k, d in blobs.items() if k not in existing]
     if new:
@@ -99,12 +120,23 @@ def put_blobs(session: Session, blobs: dict[str, bytes]) -> int:
     return sum(row["size"] for row in new)
 
 
-def insert_tensor_rows(session: Session, version_id: int, encoded: Encoded) -> None:
+def insert_tensor_rows(session: Session, version_id: int, encoded: Encoded | Parts) -> None:
+    """The rows that point a version at its tensors' blobs: one per part of a packed version,
+    one per tensor of a version stored before packing."""
+    if isinstance(encoded, Encoded):
+        rows = [
+            {"version_id": version_id, "name": n, "blob_sha256": s, "dtype": d, "shape": shape}
+            for n, s, d, shape in encoded.refs
+        ]
+        session.execute(insert(VersionTensorRow), rows)
+        return
     rows = [
-        {"version_id": version_id, "name": n, "blob_sha256": s, "dtype": d, "shape": shape}
-        for n, s, d, shape in encoded.refs
+        {"version_id": version_id, "part": p.part, "blob_sha256": p.sha256}
+        | {"num_tensors": p.num_tensors, "nbytes": p.nbytes}
+        for p in encoded.values()
     ]
-    session.execute(insert(VersionTensorRow), rows)
+    if rows:
+        session.execute(insert(VersionPartRow), rows)
 
 
 def insert_version(session: Session, prep: PreparedVersion) -> int:
@@ -131,7 +163,7 @@ def insert_version(session: Session, prep: PreparedVersion) -> int:
         session.add(task)
         session.flush()
     version = task.last_version + 1
-    added = put_blobs(session, prep.encoded.blobs)
+    added = put_blobs(session, {p.sha256: p.data for p in prep.parts.values()})
     row = VersionRow(
         task_id=task.id,
         version=version,
@@ -142,15 +174,16 @@ def insert_version(session: Session, prep: PreparedVersion) -> int:
         config=prep.config,
         metrics=prep.metrics,
         num_parameters=patch.num_parameters,
-        num_tensors=len(prep.encoded.refs),
+        num_tensors=sum(p.num_tensors for p in prep.parts.values()),
         nbytes=patch.nbytes,
         added_bytes=added,
         routable=prep.routable,
+        packed=True,
     )
-    row.digest = row_digest(row, prep.encoded.refs)
+    row.digest = parts_digest(row, [(p.part, p.sha256) for p in prep.parts.values()])
     session.add(row)
     session.flush()
-    insert_tensor_rows(session, row.id, prep.encoded)
+    insert_tensor_rows(session, row.id, prep.parts)
     task.current_version = task.last_version = version
     task.num_classes, task.class_names = patch.num_classes, patch.class_names
     return version
@@ -162,46 +195,67 @@ def lock_task(session: Session, task: TaskRow) -> TaskRow:
 
 
 def add_route_tensors(
-    session: Session, row: VersionRow, encoded: Encoded, nbytes: int, replace: bool
+    session: Session, row: VersionRow, route: RouteTensors, replace: bool
 ) -> None:
-    """Attach ``route.*`` tensors to an existing version; its other tensors stay as they are.
+    """Attach ``route.*`` tensors to an existing version; its other tensors stay as they are
+    (a packed version gets a new ``route`` part, one stored before packing per-tensor rows).
 
     Existing route tensors are an error unless ``replace``; replaced blobs nobody else uses go.
     """
-    route = VersionTensorRow.name.like(f"{ROUTE_PREFIX}%")
-    mine = (VersionTensorRow.version_id == row.id) & route
-    old = list(
-        session.execute(
-            select(VersionTensorRow.blob_sha256, BlobRow.size)
-            .join(BlobRow, BlobRow.sha256 == VersionTensorRow.blob_sha256)
-            .where(mine)
-        )
+    swap = _swap_route_part if row.packed else _swap_route_rows
+    old, rows, blobs, count = swap(session, row, route, replace)
+    added = put_blobs(session, blobs)
+    insert_tensor_rows(session, row.id, rows)
+    row.num_tensors += count - sum(n for _, n, _ in old)
+    row.nbytes += route.nbytes - sum(size for _, _, size in old)
+    row.added_bytes += added
+    row.routable = True
+    session.flush()
+    row.digest = current_digest(session, row)  # same transaction as the rows
+    session.flush()
+    gc_blobs(session, {sha for sha, _, _ in old} - set(blobs))
+
+
+def _swap_route_part(session: Session, row: VersionRow, route: RouteTensors, replace: bool):  # noqa: ANN202
+    """Remove a packed version's ``route`` part row: (old (sha, tensors, bytes), new rows,
+    new blobs, new tensor count)."""
+    t = VersionPartRow
+    mine = (t.version_id == row.id) & (t.part == ROUTE)
+    old = list(session.execute(select(t.blob_sha256, t.num_tensors, t.nbytes).where(mine)))
+    _refuse_existing(old, row, replace)
+    session.execute(delete(t).where(mine))
+    part = route.part
+    return old, {ROUTE: part}, {part.sha256: part.data}, part.num_tensors
+
+
+def _swap_route_rows(session: Session, row: VersionRow, route: RouteTensors, replace: bool):  # noqa: ANN202
+    """As :func:`_swap_route_part`, for a version stored per tensor."""
+    t = VersionTensorRow
+    mine = (t.version_id == row.id) & t.name.like(f"{ROUTE_PREFIX}%")
+    stmt = select(t.blob_sha256, literal(1), BlobRow.size).join(
+        BlobRow, BlobRow.sha256 == t.blob_sha256
     )
+    old = list(session.execute(stmt.where(mine)))
+    _refuse_existing(old, row, replace)
+    session.execute(delete(t).where(mine))
+    return old, route.encoded, route.encoded.blobs, len(route.encoded.refs)
+
+
+def _refuse_existing(old: list, row: VersionRow, replace: bool) -> None:
     if old and not replace:
         raise ValueError(
             f"version {row.version} already has route statistics; pass replace=True to replace"
         )
-    session.execute(delete(VersionTensorRow).where(mine))
-    added = put_blobs(session, encoded.blobs)
-    insert_tensor_rows(session, row.id, encoded)
-    row.num_tensors += len(encoded.refs) - len(old)
-    row.nbytes += nbytes - sum(size for _, size in old)
-    row.added_bytes += added
-    row.routable = True
-    row.digest = row_digest(row, tensor_refs(session, row))  # same transaction as the rows
-    session.flush()
-    gc_blobs(session, {sha for sha, _ in old} - set(encoded.blobs))
 
 
 def delete_versions(session: Session, task: TaskRow, rows: list[VersionRow]) -> None:
     """Delete versions (and the task once it has none), then the blobs nobody references."""
     ids = [r.id for r in rows]
-    shas = set(
-        session.scalars(
-            select(VersionTensorRow.blob_sha256).where(VersionTensorRow.version_id.in_(ids))
-        )
-    )
-    session.execute(delete(VersionTensorRow).where(VersionTensorRow.version_id.in_(ids)))
+    shas: set[str] = set()
+    for table in (VersionTensorRow, VersionPartRow):
+        mine = table.version_id.in_(ids)
+        shas.update(session.scalars(select(table.blob_sha256).where(mine)))
+        session.execute(delete(table).where(mine))
     session.execute(delete(VersionRow).where(VersionRow.id.in_(ids)))
     latest = session.scalars(
         select(VersionRow).where(VersionRow.task_id == task.id).order_by(VersionRow.version.desc())
@@ -218,17 +272,20 @@ def delete_versions(session: Session, task: TaskRow, rows: list[VersionRow]) -> 
 def gc_blobs(session: Session, candidates: set[str]) -> None:
     """Delete the candidate blobs that no version and no base references any more."""
     keys = sorted(candidates)
-    for i in range(0, len(keys), _CHUNK):
+    for i in range(0, len(keys), CHUNK):
         used_by_version = select(VersionTensorRow.blob_sha256).where(
             VersionTensorRow.blob_sha256 == BlobRow.sha256
+        )
+        used_by_part = select(VersionPartRow.blob_sha256).where(
+            VersionPartRow.blob_sha256 == BlobRow.sha256
         )
         used_by_base = select(BaseTensorRow.blob_sha256).where(
             BaseTensorRow.blob_sha256 == BlobRow.sha256
         )
         session.execute(
             delete(BlobRow)
-            .where(BlobRow.sha256.in_(keys[i : i + _CHUNK]))
-            .where(~used_by_version.exists(), ~used_by_base.exists()),
+            .where(BlobRow.sha256.in_(keys[i : i + CHUNK]))
+            .where(~used_by_version.exists(), ~used_by_part.exists(), ~used_by_base.exists()),
             execution_options={"synchronize_session": False},
         )
 
@@ -250,7 +307,7 @@ def replace_base_weights(session: Session, fingerprint: str, encoded: Encoded) -
     gc_blobs(session, old - set(encoded.blobs))
 
 
-# -- reads -----------------------------------------------------------------------------------
+# -- lookups ---------------------------------------------------------------------------------
 
 
 def find_task(session: Session, name: str, base: str | None, where: str) -> TaskRow:
@@ -288,8 +345,12 @@ def find_base(session: Session, fingerprint: str) -> BaseRow:
     return row
 
 
+# -- digests ---------------------------------------------------------------------------------
+
+
 def row_digest(row: VersionRow, refs: list) -> str:
-    """The digest of a version's rows; ``refs`` = (name, blob sha256, dtype, shape)."""
+    """The format-1 digest of a version stored per tensor; ``refs`` = (name, blob sha256,
+    dtype, shape)."""
     return version_digest(
         num_classes=row.num_classes,
         class_names=row.class_names,
@@ -300,77 +361,34 @@ def row_digest(row: VersionRow, refs: list) -> str:
     )
 
 
+def parts_digest(row: VersionRow, parts: list) -> str:
+    """The format-2 digest of a packed version; ``parts`` = (part name, blob sha256)."""
+    return packed_digest(
+        num_classes=row.num_classes,
+        class_names=row.class_names,
+        num_layers=row.num_layers,
+        active_layers=row.active_layers,
+        config=row.config,
+        parts=parts,
+    )
+
+
 def tensor_refs(session: Session, row: VersionRow) -> list:
+    """(name, blob sha256, dtype, shape) of a version stored per tensor."""
     t = VersionTensorRow
     stmt = select(t.name, t.blob_sha256, t.dtype, t.shape).where(t.version_id == row.id)
     return [tuple(r) for r in session.execute(stmt)]
 
 
-def check_digest(row: VersionRow, refs: list, where: str) -> None:
-    """``StoreIntegrityError`` unless the version's rows match the digest written with them."""
-    try:
-        actual = row_digest(row, refs)
-    except (TypeError, ValueError) as err:  # e.g. a shape edited into a string or a NaN
-        raise StoreIntegrityError(f"{where}: stored rows are unreadable ({err})") from err
-    if row.digest != actual:
-        raise StoreIntegrityError(
-            f"{where}: its stored rows (tensor dtypes, shapes or names, classes, layers or "
-            "config) do not match their digest; the database was edited or damaged: restore "
-            "it from a backup or re-import the task"
-        )
+def part_refs(session: Session, row: VersionRow) -> list:
+    """(part name, blob sha256) of a packed version."""
+    t = VersionPartRow
+    stmt = select(t.part, t.blob_sha256).where(t.version_id == row.id)
+    return [tuple(r) for r in session.execute(stmt)]
 
 
-def _decode(row: Any, where: str) -> torch.Tensor:
-    if row.data is None:
-        raise StoreIntegrityError(f"{where}, tensor {row.name!r}: blob {row.sha[:12]} is missing")
-    if sha256(row.data) != row.sha:
-        raise StoreIntegrityError(
-            f"{where}, tensor {row.name!r}: blob {row.sha[:12]} fails its sha256 check "
-            "(the stored bytes were changed or truncated)"
-        )
-    try:
-        return tensor_from_bytes(row.data, row.dtype, row.shape)
-    except ValueError as err:
-        raise StoreIntegrityError(f"{where}, tensor {row.name!r}: {err}") from err
-
-
-def _tensor_rows(session: Session, table: type, where_clause: Any, order: Any) -> list:
-    stmt = (
-        select(table.name, table.dtype, table.shape, table.blob_sha256.label("sha"), BlobRow.data)
-        .outerjoin(BlobRow, BlobRow.sha256 == table.blob_sha256)
-        .where(where_clause)
-        .order_by(order)
-    )
-    return list(session.execute(stmt))
-
-
-def read_version_tensors(session: Session, row: VersionRow, where: str) -> dict:
-    rows = _tensor_rows(
-        session, VersionTensorRow, VersionTensorRow.version_id == row.id, VersionTensorRow.name
-    )
-    if len(rows) != row.num_tensors:
-        raise StoreIntegrityError(f"{where}: {len(rows)} tensors found, {row.num_tensors} written")
-    check_digest(row, [(r.name, r.sha, r.dtype, r.shape) for r in rows], where)
-    return {r.name: _decode(r, where) for r in rows}
-
-
-def read_route_tensors(session: Session, row: VersionRow, where: str) -> dict:
-    """Only the ``route.*`` tensors of a version (the router needs nothing else)."""
-    check_digest(row, tensor_refs(session, row), where)
-    rows = _tensor_rows(
-        session,
-        VersionTensorRow,
-        (VersionTensorRow.version_id == row.id) & VersionTensorRow.name.like(f"{ROUTE_PREFIX}%"),
-        VersionTensorRow.name,
-    )
-    return {r.name: _decode(r, where) for r in rows}
-
-
-def read_base_tensors(session: Session, fingerprint: str) -> dict:
-    rows = _tensor_rows(
-        session,
-        BaseTensorRow,
-        BaseTensorRow.base_fingerprint == fingerprint,
-        BaseTensorRow.position,
-    )
-    return {r.name: _decode(r, f"base {fingerprint[:12]}") for r in rows}
+def current_digest(session: Session, row: VersionRow) -> str:
+    """The digest a version's rows have now, in the version's format."""
+    if row.packed:
+        return parts_digest(row, part_refs(session, row))
+    return row_digest(row, tensor_refs(session, row))

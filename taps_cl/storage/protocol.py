@@ -20,7 +20,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from taps_cl.routing.stats import RouteStats
-from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
+from taps_cl.storage.records import (
+    BaseRecord,
+    RouteStatsRecord,
+    StoredTask,
+    StoreStats,
+    VersionRecord,
+)
 from taps_cl.taps.patch import TaskPatch
 
 
@@ -123,6 +129,18 @@ class TaskStoreAPI(Protocol):
         allow_new_base: bool = False,
         layout: Mapping[str, Any] | None = None,
     ) -> VersionRecord: ...
+
+
+@runtime_checkable
+class BulkRouteStats(Protocol):
+    """An optional extra of a store: the route statistics of many versions in a few queries
+    (a server building a router over every routable task reads them all). Stores without it
+    are read one version at a time through :meth:`TaskStoreAPI.route_stats`."""
+
+    def route_stats_many(
+        self, versions: Mapping[str, int], *, base: str
+    ) -> dict[str, RouteStatsRecord]:
+        """Task name -> its statistics and config at the given version, of tasks on ``base``."""
 
 
 def missing_members(store: object) -> list[str]:

@@ -10,9 +10,11 @@ from taps_cl.storage.models import (
     BaseTensorRow,
     BlobRow,
     TaskRow,
+    VersionPartRow,
     VersionRow,
     VersionTensorRow,
 )
+from taps_cl.storage.packing import ROUTE
 from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord, as_utc
 
 
@@ -31,8 +33,8 @@ ROUTE_PREFIX = "route."  # the patch tensors that are routing statistics (TaskPa
 
 
 def route_bytes(session: Session, version_ids: list[int]) -> dict[int, int]:
-    """Version id -> bytes of its routing statistics (``route.*`` tensors; 0 without), so a
-    version's bytes split into patch and routing statistics without a schema change."""
+    """Version id -> bytes of its routing statistics (``route.*`` tensors; 0 without): the
+    ``route`` part of a packed version, the ``route.*`` tensor rows of one stored per tensor."""
     if not version_ids:
         return {}
     rows = session.execute(
@@ -43,6 +45,12 @@ def route_bytes(session: Session, version_ids: list[int]) -> dict[int, int]:
         .group_by(VersionTensorRow.version_id)
     )
     found = {int(v): int(n or 0) for v, n in rows}
+    parts = session.execute(
+        select(VersionPartRow.version_id, VersionPartRow.nbytes)
+        .where(VersionPartRow.version_id.in_(version_ids))
+        .where(VersionPartRow.part == ROUTE)
+    )
+    found.update({int(v): int(n) for v, n in parts})
     return {v: found.get(v, 0) for v in version_ids}
 
 
@@ -150,9 +158,14 @@ def store_stats(session: Session) -> StoreStats:
         select(func.count(BlobRow.sha256), func.coalesce(func.sum(BlobRow.size), 0))
     ).one()
     refs, logical = 0, 0
-    for table in (VersionTensorRow, BaseTensorRow):
+    parts = func.coalesce(func.sum(VersionPartRow.num_tensors), 0)  # a part holds many tensors
+    for table, count in (
+        (VersionTensorRow, func.count(VersionTensorRow.blob_sha256)),
+        (VersionPartRow, parts),
+        (BaseTensorRow, func.count(BaseTensorRow.blob_sha256)),
+    ):
         n, size = session.execute(
-            select(func.count(table.blob_sha256), func.coalesce(func.sum(BlobRow.size), 0))
+            select(count, func.coalesce(func.sum(BlobRow.size), 0))
             .select_from(table)
             .join(BlobRow, BlobRow.sha256 == table.blob_sha256)
         ).one()

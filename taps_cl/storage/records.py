@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from taps_cl.routing.stats import RouteStats
+
 
 def as_utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; the store only ever writes UTC."""
@@ -66,8 +68,18 @@ class StoreStats:
     bases: int
     tasks: int
     versions: int
-    tensors: int  # (version or base, tensor) references
-    blobs: int  # distinct stored tensors
+    tensors: int  # (version or base, tensor) references, packed tensors included
+    blobs: int  # distinct stored blobs (a tensor, or a packed part of versions)
     blob_bytes: int  # bytes actually stored
     logical_bytes: int  # bytes all references would take without dedup
     dedup_saved_bytes: int  # logical_bytes - blob_bytes
+
+
+@dataclass(frozen=True)
+class RouteStatsRecord:
+    """What a router needs of one routable version (``TaskStore.route_stats_many``)."""
+
+    name: str  # task name
+    version: int
+    stats: RouteStats  # its routing statistics
+    config: dict[str, Any]  # its config (the preprocessing its inputs need)

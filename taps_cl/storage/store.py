@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 import taps_cl.storage.files as files
 import taps_cl.storage.ops as ops
 import taps_cl.storage.queries as queries
+import taps_cl.storage.reads as reads
 from taps_cl.bases import state_fingerprint
 from taps_cl.errors import StoreIntegrityError, UnknownBaseError
 from taps_cl.routing.stats import RouteStats
@@ -23,8 +24,15 @@ from taps_cl.storage.database import checkpoint
 from taps_cl.storage.failures import translated
 from taps_cl.storage.layout import validate_layout
 from taps_cl.storage.models import BaseRow, VersionRow
+from taps_cl.storage.prepare import base_weights_work, prepared
 from taps_cl.storage.protocol import TaskStoreAPI, missing_members
-from taps_cl.storage.records import BaseRecord, StoredTask, StoreStats, VersionRecord
+from taps_cl.storage.records import (
+    BaseRecord,
+    RouteStatsRecord,
+    StoredTask,
+    StoreStats,
+    VersionRecord,
+)
 from taps_cl.storage.serialize import json_dict, validate_fingerprint
 from taps_cl.taps.patch import TaskPatch, validate_task_name, validate_version
 
@@ -120,7 +128,7 @@ class TaskStore(StoreConnection):
     ) -> BaseRecord:
         """Store a whole base's state_dict (e.g. the new base of joint training), deduplicated
         against every other blob. ``fingerprint`` must be the state_dict's own fingerprint."""
-        self._write(_base_weights_work(fingerprint, state_dict, name, source))
+        self._write(base_weights_work(fingerprint, state_dict, name, source))
         return self.base(fingerprint)
 
     def load_base_weights(self, fingerprint: str) -> dict[str, torch.Tensor]:
@@ -129,7 +137,7 @@ class TaskStore(StoreConnection):
         validate_fingerprint(fingerprint)
         with self._read() as session:
             ops.find_base(session, fingerprint)
-            state = ops.read_base_tensors(session, fingerprint)
+            state = reads.read_base_tensors(session, fingerprint)
         if not state:
             raise UnknownBaseError(f"the store holds no weights for base {fingerprint}")
         if state_fingerprint(state) != fingerprint:
@@ -151,7 +159,7 @@ class TaskStore(StoreConnection):
         ``patch.config`` (e.g. to add the training settings). The patch's base is recorded by
         fingerprint and registered under a placeholder name the first time it is seen.
         """
-        prep = _prepared(patch, metrics, config)
+        prep = prepared(patch, metrics, config)
         return self._write(lambda session: ops.insert_version(session, prep))
 
     def commit_many(
@@ -177,10 +185,10 @@ class TaskStore(StoreConnection):
         unknown = sorted(set(metrics) - {name for _, name in keys})
         if unknown:
             raise ValueError(f"metrics given for tasks not in patches: {unknown}")
-        preps = [_prepared(p, metrics.get(p.name), config) for p in patches]
+        preps = [prepared(p, metrics.get(p.name), config) for p in patches]
         # A fixed locking order keeps two concurrent commit_many calls from deadlocking.
         order = sorted(range(len(preps)), key=lambda i: keys[i])
-        base_work = _base_weights_work(*base_weights) if base_weights else None
+        base_work = base_weights_work(*base_weights) if base_weights else None
 
         def work(session: Session) -> list[int]:
             if base_work is not None:
@@ -203,7 +211,7 @@ class TaskStore(StoreConnection):
             task = ops.find_task(session, name, base, self.url)
             row = ops.find_version(session, task, version)
             where = f"task {name!r} version {row.version}"
-            tensors = ops.read_version_tensors(session, row, where)
+            tensors = reads.read_version_tensors(session, row, where)
         return TaskPatch(
             name=name,
             num_classes=row.num_classes,
@@ -233,14 +241,13 @@ class TaskStore(StoreConnection):
         if not isinstance(stats, RouteStats):
             raise TypeError(f"stats must be RouteStats, got {type(stats).__name__}")
         tensors = stats.to_tensors()
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        encoded = ops.Encoded.of(tensors)
+        route = ops.RouteTensors.of(tensors)
 
         def work(session: Session) -> VersionRecord:
             task = ops.lock_task(session, ops.find_task(session, name, base, self.url))
             row = ops.find_version(session, task, version)
             ops.check_route_tensors(tensors, row.num_classes)
-            ops.add_route_tensors(session, row, encoded, nbytes, replace)
+            ops.add_route_tensors(session, row, route, replace)
             session.flush()
             return queries.version_record(task, row, queries.route_bytes(session, [row.id])[row.id])
 
@@ -258,20 +265,35 @@ class TaskStore(StoreConnection):
             where = f"task {name!r} version {row.version}"
             if not row.routable:
                 raise ValueError(f"{where} has no route statistics (add_route_stats adds them)")
-            tensors = ops.read_route_tensors(session, row, where)
-        try:
-            return RouteStats.from_tensors(tensors)
-        except ValueError as err:
-            raise StoreIntegrityError(
-                f"{where}: stored route statistics are invalid: {err}"
-            ) from err
+            tensors = reads.read_route_tensors(session, row, where)
+        return _route_stats(tensors, where)
+
+    def route_stats_many(
+        self, versions: Mapping[str, int], *, base: str
+    ) -> dict[str, RouteStatsRecord]:
+        """The route statistics and config of many versions of tasks on ``base`` (task name ->
+        version) in a few queries, checked as :meth:`route_stats` checks one: what a server
+        reads to build a router over every routable task."""
+        validate_fingerprint(base)
+        wanted = {validate_task_name(n): validate_version(v) for n, v in dict(versions).items()}
+        if None in wanted.values():
+            raise ValueError("route_stats_many needs a version number for every task")
+        with self._read() as session:
+            found = reads.read_routes_many(session, base, wanted, self.url)
+        out = {}
+        for name, (row, tensors) in found.items():
+            stats = _route_stats(tensors, f"task {name!r} version {row.version}")
+            out[name] = RouteStatsRecord(name, row.version, stats, dict(row.config))
+        return out
 
     def list_tasks(self, *, base: str | None = None) -> list[StoredTask]:
-        """Every task (optionally of one base), by name."""
+        """Every task (optionally of one base), by name. Read again only when the store changed
+        (any process's write moves its generation, :mod:`taps_cl.storage.listing`); the
+        records are shared with later calls: treat them as read-only."""
         if base is not None:
             validate_fingerprint(base)
         with self._read() as session:
-            return queries.task_records(session, base)
+            return self._listing.tasks(session, base, queries.task_records)
 
     def versions(self, name: str, *, base: str | None = None) -> list[VersionRecord]:
         """Every stored version of ``name``, oldest first."""
@@ -345,7 +367,7 @@ class TaskStore(StoreConnection):
         Refusals raise :class:`~taps_cl.errors.InvalidPatchError` and change nothing.
         """
         patch, metrics, label = files.checked_import(self, path, allow_new_base, layout)
-        prep = _prepared(patch, metrics, None)
+        prep = prepared(patch, metrics, None)
 
         def work(session: Session) -> int:
             if session.get(BaseRow, patch.base_fingerprint) is None:
@@ -363,47 +385,11 @@ class TaskStore(StoreConnection):
             return queries.store_stats(session)
 
 
-def _prepared(
-    patch: TaskPatch, metrics: Mapping | None, config: Mapping | None
-) -> ops.PreparedVersion:
-    """Validate and encode one version before any lock is taken."""
-    if not isinstance(patch, TaskPatch):
-        raise TypeError(f"expected a TaskPatch, got {type(patch).__name__}")
-    validate_task_name(patch.name)
-    validate_fingerprint(patch.base_fingerprint)
-    merged = {**json_dict(patch.config, "patch.config"), **json_dict(config, "config")}
-    routable = ops.check_route_tensors(patch.tensors, patch.num_classes)
-    return ops.PreparedVersion(
-        patch, json_dict(metrics, "metrics"), merged, ops.Encoded.of(patch.tensors), routable
-    )
-
-
-def _base_weights_work(
-    fingerprint: str,
-    state_dict: Mapping[str, torch.Tensor],
-    name: str | None,
-    source: str,
-) -> Callable[[Session], None]:
-    """Validate and encode base weights now; return the write to run inside a transaction."""
-    validate_fingerprint(fingerprint)
-    if not isinstance(state_dict, Mapping) or not state_dict:
-        raise ValueError("state_dict must be a non-empty mapping of name -> tensor")
-    actual = state_fingerprint(state_dict)
-    if actual != fingerprint:
-        raise ValueError(f"state_dict has fingerprint {actual[:12]}, not {fingerprint[:12]}")
-    encoded = ops.Encoded.of(dict(state_dict))
-    num = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
-
-    def work(session: Session) -> None:
-        if session.get(BaseRow, fingerprint) is None:
-            label = name or f"base-{fingerprint[:12]}"
-            session.add(
-                BaseRow(fingerprint=fingerprint, name=label, source=source, num_parameters=num)
-            )
-            session.flush()
-        ops.replace_base_weights(session, fingerprint, encoded)
-
-    return work
+def _route_stats(tensors: dict[str, torch.Tensor], where: str) -> RouteStats:
+    try:
+        return RouteStats.from_tensors(tensors)
+    except ValueError as err:
+        raise StoreIntegrityError(f"{where}: stored route statistics are invalid: {err}") from err
 
 
 def open_store(store: str | os.PathLike | URL | TaskStoreAPI | None) -> TaskStoreAPI:
