@@ -88,10 +88,12 @@ def latencies(engines: dict[int, Engine], name: str, inputs: dict, repeats: int)
 
 
 def router_costs(engine: Engine, extra: tuple[str, object], z: torch.Tensor) -> dict:
-    """Router build from every task's statistics (store read apart from the math), and adding
-    one task to the built router (derive, then ready to route: the projection)."""
-    names = [r.name for r in engine.tasks() if r.routable]
-    stats, read = timed(lambda: {n: engine.store.route_stats(n) for n in names})
+    """Router build from every task's statistics (store read apart from the math: one bulk
+    read, as a server building its router does), and adding one task to the built router
+    (derive, then ready to route: the projection)."""
+    wanted = {r.name: r.current_version for r in engine.tasks() if r.routable}
+    records, read = timed(lambda: engine.store.route_stats_many(wanted, base=engine.fingerprint))
+    stats = {n: rec.stats for n, rec in records.items()}
     router, build = timed(lambda: TaskRouter(stats))
     _, first = timed(lambda: router.route(z))
     derived, derive = timed(lambda: router.derive({extra[0]: extra[1]}))

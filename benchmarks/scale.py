@@ -160,7 +160,7 @@ ROWS = [
     ("cold load p50 / p99 ms", ("cold_load_p50_ms", "cold_load_p99_ms"), "{:.0f}"),
     ("warm predict (1 image) ms: list re-read / cached",
      ("warm_predict_1_ms", "warm_predict_cached_1_ms"), "{:.1f}"),
-    ("route stats read (all tasks) ms", "route_stats_read_ms", "{:.0f}"),
+    ("route stats read (all tasks, bulk) ms", "route_stats_read_ms", "{:.0f}"),
     ("router build ms", "router_build_ms", "{:.0f}"),
     ("add one task: pool / ready ms",
      ("router_add_one_pool_ms", "router_add_one_ready_ms"), "{:.0f}"),

@@ -29,7 +29,7 @@ from taps_cl.data import preprocess
 from taps_cl.errors import UnknownTaskError
 from taps_cl.routing import METHODS, PATCHED_METHODS, RouteResult, RouteStats, TaskRouter
 from taps_cl.serving.routerdiff import changes, closest, superseded
-from taps_cl.storage import StoredTask, TaskStoreAPI
+from taps_cl.storage import BulkRouteStats, StoredTask, TaskStoreAPI
 
 __all__ = ["DEFAULT_METHOD", "Routed", "RoutingHost", "TaskRouting"]
 
@@ -128,17 +128,12 @@ class TaskRouting:
     def _build(self, chosen: list[tuple[str, int]], records: dict) -> _Candidates:
         """The candidates of ``chosen``: derived from the closest cached router when few tasks
         changed (only the changed versions are read from the store), else built afresh."""
-        store, fp = self.host.store, self.host.fingerprint
         cached = list(self._routers.values())
         src = closest([c.versions for c in cached], dict(chosen))
         source = cached[src] if src is not None else None
         added, removed = changes(source.versions if source else {}, dict(chosen))
-        known = self._known_stats()
-        stats, preps = {}, {}
-        for name, version in added.items():
-            stats[name] = known.get((name, version)) or store.route_stats(name, version, base=fp)
-            config = next(v.config for v in store.versions(name, base=fp) if v.version == version)
-            preps[name] = version_preprocessing(config, self.host.preprocessing)
+        stats, configs = self._read(added, fresh=source is None)
+        preps = {n: version_preprocessing(c, self.host.preprocessing) for n, c in configs.items()}
         if source is not None:
             router = source.router.derive(stats, removed)
             preps = {**{n: p for n, p in source.preps.items() if n not in removed}, **preps}
@@ -150,6 +145,22 @@ class TaskRouting:
             {n: records[n].class_names for n, _ in chosen},
             dict(chosen),
         )
+
+    def _read(self, added: dict[str, int], fresh: bool) -> tuple[dict, dict]:
+        """(statistics, config) of the ``added`` versions: in bulk for a fresh router where the
+        store can (a few queries for every task), else one by one (a derived router's few)."""
+        store, fp = self.host.store, self.host.fingerprint
+        if fresh and isinstance(store, BulkRouteStats):
+            read = store.route_stats_many(added, base=fp)
+            return {n: r.stats for n, r in read.items()}, {n: r.config for n, r in read.items()}
+        known = self._known_stats()
+        stats, configs = {}, {}
+        for name, version in added.items():
+            stats[name] = known.get((name, version)) or store.route_stats(name, version, base=fp)
+            configs[name] = next(
+                v.config for v in store.versions(name, base=fp) if v.version == version
+            )
+        return stats, configs
 
     def _known_stats(self) -> dict[tuple[str, int], RouteStats]:
         """Statistics of the versions cached routers already hold (a version's statistics never
