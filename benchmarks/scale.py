@@ -1,7 +1,7 @@
 """Scale: one EfficientNet-Lite0 base carrying 10, 100 and 1,000 stored tasks (SQLite, PostgreSQL).
 
 Two real compact tasks are trained quickly (digits and Fashion-MNIST at 32 px, 1 epoch,
-``delta_rank=32, delta_dtype="int8", budget=0.2``); the rest are perturbed copies of the first
+the release default ``TAPSConfig()``, ``size="compact"``: about 1 MiB per task all in); the rest are perturbed copies of the first
 (``benchmarks/_synthetic.py``: jittered tensors, route statistics of other classes) imported
 through the public path (``Engine.import_task`` of patch files). The store grows 10 -> 100 ->
 1,000 and at each size we measure: store bytes against N x bytes per task, ``tasks()`` and
@@ -40,7 +40,7 @@ from taps_cl.scenarios import get_task
 from taps_cl.taps.patch import TaskPatch
 
 REAL = ("digits", "fashion_mnist")
-CONFIG = TAPSConfig(delta_rank=32, delta_dtype="int8", budget=0.2)
+CONFIG = TAPSConfig()  # the release default: what a user's add_task() stores
 
 
 def train_real(url: str, size: int, max_train: int) -> dict:
