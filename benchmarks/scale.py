@@ -1,13 +1,13 @@
 """Scale: one EfficientNet-Lite0 base carrying 10, 100 and 1,000 stored tasks (SQLite, PostgreSQL).
 
-Two real compact tasks are trained quickly (digits and Fashion-MNIST at 32 px, 1 epoch,
-the release default ``TAPSConfig()``, ``size="compact"``: about 1 MiB per task all in); the rest are perturbed copies of the first
-(``benchmarks/_synthetic.py``: jittered tensors, route statistics of other classes) imported
-through the public path (``Engine.import_task`` of patch files). The store grows 10 -> 100 ->
-1,000 and at each size we measure: store bytes against N x bytes per task, ``tasks()`` and
-``versions()``, cold load p50/p99, warm predict, router build and adding one task to it, routed
-batches of 64 (end to end from 1 and 2 real tasks; in parts for 8 and 32 tasks), resident memory
-of a fresh server with ``max_loaded=16`` and task identification of the real tasks among all.
+Two real compact tasks are trained quickly (digits and Fashion-MNIST at 32 px, 1 epoch, the release
+default ``TAPSConfig()``, ``size="compact"``: about 1 MiB per task all in); the rest are perturbed
+copies of the first (``benchmarks/_synthetic.py``: jittered tensors, route statistics of other
+classes) imported through the public path (``Engine.import_task`` of patch files). The store grows
+10 -> 100 -> 1,000 and at each size we measure: store bytes against N x bytes per task, ``tasks()``
+and ``versions()``, cold load p50/p99, warm predict, router build and adding one task to it, routed
+batches of 64 (end to end from 1 and 2 real tasks; in parts for 8 and 32 tasks), resident memory of
+a fresh server with ``max_loaded=16`` and task identification of the real tasks among all.
 
 PostgreSQL runs on a throwaway cluster (``tests/_pg.py``) when its binaries are installed.
 
