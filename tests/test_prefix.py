@@ -262,7 +262,8 @@ def test_a_chunked_or_foreign_routing_pass_is_not_reused(monkeypatch):
     with recording() as rec:
         extractor(x[:3]), extractor(x[3:])  # two forwards: no single batch to resume from
     assert not rec.usable()
-    other = _tasks(_seeded(ResNetLike), TAPSConfig(size=None, task_norms=False, layers=["layer3.*"]))
+    late = TAPSConfig(size=None, task_norms=False, layers=["layer3.*"])
+    other = _tasks(_seeded(ResNetLike), late)
     _, foreign = _routed(other, x)  # another model's routing pass: its modules differ
     spy = Spy(monkeypatch)
     for r in (rec, foreign):
