@@ -317,3 +317,26 @@ def test_engine_route_resumes_and_answers_as_without(tmp_path, monkeypatch, max_
     assert routed.tasks == plain.tasks and set(routed.tasks) == {"dark", "bright"}
     assert torch.equal(routed.labels, plain.labels)
     assert torch.equal(routed.confidence, plain.confidence)
+
+
+def test_config_layers_restricts_the_gates_a_task_may_open():
+    from tests.tiny import tiny_cnn
+
+    with pytest.raises(TypeError, match="layers"):
+        TAPSConfig(layers="conv2")
+    with pytest.raises(ValueError, match="non-empty"):
+        TAPSConfig(layers=[])
+    with pytest.raises(ValueError, match="match no gated layer"):
+        TAPSModel(tiny_cnn(), TAPSConfig(layers=["conv9*"]))
+    config = TAPSConfig(size=None, layers=("conv2",))
+    assert TAPSConfig.from_json(config.to_json()) == config and config.layers == ["conv2"]
+    model = TAPSModel(tiny_cnn(), config)
+    model.add_task("a", 3)
+    assert model.gates("a") == {"conv1": False, "conv2": True}
+    assert not model.param_groups("a")["score"][0].requires_grad  # closed for good
+    assert model.finalize_task("a").active_layers == ["conv2"]
+    # a patch adapting more layers loads as it is (the patch decides, not this config)
+    full = TAPSModel(tiny_cnn(), TAPSConfig(size=None))
+    full.add_task("b", 2)
+    model.load_patch(full.finalize_task("b"))
+    assert model.gates("b") == {"conv1": True, "conv2": True}
