@@ -17,12 +17,21 @@ of:
 Agreement: every test image of the three tasks, each routed to a task in turn, mixed vs that
 task's merged module: max abs logit difference and argmax agreement.
 
+Late (issue 21's resume target): tasks that adapt only late layers, derived from the three real
+patches (their deltas in ``LATE`` only, no norms of their own: ``TAPSConfig(task_norms=False,
+layers=LATE)``). For K = 1, 2, 5 tasks in a batch of 64, a routed batch (routing pass + mixed
+forward) with and without resuming the mixed forward from the routing pass
+(:mod:`taps_cl.taps.prefix`), against one single-task forward; resumed logits must equal the
+plain ones bit for bit.
+
     python benchmarks/mixed.py      # writes benchmarks/results/mixed.json
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import os
 import platform
 import sys
@@ -42,9 +51,18 @@ from taps_cl.scenarios import get_task
 from taps_cl.taps.merge import shared_merged
 from taps_cl.taps.mixed import MixedTaskModel
 from taps_cl.taps.model import TAPSModel
+from taps_cl.taps.patch import TaskPatch
+from taps_cl.taps.prefix import Resume, recordable, recording
 
 TASKS = ("digits", "fashion_mnist", "lfw_faces")
 COUNTS = (1, 2, 5, 10, 32)
+# Late layers (fnmatch over Lite0's layer names): its last stage and head conv, or its last two
+# stages (at 32 px blocks.5, a 5x5 depthwise stage at 1x1, is most of the forward's time).
+LATE = {
+    "last_stage": ["blocks.6.*", "conv_head"],
+    "last_two_stages": ["blocks.5.*", "blocks.6.*", "conv_head"],
+}
+LATE_COUNTS = (1, 2, 5)
 
 
 def train(engine: Engine, args) -> tuple[dict, dict]:
@@ -132,24 +150,96 @@ def cost(model: TAPSModel, x: torch.Tensor, repeats: int) -> dict:
     return out
 
 
+def late_patch(patch: TaskPatch, layers: list[str], patterns: list[str]) -> TaskPatch:
+    """``patch`` adapting only ``layers`` (its deltas there, every score, its head; no norms)."""
+
+    def kept(key: str) -> bool:
+        kind = key.split(".", 1)[0]
+        if kind in ("head", "route", "score"):
+            return True
+        return kind != "norm" and any(key.endswith("." + n) for n in layers)
+
+    config = {**patch.config, "task_norms": False, "layers": patterns}
+    return dataclasses.replace(
+        patch,
+        tensors={k: v for k, v in patch.tensors.items() if kept(k)},
+        active_layers=[n for n in patch.active_layers if n in layers],
+        config=config,
+    )
+
+
+def late_model(engine: Engine, patterns: list[str]) -> TAPSModel:
+    """A TAPSModel (no task norms) holding late-only versions of the real patches, t0..t4."""
+    base = copy.deepcopy(engine.base_model)
+    config = TAPSConfig(task_norms=False, layers=patterns)
+    model = TAPSModel(base, config, head=engine.head, base_fingerprint=engine.fingerprint)
+    late = [n for n in model.layer_names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    patches = [late_patch(engine.load_patch(n), late, patterns) for n in TASKS]
+    for i in range(max(LATE_COUNTS)):
+        model.load_patch(patches[i % len(patches)], name=f"t{i}")
+    return model.eval()
+
+
+def late_cost(model: TAPSModel, x: torch.Tensor, repeats: int) -> dict:
+    features = recordable(base_feature_extractor(model))
+    single = shared_merged(model, "t0")
+    out = {}
+    for k in LATE_COUNTS:
+        names = [f"t{i}" for i in range(k)]
+        rows = [names[i % k] for i in range(x.shape[0])]
+        mixed = MixedTaskModel(model, names)
+
+        def plain(m=mixed, r=rows) -> torch.Tensor:
+            features(x)
+            return m(x, r)
+
+        def resumed(m=mixed, r=rows) -> torch.Tensor:
+            with recording() as rec:
+                features(x)
+            return m(x, r, resume=Resume(rec))
+
+        with torch.no_grad():
+            same = torch.equal(plain(), resumed())
+            t = interleaved_medians(
+                {"single": lambda: single(x), "routed": plain, "resumed": resumed},
+                repeats,
+                warmup=1,
+            )
+        s = t["single"]
+        out[str(k)] = {**{f"{n}_ms": v * 1e3 for n, v in t.items()},
+                       "routed_x": t["routed"] / s, "resumed_x": t["resumed"] / s,
+                       "bit_for_bit": same}  # fmt: skip
+        c = out[str(k)]
+        print(f"late ({'/'.join(model.config.layers)}), {k} tasks: routed {c['routed_x']:.2f}x, "
+              f"resumed {c['resumed_x']:.2f}x, equal {same} "
+              f"(load {os.getloadavg()[0]:.1f})")  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__, out=RESULTS / "mixed.json")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--max-train", type=int, default=300)
     p.add_argument("--max-test", type=int, default=200)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (timings: 1)")
+    p.add_argument("--late-only", action="store_true", help="only the late (resume) section")
     p.add_argument("--store", default=None, help="keep the trained tasks here (SQLite path); "
                    "a store that holds them already is reused without training")  # fmt: skip
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{args.store or Path(tmp) / 'tasks.db'}"
         engine = Engine("efficientnet_lite0", store=store, device="cpu")
         specs, adapted = train(engine, args)
+        x = torch.cat([engine.preprocess(s.test.tensors[0][:22], n) for n, s in specs.items()])
+        late = {v: late_cost(late_model(engine, p), x[:64], args.repeats) for v, p in LATE.items()}
+        if args.late_only:
+            return
         model = loaded(engine, max(COUNTS))
         agree = agreement(engine, model, specs)
-        x = torch.cat([engine.preprocess(s.test.tensors[0][:22], n) for n, s in specs.items()])
         timing = cost(model, x[:64], args.repeats)
     result = {
         "setup": {"base": "efficientnet_lite0", "image_size": args.size, "batch": 64,
@@ -164,8 +254,10 @@ def main(argv: list[str] | None = None) -> None:
             "routed_mixed_5_tasks_x": timing["5"]["routed_mixed_x"],  # target <= 2.0
             "routed_mixed_growth_2_to_32": timing["32"]["routed_mixed_x"]
             / timing["2"]["routed_mixed_x"],  # target <= 1.1
-            "resume_from_stage": "not implemented (see docs/benchmarks.md)",
+            "resume_from_stage": "see late",
+            "late_resumed_5_tasks_x": {v: c["5"]["resumed_x"] for v, c in late.items()},  # <= 1.5
         },
+        "late": {v: {"layers": LATE[v], "cost": c} for v, c in late.items()},
     }  # fmt: skip
     print_table(
         ["tasks", "mixed / single", "grouped / single", "routed: mixed", "routed: grouped"],

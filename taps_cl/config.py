@@ -161,6 +161,13 @@ class TAPSConfig(_JSONConfig):
         "after training, refit the head in closed form (ridge) on the trained task's own "
         "eval-mode features: short runs end with features the head never caught up with",
     )
+    layers: list[str] | None = _doc(
+        None,
+        "which gated layers a task may adapt: fnmatch patterns over layer names (e.g. "
+        '["blocks.5.*", "blocks.6.*"]); the others start and stay closed (base weight, no '
+        "delta stored). None = every layer. With task_norms off, tasks that adapt only late "
+        "layers let a routed batch resume from the routing pass (docs/serving.md)",
+    )
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -179,9 +186,23 @@ class TAPSConfig(_JSONConfig):
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {self.norm_stats!r}")
+        self._check_layers()
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         self._check_compact()
+
+    def _check_layers(self) -> None:
+        layers = self.layers
+        if layers is None:
+            return
+        if isinstance(layers, str) or not isinstance(layers, list | tuple):
+            raise TypeError(f"layers must be a list of name patterns or None, got {layers!r}")
+        if not layers or not all(isinstance(p, str) and p for p in layers):
+            raise ValueError(
+                f"layers must be a non-empty list of non-empty patterns (None = every layer), "
+                f"got {layers!r}"
+            )
+        self.layers = list(layers)  # (JSON gives lists; a tuple would not round-trip equal)
 
     def _check_compact(self) -> None:
         if self.budget is not None and not 0 < self.budget <= 1:

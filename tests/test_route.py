@@ -61,9 +61,9 @@ class ForwardSpy:
             self.calls.append((None, x.shape[0]))
             return features(server, x)
 
-        def spy_mixed(server, keys, x, rows):
+        def spy_mixed(server, keys, x, rows, **kw):  # (kw: resume, the routing pass)
             self.mixed.append((list(keys), rows.tolist()))
-            return mixed(server, keys, x, rows)
+            return mixed(server, keys, x, rows, **kw)
 
         monkeypatch.setattr(TaskServer, "logits", spy_logits)
         monkeypatch.setattr(TaskServer, "mixed_logits", spy_mixed)

@@ -35,6 +35,7 @@ from taps_cl.data import preprocess
 from taps_cl.taps.mixed import MixedTaskModel
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch
+from taps_cl.taps.prefix import Resume
 
 __all__ = ["MixedForwards", "VersionInfo"]
 
@@ -80,6 +81,12 @@ class MixedForwards:
         self._next = 0
         self._lock = threading.RLock()
 
+    def holder(self) -> TAPSModel:
+        """The TAPS model the mixed forwards' tensors come from (built on first use): a routing
+        pass over its base shares those tensors, so a mixed forward may resume from it."""
+        with self._lock:
+            return self._get_holder()
+
     def held(self) -> list[Key]:
         """The held versions, least recently used first."""
         with self._lock:
@@ -104,9 +111,16 @@ class MixedForwards:
             return {k: self._info[k] for k in keys}
 
     @torch.no_grad()
-    def logits(self, keys: Sequence[Key], x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self,
+        keys: Sequence[Key],
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        resume: Resume | None = None,
+    ) -> torch.Tensor:
         """Row ``i`` of preprocessed ``x`` through version ``keys[rows[i]]``: logits padded
-        with ``-inf`` to the widest head among ``keys`` (CPU, float32)."""
+        with ``-inf`` to the widest head among ``keys`` (CPU, float32). ``resume``: the routing
+        pass ``x`` came from (each mixed forward resumes from it where it can)."""
         keys = list(keys)
         rows = torch.as_tensor(rows, dtype=torch.int64).flatten().cpu()
         if len(set(keys)) != len(keys) or not keys:
@@ -126,9 +140,12 @@ class MixedForwards:
             local[chunk] = torch.tensor([slot_of[keys[p]] for p in chunk])
             sel = None if len(chunk) == len(present) else torch.isin(rows, torch.tensor(chunk))
             xs, idx = (x, local[rows]) if sel is None else (x[sel], local[rows[sel]])
+            pos = torch.arange(x.shape[0]) if sel is None else sel.nonzero().flatten()
             part = torch.cat([
-                mixed(c.to(self.device), i.to(self.device)).float().cpu()
-                for c, i in zip(xs.split(_CHUNK), idx.split(_CHUNK), strict=True)
+                mixed(c.to(self.device), i.to(self.device),
+                      resume=None if resume is None else resume.part(p))
+                for c, i, p in zip(xs.split(_CHUNK), idx.split(_CHUNK), pos.split(_CHUNK),
+                                   strict=True)
             ])[:, :width]  # fmt: skip
             # (the mixed model may hold a wider task than these rows use: -inf columns)
             if sel is None:

@@ -30,6 +30,7 @@ from taps_cl.errors import UnknownTaskError
 from taps_cl.routing import METHODS, PATCHED_METHODS, RouteResult, RouteStats, TaskRouter
 from taps_cl.serving.routerdiff import changes, closest, superseded
 from taps_cl.storage import BulkRouteStats, StoredTask, TaskStoreAPI
+from taps_cl.taps.prefix import Recording, Resume, recording
 
 __all__ = ["DEFAULT_METHOD", "Routed", "RoutingHost", "TaskRouting"]
 
@@ -67,7 +68,11 @@ class RoutingHost(Protocol):
     def task_logits(self, name: str, version: int, x: torch.Tensor) -> torch.Tensor: ...
 
     def mixed_logits(
-        self, keys: Sequence[tuple[str, int]], x: torch.Tensor, rows: torch.Tensor
+        self,
+        keys: Sequence[tuple[str, int]],
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        resume: Resume | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -184,7 +189,14 @@ class TaskRouting:
         host = self.host
         views_of = {_key(p): p for p in cand.preps.values()}  # one pass per distinct view
         x = {k: preprocess(inputs, p, p.input_size) for k, p in views_of.items()}
-        feats = {k: host.features(xs) for k, xs in x.items()}
+        records: dict[tuple, Recording] = {}  # each view's routing pass, for the mixed forward
+        feats = {}
+        for k, xs in x.items():
+            if method in PATCHED_METHODS:
+                feats[k] = host.features(xs)
+                continue
+            with recording() as records[k]:
+                feats[k] = host.features(xs)
         views = {name: feats[_key(p)] for name, p in cand.preps.items()}
         logits: dict[str, torch.Tensor] = {}
 
@@ -197,7 +209,7 @@ class TaskRouting:
             result = cand.router.route(views, method, patched)
             return self._finish(result, cand, self._shortlisted(result, logits))
         result = cand.router.route(views, method, None)
-        return self._finish(result, cand, self._mixed(result, cand, x))
+        return self._finish(result, cand, self._mixed(result, cand, x, records))
 
     def _shortlisted(self, result: RouteResult, logits: dict[str, torch.Tensor]) -> dict:
         """Each chosen task's logits on its rows: the patch already ran on every input it
@@ -207,9 +219,11 @@ class TaskRouting:
             out[name] = (idx, logits[name][_positions(self._shortlist(result, name), idx)])
         return out
 
-    def _mixed(self, result: RouteResult, cand: _Candidates, x: dict) -> dict:
+    def _mixed(self, result: RouteResult, cand: _Candidates, x: dict, records: dict) -> dict:
         """The chosen tasks on their rows in ONE mixed-task forward per distinct view (the base
-        once, each task's delta, norms and head on its rows), not a merged forward per task."""
+        once, each task's delta, norms and head on its rows), not a merged forward per task.
+        It resumes from the view's routing pass where the chosen tasks share a prefix of the
+        base (:mod:`taps_cl.taps.prefix`)."""
         groups = result.groups()
         by_view: dict[tuple, list[str]] = {}
         for name in sorted(groups):
@@ -219,8 +233,14 @@ class TaskRouting:
             slot = {name: i for i, name in enumerate(names)}
             rows = torch.cat([groups[name] for name in names]).sort().values  # batch order
             slots = torch.tensor([slot[result.task_names[i]] for i in rows.tolist()])
-            xs = x[view] if rows.numel() == x[view].shape[0] else x[view][rows]
-            logits = self.host.mixed_logits([(n, cand.versions[n]) for n in names], xs, slots)
+            everything = rows.numel() == x[view].shape[0]
+            xs = x[view] if everything else x[view][rows]
+            rec = records.get(view)
+            more = {}
+            if rec is not None and rec.usable() and rec.outputs:  # else: nothing to resume
+                more["resume"] = Resume(rec, None if everything else rows)
+            keys = [(n, cand.versions[n]) for n in names]
+            logits = self.host.mixed_logits(keys, xs, slots, **more)
             for name, i in slot.items():
                 mine = slots == i
                 out[name] = (rows[mine], logits[mine])

@@ -50,6 +50,7 @@ from taps_cl.storage import StoredTask, TaskStoreAPI
 from taps_cl.taps.merge import merge_patch
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.patch import TaskPatch, validate_task_name
+from taps_cl.taps.prefix import Resume, recordable
 from taps_cl.training.loop import evaluate
 
 _CHUNK = 256  # inputs per forward
@@ -227,11 +228,16 @@ class TaskServer:
         return self.logits(self.served(name, version), x)
 
     def mixed_logits(
-        self, keys: Sequence[tuple[str, int]], x: torch.Tensor, rows: torch.Tensor
+        self,
+        keys: Sequence[tuple[str, int]],
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        resume: Resume | None = None,
     ) -> torch.Tensor:
         """Row ``i`` of preprocessed ``x`` through version ``keys[rows[i]]``, all rows in one
-        mixed forward: logits padded with ``-inf`` to the widest head (CPU, float32)."""
-        return self.mixed.logits(keys, x, rows)
+        mixed forward: logits padded with ``-inf`` to the widest head (CPU, float32).
+        ``resume``: the routing pass ``x`` came from (see :mod:`taps_cl.taps.prefix`)."""
+        return self.mixed.logits(keys, x, rows, resume=resume)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +245,9 @@ class TaskServer:
         if self._features is None:
             with self._load_lock:
                 if self._features is None:
-                    self._features = base_feature_extractor(self.model)
+                    # over the mixed forwards' base (the same tensors) and recordable: a
+                    # routed batch's mixed forward may resume from this pass
+                    self._features = recordable(base_feature_extractor(self.mixed.holder()))
         return self._run(self._features, x)
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

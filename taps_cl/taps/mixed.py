@@ -30,6 +30,7 @@ from taps_cl.taps.layer import TaskAdaptiveLayer
 from taps_cl.taps.merge import _clone, _wrappers
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.modules import TaskHeads, TaskNorm
+from taps_cl.taps.prefix import Resume, replayable, replaying
 from taps_cl.taps.rowplan import RowPlan, planned
 from taps_cl.taps.rows import RowAttention, RowHead, RowLayer, RowNorm, linear_in_weight
 
@@ -54,6 +55,12 @@ class MixedTaskModel(nn.Module):
         self.num_classes = {name: model.num_classes(name) for name in tasks}
         replace = {id(w): _row_module(w, self.tasks) for w in _wrappers(model)}
         self.tree = _clone(model.base, replace).requires_grad_(False).eval()
+        # path -> slots of the tasks holding something there (the row modules' paths), so a
+        # forward resumed from a routing pass knows where its tasks' first own module is
+        paths = {id(m): p for p, m in model.base.named_modules()}
+        self.specific = {paths[id(w)]: _slots(w, self.tasks) for w in _wrappers(model)}
+        self.specific = {p: s for p, s in self.specific.items() if s}
+        replayable(self.tree, skip=self.specific)
         for module in self.tree.modules():
             if isinstance(module, nn.TransformerEncoderLayer):
                 # Its fused eval kernel reads the children's weights instead of calling them;
@@ -78,11 +85,24 @@ class MixedTaskModel(nn.Module):
         return index
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, rows: Sequence[str] | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rows: Sequence[str] | torch.Tensor,
+        resume: Resume | None = None,
+    ) -> torch.Tensor:
+        """``resume``: the routing pass ``x`` (or those of its rows) went through; modules
+        before the first one of the batch's tasks return its outputs instead of computing
+        (:mod:`taps_cl.taps.prefix`; the same result, bit for bit)."""
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
             raise ValueError("a mixed forward needs a batch tensor with at least one row")
-        plan = RowPlan(self.row_index(rows, x.shape[0]).to(x.device), len(self.tasks))
-        with planned(plan):
+        index = self.row_index(rows, x.shape[0])
+        plan = RowPlan(index.to(x.device), len(self.tasks))
+        specific: list[str] = []
+        if resume is not None:
+            present = set(index.unique().tolist())
+            specific = [p for p, slots in self.specific.items() if slots & present]
+        with planned(plan), replaying(self.tree, x, resume, specific, tuple(self.specific)):
             out = self.tree(x)
         return out if isinstance(out, torch.Tensor) else out.logits  # Hugging Face output
 
@@ -123,6 +143,19 @@ def _row_module(wrapper: nn.Module, tasks: tuple[str, ...]) -> nn.Module:
     if isinstance(wrapper, TaskAdaptiveAttention):
         return _row_attention(wrapper, tasks)
     raise TypeError(f"no mixed-task form of {type(wrapper).__name__}")
+
+
+def _slots(wrapper: nn.Module, tasks: tuple[str, ...]) -> frozenset[int]:
+    """Slots of the tasks that hold something in ``wrapper`` (where their rows differ from
+    the base's)."""
+    if isinstance(wrapper, TaskHeads):
+        return frozenset(range(len(tasks)))
+    if isinstance(wrapper, TaskNorm):
+        return frozenset(i for i, t in enumerate(tasks) if t in wrapper.tasks)
+    if isinstance(wrapper, TaskAdaptiveAttention):
+        gates = [*wrapper.projections.values(), wrapper.base_layer.out_proj]
+        return frozenset(i for i, t in enumerate(tasks) if any(g.is_active(t) for g in gates))
+    return frozenset(i for i, t in enumerate(tasks) if wrapper.is_active(t))
 
 
 def _row_layer(layer: TaskAdaptiveLayer, tasks: tuple[str, ...]) -> nn.Module:

@@ -12,6 +12,7 @@ settling, freezing, exporting and loading a task (here).
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Iterator
 
 import torch
@@ -57,6 +58,7 @@ class TAPSModel(TaskSet):
         self._layer_paths, self.norm_names = inject(base, self.config, skip=self.head_name)
         self.layer_names: list[str] = list(self._layer_paths)
         self.num_layers = len(self.layer_names)
+        self._closed = _outside(self.layer_names, self.config.layers)
         self.base.eval()
 
     # -- structure ---------------------------------------------------------------------------
@@ -80,6 +82,10 @@ class TAPSModel(TaskSet):
 
     def _check_new_task(self, name: str) -> None:
         check_budget(self, name)  # a budget the task cannot meet (below its head, norms, scores)
+        for where, layer in self.layers():
+            if where in self._closed:  # config.layers leaves it out: closed for good
+                layer.close(name)
+                layer.score[name].requires_grad_(False)
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         if task is None:
@@ -250,6 +256,19 @@ def describe_task(module: nn.Module, num_classes: int, class_names: list[str] | 
 
 def _export(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _outside(names: list[str], patterns: list[str] | None) -> frozenset[str]:
+    """The layers no pattern of ``TAPSConfig.layers`` matches (none when it is None)."""
+    if patterns is None:
+        return frozenset()
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise ValueError(
+            f"TAPSConfig.layers patterns {unmatched} match no gated layer of this model; its "
+            f"layers are named like {names[:3]} ... {names[-2:]}"
+        )
+    return frozenset(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 def _check_patch_layers(model: TAPSModel, patch: TaskPatch) -> None:
