@@ -24,6 +24,22 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory):
+    """Keep the user's home out of the tests: the default store (``$XDG_DATA_HOME/taps_cl``),
+    which ``taps_cl.configure()`` without arguments opens, lives in a session temp dir, and a
+    ``TAPS_CL_STORE`` set in the caller's shell is ignored."""
+    saved = {k: os.environ.get(k) for k in ("XDG_DATA_HOME", "TAPS_CL_STORE")}
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg_data"))
+    os.environ.pop("TAPS_CL_STORE", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def pg_cluster():
     bindir = find_pg_bindir()
