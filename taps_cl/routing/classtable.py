@@ -111,10 +111,14 @@ class ClassTable:
             raise ValueError("a class table's blocks must hold each of its tasks once")
         self._order = order
         column = {n: t for t, n in enumerate(self.tasks)}
-        seen = [_seen(self._stats[n]) for n in order]
-        sizes = torch.tensor([len(s) for s in seen])
+        if blocks:  # a derived table: the layout is its blocks' (no statistics re-read)
+            sizes = torch.tensor([k for b in blocks for k in b.sizes])
+            self.class_of = torch.cat([b.class_of for b in blocks])
+        else:
+            seen = [_seen(self._stats[n]) for n in order]
+            sizes = torch.tensor([len(s) for s in seen])
+            self.class_of = torch.cat(seen)  # int64 [K]: class within the task
         self.task_of = torch.repeat_interleave(torch.tensor([column[n] for n in order]), sizes)
-        self.class_of = torch.cat(seen)  # int64 [K]: class within the task
         self._unit: torch.Tensor | None = None
         self._lda: dict[str, torch.Tensor | float] | None = None  # exact precision only
 

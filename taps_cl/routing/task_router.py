@@ -170,9 +170,9 @@ class TaskRouter:
             out.add(name, value)
         if self._cache is not None and out.tasks and not exact:
             changed = {*remove, *(add or {})}
-            gone = [self.stats(n) for n in changed if n in self]
-            drift = sum(_dof(s) for s in [*gone, *(add or {}).values()])
-            limit = self.stale_fraction * sum(_dof(s) for s in out._pool.values())
+            drift = sum(self._pool.dof(n) for n in changed if n in self)
+            drift += sum(out._pool.dof(n) for n in add or {})
+            limit = self.stale_fraction * out._pool.dof()
             stats = {n: out.stats(n) for n in out.tasks}
             out._cache = self._cache.derived(stats, changed, drift, limit)
         return out
@@ -191,10 +191,9 @@ class TaskRouter:
         Each task adds its own term (exact or compact scatter, see :mod:`taps_cl.routing.pool`)."""
         _require_tasks(self)
         total = self._pool.total()
-        stats = self._pool.values()
-        dof = sum(s.total - s.seen_classes for s in stats)
+        dof = self._pool.dof()
         if dof <= 0:
-            seen = sum(s.seen_classes for s in stats)
+            seen = sum(s.seen_classes for s in self._pool.values())
             raise ValueError(
                 f"the tasks' statistics hold {dof + seen} samples for {seen} classes; "
                 "the discriminant needs more samples than classes"
@@ -358,10 +357,6 @@ def _best_class(
     """The best class of each input within its chosen task (columns of other tasks masked)."""
     masked = class_scores.masked_fill(table.task_of[None, :] != chosen[:, None], -math.inf)
     return table.class_of[masked.argmax(1)]
-
-
-def _dof(stats: RouteStats) -> int:
-    return stats.total - stats.seen_classes
 
 
 def _require_tasks(router: TaskRouter) -> None:
