@@ -169,8 +169,8 @@ class ClassTable:
             self._lda = lda_projection(self.means(), sigma, dof, shrinkage)
             self._factor = Factor(None, float(self._lda["alpha"]))
             return
-        dtype = torch.float32 if self.task_of.numel() * sigma.shape[0] >= _FLOAT32_FROM else None
-        factor = factorise(sigma, dof, shrinkage, dtype or torch.float64)
+        large = self.task_of.numel() * sigma.shape[0] >= _FLOAT32_FROM
+        factor = factorise(sigma, dof, shrinkage, torch.float32 if large else torch.float64)
         self._blocks = [_block(self._stats, self.tasks, factor)]
         self._factor = factor
 
