@@ -43,12 +43,16 @@ def _rows(router: TaskRouter, name: str) -> torch.Tensor:
     raise KeyError(name)
 
 
-def _close(a: TaskRouter, b: TaskRouter, z: torch.Tensor, rtol: float = EXACT) -> None:
-    """Same decisions; scores within ``rtol`` of the largest score."""
+def _close(
+    a: TaskRouter, b: TaskRouter, z: torch.Tensor, rtol: float = EXACT, decisions: bool = True
+) -> None:
+    """Same decisions (unless ``decisions`` is False: tasks with equal statistics tie); scores
+    within ``rtol`` of the largest score."""
     ra, rb = a.route(z), b.route(z)
     assert a.tasks == b.tasks
-    assert torch.equal(ra.task_index, rb.task_index)
-    assert torch.equal(ra.class_index, rb.class_index)
+    if decisions:
+        assert torch.equal(ra.task_index, rb.task_index)
+        assert torch.equal(ra.class_index, rb.class_index)
     scale = float(rb.scores.abs().max())
     torch.testing.assert_close(ra.scores, rb.scores, rtol=0, atol=rtol * scale)
 
@@ -177,11 +181,11 @@ def test_any_sequence_of_changes_routes_over_the_right_tasks(steps, fraction):
         for t, name_t in enumerate(router.tasks):  # each task's seen classes, once
             assert sorted(table.class_of[table.task_of == t].tolist()) == [0, 1, 2], name_t
         assert torch.isfinite(result.scores).all()
-    fresh = TaskRouter(current)
+    fresh = TaskRouter(current)  # two names may hold the same statistics: their scores tie
     if fraction == 0.0:
-        _close(router, fresh, Z)
+        _close(router, fresh, Z, decisions=False)
     router.rebuild()
-    _close(router, fresh, Z)
+    _close(router, fresh, Z, decisions=False)
 
 
 # -- what a large router does differently: float32 pooled products and rows ------------------
