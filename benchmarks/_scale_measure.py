@@ -89,8 +89,10 @@ def latencies(engines: dict[int, Engine], name: str, inputs: dict, repeats: int)
 
 def router_costs(engine: Engine, extra: tuple[str, object], z: torch.Tensor) -> dict:
     """Router build from every task's statistics (store read apart from the math: one bulk
-    read, as a server building its router does), and adding one task to the built router
-    (derive, then ready to route: the projection)."""
+    read, as a server building its router does; build = the router plus its first route of
+    ``z``), and adding one task to the built router until it routes (derive, then the first
+    route: stale, only the added task's classes solved; and with ``exact=True``, every class
+    solved again), and removing one (stale)."""
     wanted = {r.name: r.current_version for r in engine.tasks() if r.routable}
     records, read = timed(lambda: engine.store.route_stats_many(wanted, base=engine.fingerprint))
     stats = {n: rec.stats for n, rec in records.items()}
@@ -98,11 +100,17 @@ def router_costs(engine: Engine, extra: tuple[str, object], z: torch.Tensor) -> 
     _, first = timed(lambda: router.route(z))
     derived, derive = timed(lambda: router.derive({extra[0]: extra[1]}))
     _, ready = timed(lambda: derived.route(z))
+    exact, exact_derive = timed(lambda: router.derive({extra[0]: extra[1]}, exact=True))
+    _, exact_ready = timed(lambda: exact.route(z))
+    removed, remove = timed(lambda: router.derive(remove=[names[-1]]))
+    _, remove_ready = timed(lambda: removed.route(z))
     return {
         "route_stats_read_ms": 1e3 * read,
         "router_build_ms": 1e3 * (build + first),
         "router_add_one_pool_ms": 1e3 * derive,
         "router_add_one_ready_ms": 1e3 * (derive + ready),
+        "router_add_one_exact_ms": 1e3 * (exact_derive + exact_ready),
+        "router_remove_one_ready_ms": 1e3 * (remove + remove_ready),
         "router_bytes": derived.nbytes,
         "router_classes": int(derived._table().task_of.numel()),
     }

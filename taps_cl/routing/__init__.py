@@ -4,6 +4,8 @@
 - :mod:`~taps_cl.routing.stats`: per-task statistics of those features (stored with a patch),
   full (older versions) or compact (:data:`COMPACT_RANK` scatter plus diagonal)
 - :mod:`~taps_cl.routing.pool`: the pooled scatter, each task's own term
+- :mod:`~taps_cl.routing.classtable` and :mod:`~taps_cl.routing.discriminant`: the class rows a
+  router scores with, solved in full or (a derived router) only for the tasks that changed
 - :mod:`~taps_cl.routing.task_router`: :class:`TaskRouter`, the routing methods over them
 - :mod:`~taps_cl.routing.methods`: the registry of routing methods (``@register_method``)
 

@@ -22,16 +22,19 @@ Each task's statistics are full (versions written before compact statistics) or 
 own term to one pooled scatter (:class:`~taps_cl.routing.pool.PooledScatter`). With every task
 full the pooled sum, the discriminant and hence every decision and confidence are the previous
 release's, bit for bit; with compact tasks adding or removing one updates the sum in place.
-The router caches the class projections (:class:`~taps_cl.routing.classtable.ClassTable`) and
-recomputes them after a change (one ``d x d`` Cholesky factorisation and one solve over every
-class). :meth:`TaskRouter.derive` makes the router of a slightly different set of tasks from an
-existing one (its pooled sum plus or minus the changed tasks' terms) and leaves that one as it
-was, so serving threads can keep routing with it.
+The router caches its class rows (:class:`~taps_cl.routing.classtable.ClassTable`: one ``d x d``
+factorisation and one solve over every class; float32 rows once any task is compact).
+:meth:`TaskRouter.derive` makes the router of a slightly different set of tasks from an existing
+one and leaves that one as it was, so serving threads can keep routing with it: the pooled sum
+plus or minus the changed tasks' terms, and (stale) the source's factorised covariance and rows
+with only the added tasks' classes solved, until the changes since the last full solve exceed
+``stale_fraction`` of the degrees of freedom; then, or after :meth:`TaskRouter.rebuild`, every
+row is solved again.
 
 Size: the router holds each task's statistics as stored (compact: about 72 KB per task at
-``d = 1280``, ``C = 10``; no ``d x d`` matrix per task), one float64 ``d x d`` pooled sum and
-the class table (``8 K d`` bytes for the discriminant's rows, ``K`` classes over all tasks);
-:attr:`TaskRouter.nbytes` counts them.
+``d = 1280``, ``C = 10``, rank 16; no ``d x d`` matrix per task), one float64 ``d x d`` pooled
+sum and the class table (``4 K d`` bytes of float32 rows, ``K`` classes over all tasks, plus a
+float32 ``d x d`` inverse); :attr:`TaskRouter.nbytes` counts them.
 
 Methods are registered (:mod:`~taps_cl.routing.methods`): a new one is a function plus
 ``@register_method``; the four above register at the end of this module.
@@ -41,7 +44,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 
@@ -49,36 +51,20 @@ from taps_cl.routing.classtable import ClassTable
 from taps_cl.routing.closedform import oas_shrinkage
 from taps_cl.routing.methods import METHODS, PATCHED_METHODS, ROUTING_METHODS, register_method
 from taps_cl.routing.pool import PooledScatter
+from taps_cl.routing.result import RouteResult, checked_features, route_result
 from taps_cl.routing.stats import RouteStats
 
 __all__ = ["METHODS", "PATCHED_METHODS", "RouteResult", "TaskRouter", "oas_shrinkage"]
+
+# A derived router solves only its added tasks' classes against its source's factorised
+# covariance until the degrees of freedom of the tasks changed since the last full solve exceed
+# this fraction of its own (with 1,000 similar tasks: about 20 added or removed tasks).
+STALE_FRACTION = 0.02
 
 PatchedLogits = Callable[[str, torch.Tensor], torch.Tensor]
 # Base features [n, d] of the inputs, or task name -> its own view of them: tasks trained at
 # different input sizes compare an input by its features at each task's size.
 Features = torch.Tensor | Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class RouteResult:
-    """Per-input routing decisions; ``scores`` columns follow ``tasks``."""
-
-    tasks: tuple[str, ...]  # candidate task names (column order of ``scores``)
-    task_index: torch.Tensor  # int64 [n]: chosen column of ``tasks``
-    class_index: torch.Tensor  # int64 [n]: class within the chosen task
-    confidence: torch.Tensor  # float64 [n]: softmax probability of the chosen task's score
-    scores: torch.Tensor  # float64 [n, T]: task scores (-inf where a task was not evaluated)
-
-    @property
-    def task_names(self) -> list[str]:
-        return [self.tasks[i] for i in self.task_index.tolist()]
-
-    def groups(self) -> dict[str, torch.Tensor]:
-        """Task name -> indices of the inputs routed to it (only tasks that got inputs)."""
-        return {
-            self.tasks[t]: (self.task_index == t).nonzero().flatten()
-            for t in self.task_index.unique().tolist()
-        }
 
 
 class TaskRouter:
@@ -93,6 +79,7 @@ class TaskRouter:
         top_k: int = 2,
         discriminant_weight: float = 1.0,
         cosine_scale: float = 16.0,
+        stale_fraction: float = STALE_FRACTION,
     ) -> None:
         if not (shrinkage == "oas" or (isinstance(shrinkage, float | int) and 0 <= shrinkage <= 1)):
             raise ValueError(f"shrinkage must be 'oas' or a float in [0, 1], got {shrinkage!r}")
@@ -100,9 +87,12 @@ class TaskRouter:
             raise ValueError(f"reduce must be 'logsumexp' or 'max', got {reduce!r}")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        if not (isinstance(stale_fraction, float | int) and 0 <= stale_fraction <= 1):
+            raise ValueError(f"stale_fraction must be a float in [0, 1], got {stale_fraction!r}")
         self.shrinkage, self.reduce, self.top_k = shrinkage, reduce, top_k
         self.discriminant_weight = float(discriminant_weight)
         self.cosine_scale = float(cosine_scale)  # softmax scale of cosine scores (confidence)
+        self.stale_fraction = float(stale_fraction)  # see derive()
         self._pool = PooledScatter()
         self._cache: ClassTable | None = None
         for name, value in (stats or {}).items():
@@ -144,29 +134,47 @@ class TaskRouter:
 
     def rebuild(self) -> None:
         """Recompute the pooled scatter in task-name order (drops the rounding that in-place
-        additions and removals accumulate)."""
+        additions and removals accumulate) and, on next use, every class row against it (also
+        what makes a stale derived router exact again)."""
         self._pool.rebuild()
         self._cache = None
 
     def derive(
-        self, add: Mapping[str, RouteStats] | None = None, remove: Iterable[str] = ()
+        self,
+        add: Mapping[str, RouteStats] | None = None,
+        remove: Iterable[str] = (),
+        *,
+        exact: bool = False,
     ) -> TaskRouter:
         """A new router over this one's tasks without ``remove`` and with ``add`` (new tasks or
-        replaced statistics), same settings. The pooled sum is this one's plus or minus the
-        changed tasks' terms (``O(k d^2)`` each with compact statistics; no task is re-read);
-        the projection is computed on first use. ``self`` is left as it was."""
+        replaced statistics), same settings; ``self`` is left as it was. The pooled sum is this
+        one's plus or minus the changed tasks' terms (``O(k d^2)`` each with compact statistics;
+        no task is re-read). If this router has solved its class rows and any task is compact,
+        the new one reuses its factorised covariance and unchanged rows and solves only the
+        added tasks' classes (stale: see :mod:`taps_cl.routing.classtable`) until the changed
+        degrees of freedom since the last full solve exceed ``stale_fraction`` of the total;
+        ``exact=True`` (or ``stale_fraction=0``) solves every row again on first use."""
         out = TaskRouter(
             shrinkage=self.shrinkage,
             reduce=self.reduce,
             top_k=self.top_k,
             discriminant_weight=self.discriminant_weight,
             cosine_scale=self.cosine_scale,
+            stale_fraction=self.stale_fraction,
         )
         out._pool = self._pool.copy()
+        remove = list(remove)
         for name in remove:
             out.remove(name)
         for name, value in (add or {}).items():
             out.add(name, value)
+        if self._cache is not None and out.tasks and not exact:
+            changed = {*remove, *(add or {})}
+            drift = sum(self._pool.dof(n) for n in changed if n in self)
+            drift += sum(out._pool.dof(n) for n in add or {})
+            limit = self.stale_fraction * out._pool.dof()
+            stats = {n: out.stats(n) for n in out.tasks}
+            out._cache = self._cache.derived(stats, changed, drift, limit)
         return out
 
     @property
@@ -183,10 +191,9 @@ class TaskRouter:
         Each task adds its own term (exact or compact scatter, see :mod:`taps_cl.routing.pool`)."""
         _require_tasks(self)
         total = self._pool.total()
-        stats = self._pool.values()
-        dof = sum(s.total - s.seen_classes for s in stats)
+        dof = self._pool.dof()
         if dof <= 0:
-            seen = sum(s.seen_classes for s in stats)
+            seen = sum(s.seen_classes for s in self._pool.values())
             raise ValueError(
                 f"the tasks' statistics hold {dof + seen} samples for {seen} classes; "
                 "the discriminant needs more samples than classes"
@@ -196,13 +203,14 @@ class TaskRouter:
     def _table(self) -> ClassTable:
         if self._cache is None:
             _require_tasks(self)
-            self._cache = ClassTable([self._pool.stats(name) for name in self.tasks])
+            self._cache = ClassTable({name: self._pool.stats(name) for name in self.tasks})
         return self._cache
 
     @property
     def shrinkage_value(self) -> float:
-        """The shrinkage ``a`` in use (OAS estimate or the fixed value)."""
-        return float(self._table().lda(self.pooled_covariance, self.shrinkage)["alpha"])
+        """The shrinkage ``a`` in use (OAS estimate or the fixed value; a stale router's is the
+        one of its last full solve)."""
+        return self._table().factor(self.pooled_covariance, self.shrinkage).alpha
 
     # -- scores ------------------------------------------------------------------------------
 
@@ -217,12 +225,12 @@ class TaskRouter:
             for name in self.tasks:
                 view = features[name]
                 if id(view) not in checked:
-                    checked[id(view)] = _checked(view, self.dim)
+                    checked[id(view)] = checked_features(view, self.dim)
                 views[name] = checked[id(view)]
             if len({v.shape[0] for v in views.values()}) != 1:
                 raise ValueError("every task's features must have one row per input")
             return views
-        return _checked(features, self.dim)
+        return checked_features(features, self.dim)
 
     def class_scores(self, features: Features, method: str = "lda") -> torch.Tensor:
         """Scores ``[n, K]`` of every seen class of every task (``"lda"`` or ``"ncm"``); with
@@ -231,8 +239,7 @@ class TaskRouter:
         if isinstance(z, dict):
             return _view_scores(self, z, method)
         if method == "lda":
-            lda = self._table().lda(self.pooled_covariance, self.shrinkage)
-            return z @ lda["proj"].T + lda["bias"]
+            return self._table().lda_scores(z, self.pooled_covariance, self.shrinkage)
         if method == "ncm":
             return torch.nn.functional.normalize(z, dim=1) @ self._table().unit_means().T
         raise ValueError(f"class scores exist for 'lda' and 'ncm', not {method!r}")
@@ -267,7 +274,7 @@ class TaskRouter:
         scores = _reduce(self, class_scores, method)
         within = _best_class(self._table(), class_scores, scores.argmax(1))
         scale = self.cosine_scale if method == "ncm" else 1.0
-        return _result(self.tasks, scores, within, scale)
+        return route_result(self.tasks, scores, within, scale)
 
     def shortlist(self, features: Features, k: int | None = None) -> dict[str, torch.Tensor]:
         """Task name -> indices of the inputs whose top-``k`` discriminant tasks include it: run
@@ -304,7 +311,7 @@ class TaskRouter:
         for name, idx in shortlist.items():
             mask = chosen[idx] == tasks.index(name)
             within[idx[mask]] = logits[name].detach().cpu()[mask].argmax(1).to(torch.int64)
-        return _result(tasks, scores, within, 1.0)
+        return route_result(tasks, scores, within, 1.0)
 
 
 def _patch_score(
@@ -342,31 +349,6 @@ def _reduce(router: TaskRouter, scores: torch.Tensor, method: str) -> torch.Tens
 
 def _rows(z: torch.Tensor | dict[str, torch.Tensor]) -> int:
     return next(iter(z.values())).shape[0] if isinstance(z, dict) else z.shape[0]
-
-
-def _result(
-    tasks: tuple[str, ...], scores: torch.Tensor, within: torch.Tensor, scale: float
-) -> RouteResult:
-    chosen = scores.argmax(1)
-    probs = torch.softmax(scores * scale, dim=1)
-    confidence = probs.gather(1, chosen[:, None]).squeeze(1)
-    return RouteResult(tasks, chosen, within, confidence, scores)
-
-
-def _checked(features: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """``features`` as float64 CPU ``[n, dim]``, or a ``ValueError`` saying what is wrong."""
-    if not isinstance(features, torch.Tensor) or features.ndim != 2:
-        raise ValueError(
-            f"features must be a [n, d] tensor, got {getattr(features, 'shape', features)}"
-        )
-    if features.shape[0] == 0:
-        raise ValueError("no inputs to route (features has 0 rows)")
-    if features.shape[1] != dim:
-        raise ValueError(f"features have d={features.shape[1]}, the tasks' statistics d={dim}")
-    z = features.detach().to("cpu", torch.float64)
-    if not torch.isfinite(z).all():
-        raise ValueError("features contain NaN or inf")
-    return z
 
 
 def _best_class(
