@@ -102,7 +102,7 @@ def router_costs(engine: Engine, extra: tuple[str, object], z: torch.Tensor) -> 
     _, ready = timed(lambda: derived.route(z))
     exact, exact_derive = timed(lambda: router.derive({extra[0]: extra[1]}, exact=True))
     _, exact_ready = timed(lambda: exact.route(z))
-    removed, remove = timed(lambda: router.derive(remove=[names[-1]]))
+    removed, remove = timed(lambda: router.derive(remove=[list(wanted)[-1]]))
     _, remove_ready = timed(lambda: removed.route(z))
     return {
         "route_stats_read_ms": 1e3 * read,
