@@ -30,6 +30,7 @@ from taps_cl.taps.layer import TaskAdaptiveLayer
 from taps_cl.taps.merge import _clone, _wrappers
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.modules import TaskHeads, TaskNorm
+from taps_cl.taps.rowkernels import GATHER_FROM, plain_conv2d
 from taps_cl.taps.rowplan import RowPlan, planned
 from taps_cl.taps.rows import RowAttention, RowHead, RowLayer, RowNorm, linear_in_weight
 
@@ -41,8 +42,11 @@ class MixedTaskModel(nn.Module):
     the logits of task ``rows[i]``, padded with ``-inf`` to the widest head (softmax, argmax
     and top-k need no unpadding; :meth:`unpad` trims them per row)."""
 
-    def __init__(self, model: TAPSModel, tasks: Sequence[str]) -> None:
+    def __init__(
+        self, model: TAPSModel, tasks: Sequence[str], gather_from: int = GATHER_FROM
+    ) -> None:
         super().__init__()
+        self.gather_from = gather_from  # see taps_cl.taps.rowkernels.GATHER_FROM
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         if not tasks or len(set(tasks)) != len(tasks):
             raise ValueError(f"a mixed model needs distinct task names, got {tasks!r}")
@@ -81,7 +85,8 @@ class MixedTaskModel(nn.Module):
     def forward(self, x: torch.Tensor, rows: Sequence[str] | torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
             raise ValueError("a mixed forward needs a batch tensor with at least one row")
-        plan = RowPlan(self.row_index(rows, x.shape[0]).to(x.device), len(self.tasks))
+        index = self.row_index(rows, x.shape[0]).to(x.device)
+        plan = RowPlan(index, len(self.tasks), self.gather_from)
         with planned(plan):
             out = self.tree(x)
         return out if isinstance(out, torch.Tensor) else out.logits  # Hugging Face output
@@ -131,8 +136,8 @@ def _row_layer(layer: TaskAdaptiveLayer, tasks: tuple[str, ...]) -> nn.Module:
         deltas: list[object] = [layer.row_delta(t) for t in tasks]
     else:  # W + dW on the task's rows: exactly the merged module's weight
         deltas = [layer.effective_weight(t).detach() if layer.is_active(t) else None for t in tasks]
-    if all(d is None for d in deltas):
-        return base
+    if all(d is None for d in deltas) and not plain_conv2d(base):
+        return base  # (a plain conv still runs as a RowLayer: its kernel crops, rowkernels)
     return RowLayer(base, layer.weight_attr, deltas)
 
 
