@@ -30,7 +30,7 @@ from taps_cl.taps.layer import TaskAdaptiveLayer
 from taps_cl.taps.merge import _clone, _wrappers
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.modules import TaskHeads, TaskNorm
-from taps_cl.taps.rowkernels import GATHER_FROM, plain_conv2d
+from taps_cl.taps.rowkernels import GATHER_FROM, folding_conv2d
 from taps_cl.taps.rowplan import RowPlan, planned
 from taps_cl.taps.rows import RowAttention, RowHead, RowLayer, RowNorm, linear_in_weight
 
@@ -136,7 +136,7 @@ def _row_layer(layer: TaskAdaptiveLayer, tasks: tuple[str, ...]) -> nn.Module:
         deltas: list[object] = [layer.row_delta(t) for t in tasks]
     else:  # W + dW on the task's rows: exactly the merged module's weight
         deltas = [layer.effective_weight(t).detach() if layer.is_active(t) else None for t in tasks]
-    if all(d is None for d in deltas) and not plain_conv2d(base):
+    if all(d is None for d in deltas) and not folding_conv2d(base):
         return base  # (a plain conv still runs as a RowLayer: its kernel crops, rowkernels)
     return RowLayer(base, layer.weight_attr, deltas)
 

@@ -3,17 +3,23 @@
 Each replaces one wrapper in a :class:`~taps_cl.taps.mixed.MixedTaskModel` and reads the batch's
 :class:`~taps_cl.taps.rowplan.RowPlan` (slot = a task's position in the mixed model):
 
-- :class:`RowLayer` (a gated conv/linear): the base layer once on every row, plus each task's
-  delta on its own rows, ``kind.apply_rows`` (dense: the layer's op with ``dW``, one GEMM for a
-  pointwise conv; low-rank: the two thin factors). Where one adapting task has every row, its
-  ``W + dW`` runs instead (the merged layer: no second product). A layer whose output is not
-  known to be linear in its weight (e.g. a weight-standardised conv) runs ``W + dW`` on each
-  adapting task's rows.
-- :class:`RowNorm`: eval-mode batch norms fold the rows into channels (``[N, C, ...]`` as
-  ``[1, N*C, ...]`` with each row's task statistics and affine gathered) and run the norm's own
-  forward once; ``nn.LayerNorm``/``nn.GroupNorm`` normalise once and apply each row's affine;
-  any other norm runs each task's copy on its rows.
-- :class:`RowHead`: each task's head on its rows, padded with ``-inf`` to the widest head.
+- :class:`RowLayer` (a gated conv/linear): where one computation has every row (one adapting
+  task, or none), that task's ``W + dW`` (the merged layer) or the base. From
+  ``plan.gather_from`` distinct computations on, the gathered kernels of
+  :mod:`~taps_cl.taps.rowkernels` (op count flat in the number of tasks: low-rank factors by
+  task, or each row's ``W + dW`` in one grouped conv / batched matmul). Otherwise, and on layers
+  without a gathered form: the base once on every row plus each task's delta on its own rows
+  (``kind.apply_rows``). A layer whose output is not known to be linear in its weight (e.g. a
+  weight-standardised conv) runs ``W + dW`` on each adapting task's rows.
+- :class:`RowNorm`: eval-mode batch norms are ``x * s + t`` per channel, ``s`` and ``t``
+  precomputed per slot when the mixed model is built: one gather and one fused multiply-add
+  (then the norm's activation, for timm's ``BatchNormAct2d``); other batch norms fold the rows
+  into channels (``[N, C, ...]`` as ``[1, N*C, ...]``) and run their own forward once;
+  ``nn.LayerNorm``/``nn.GroupNorm`` normalise once and apply each row's affine; any other norm
+  runs each task's copy on its rows.
+- :class:`RowHead`: each task's head on its rows, padded with ``-inf`` to the widest head
+  (plain linear heads: one gathered batched matmul over stacked heads from ``gather_from``
+  tasks on).
 - :class:`RowAttention`: gated ``nn.MultiheadAttention`` runs one plain (merged) copy per group
   of rows that compute alike (tasks without a delta there share the base's).
 
@@ -127,12 +133,13 @@ class RowLayer(_Rows):
             return call_with(self.base, swap, (x, *args), kwargs)
         rows = self._rows
         if rows is not None and len(keys) >= plan.gather_from and not (args or kwargs):
-            if isinstance(rows, WeightRows) and plan.n * rows.row_numel <= GATHER_MAX_NUMEL:
-                return rows.apply(self.base, x, plan.index)  # one op, whatever the tasks
+            out = rows.apply(self.base, x, plan.index) if isinstance(rows, WeightRows) else None
+            if out is not None:
+                return out  # one op, whatever the tasks
             if isinstance(rows, LowRankRows) and len(plan.present) * plan.segments()[2] <= (
                 PAD_MAX * plan.n
             ):
-                return rows.add(x, run(self.base, x, self.attr, None), plan)
+                return rows.apply(self.base, x, plan)
         return self._grouped(plan, x, args, kwargs)
 
     def _grouped(self, plan: RowPlan, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -184,8 +191,9 @@ class RowNorm(_Rows):
                 if state[0].get(key) is not None:
                     self._stack[key] = torch.stack([s[key].detach() for s in state])
         if self.mode == "scale":  # eval batch norm is y = x * s + t: s, t per slot, once
-            eps = torch.tensor([c.eps for c in copies], dtype=self._stack["running_var"].dtype)
-            scale = 1 / torch.sqrt(self._stack["running_var"] + eps[:, None])
+            var = self._stack["running_var"]
+            eps = torch.tensor([c.eps for c in copies], dtype=var.dtype, device=var.device)
+            scale = 1 / torch.sqrt(var + eps[:, None])
             if "weight" in self._stack:
                 scale = scale * self._stack["weight"]
             shift = -self._stack["running_mean"] * scale
