@@ -38,7 +38,11 @@ def _assert_as_before(engine, x: torch.Tensor) -> None:
         routed = engine.route(x, method=method)
         assert routed.tasks == want["tasks"], method
         assert routed.labels.tolist() == want["labels"], method
-        assert [float(c) for c in routed.confidence] == want["confidence"], method  # bit for bit
+        # Routing is exact (tasks, labels); the confidence comes through the mixed forward,
+        # a float computation stated to a tolerance (tests/test_mixed.py), not bit for bit.
+        got = torch.tensor([float(c) for c in routed.confidence], dtype=torch.float64)
+        want_c = torch.tensor(want["confidence"], dtype=torch.float64)
+        torch.testing.assert_close(got, want_c, rtol=1e-6, atol=1e-9, msg=method)
 
 
 def test_a_store_of_the_previous_release_routes_exactly_as_it_did(old_store):

@@ -31,6 +31,7 @@ from taps_cl.taps.merge import _clone, _wrappers
 from taps_cl.taps.model import TAPSModel
 from taps_cl.taps.modules import TaskHeads, TaskNorm
 from taps_cl.taps.prefix import Resume, replayable, replaying
+from taps_cl.taps.rowkernels import GATHER_FROM
 from taps_cl.taps.rowplan import RowPlan, planned
 from taps_cl.taps.rows import RowAttention, RowHead, RowLayer, RowNorm, linear_in_weight
 
@@ -42,8 +43,11 @@ class MixedTaskModel(nn.Module):
     the logits of task ``rows[i]``, padded with ``-inf`` to the widest head (softmax, argmax
     and top-k need no unpadding; :meth:`unpad` trims them per row)."""
 
-    def __init__(self, model: TAPSModel, tasks: Sequence[str]) -> None:
+    def __init__(
+        self, model: TAPSModel, tasks: Sequence[str], gather_from: int = GATHER_FROM
+    ) -> None:
         super().__init__()
+        self.gather_from = gather_from  # see taps_cl.taps.rowkernels.GATHER_FROM
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         if not tasks or len(set(tasks)) != len(tasks):
             raise ValueError(f"a mixed model needs distinct task names, got {tasks!r}")
@@ -96,8 +100,8 @@ class MixedTaskModel(nn.Module):
         (:mod:`taps_cl.taps.prefix`; the same result, bit for bit)."""
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
             raise ValueError("a mixed forward needs a batch tensor with at least one row")
-        index = self.row_index(rows, x.shape[0])
-        plan = RowPlan(index.to(x.device), len(self.tasks))
+        index = self.row_index(rows, x.shape[0]).to(x.device)
+        plan = RowPlan(index, len(self.tasks), self.gather_from)
         specific: list[str] = []
         if resume is not None:
             present = set(index.unique().tolist())
@@ -165,6 +169,9 @@ def _row_layer(layer: TaskAdaptiveLayer, tasks: tuple[str, ...]) -> nn.Module:
     else:  # W + dW on the task's rows: exactly the merged module's weight
         deltas = [layer.effective_weight(t).detach() if layer.is_active(t) else None for t in tasks]
     if all(d is None for d in deltas):
+        # the base itself, as in the routing pass: a resumed forward (taps/prefix.py) may then
+        # replay it, bit for bit (a RowLayer here would only crop kernels that overhang tiny
+        # inputs, a different float computation)
         return base
     return RowLayer(base, layer.weight_attr, deltas)
 

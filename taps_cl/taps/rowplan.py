@@ -20,23 +20,56 @@ Group = tuple[Hashable, "torch.Tensor | None"]  # (key, rows; None = every row o
 
 class RowPlan:
     """Row ``i`` of the batch belongs to slot ``index[i]`` (a task's position in the mixed
-    model). ``groups``: the slots present, with their rows (ascending)."""
+    model). ``present``: the slots in the batch; ``groups``: those slots with their rows
+    (ascending), made on first use (the gathered kernels need only ``index``).
+    ``gather_from``: from how many distinct computations on a layer the row modules run their
+    gathered kernels (:data:`~taps_cl.taps.rowkernels.GATHER_FROM`)."""
 
-    def __init__(self, index: torch.Tensor, slots: int) -> None:
+    def __init__(self, index: torch.Tensor, slots: int, gather_from: int = 2) -> None:
         if index.dim() != 1 or index.dtype != torch.int64:
             raise ValueError(
                 f"row index must be a 1-d int64 tensor, got {index.dtype} {index.shape}"
             )
         if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < slots:
             raise ValueError(f"row index out of range for {slots} tasks")
+        if isinstance(gather_from, bool) or not isinstance(gather_from, int) or gather_from < 2:
+            raise ValueError(f"gather_from must be an int >= 2, got {gather_from!r}")
         self.index = index
         self.n = index.numel()
-        present = torch.unique(index).tolist()
-        if len(present) == 1:
-            self.groups: list[Group] = [(present[0], None)]
-        else:
-            self.groups = [(s, (index == s).nonzero().flatten()) for s in present]
+        self.gather_from = gather_from
+        self.present: list[int] = torch.unique(index).tolist()
+        self._groups: list[Group] | None = None
+        self._segments: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._by: dict[tuple, list[Group]] = {}
+
+    @property
+    def groups(self) -> list[Group]:
+        if self._groups is None:
+            if len(self.present) == 1:
+                self._groups = [(self.present[0], None)]
+            else:
+                self._groups = [(s, (self.index == s).nonzero().flatten()) for s in self.present]
+        return self._groups
+
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rows laid out by task for segmented kernels (made once per forward): the present
+        slots, each row's place in a ``[len(present) * m]`` layout (task by task, rows in
+        order) and ``m``, the most rows any task has."""
+        if self._segments is None:
+            present = torch.tensor(self.present, device=self.index.device)
+            task = torch.searchsorted(present, self.index)  # each row's task, 0 .. K - 1
+            counts = torch.bincount(task, minlength=len(self.present))
+            order = torch.argsort(task, stable=True)
+            start = torch.cumsum(counts, 0) - counts
+            rank = torch.empty_like(task)
+            rank[order] = torch.arange(self.n, device=task.device) - start[task[order]]
+            m = int(counts.max())
+            self._segments = (present, task * m + rank, m)
+        return self._segments
+
+    def keys(self, keys: Sequence[Hashable]) -> set[Hashable]:
+        """The distinct ``keys[slot]`` of the slots in the batch (no tensor op)."""
+        return {keys[s] for s in self.present}
 
     def by(self, keys: Sequence[Hashable]) -> list[Group]:
         """The groups merged by ``keys[slot]`` (slots sharing a key share one group), for a

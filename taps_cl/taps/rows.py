@@ -3,17 +3,23 @@
 Each replaces one wrapper in a :class:`~taps_cl.taps.mixed.MixedTaskModel` and reads the batch's
 :class:`~taps_cl.taps.rowplan.RowPlan` (slot = a task's position in the mixed model):
 
-- :class:`RowLayer` (a gated conv/linear): the base layer once on every row, plus each task's
-  delta on its own rows, ``kind.apply_rows`` (dense: the layer's op with ``dW``, one GEMM for a
-  pointwise conv; low-rank: the two thin factors). Where one adapting task has every row, its
-  ``W + dW`` runs instead (the merged layer: no second product). A layer whose output is not
-  known to be linear in its weight (e.g. a weight-standardised conv) runs ``W + dW`` on each
-  adapting task's rows.
-- :class:`RowNorm`: eval-mode batch norms fold the rows into channels (``[N, C, ...]`` as
-  ``[1, N*C, ...]`` with each row's task statistics and affine gathered) and run the norm's own
-  forward once; ``nn.LayerNorm``/``nn.GroupNorm`` normalise once and apply each row's affine;
-  any other norm runs each task's copy on its rows.
-- :class:`RowHead`: each task's head on its rows, padded with ``-inf`` to the widest head.
+- :class:`RowLayer` (a gated conv/linear): where one computation has every row (one adapting
+  task, or none), that task's ``W + dW`` (the merged layer) or the base. From
+  ``plan.gather_from`` distinct computations on, the gathered kernels of
+  :mod:`~taps_cl.taps.rowkernels` (op count flat in the number of tasks: low-rank factors by
+  task, or each row's ``W + dW`` in one grouped conv / batched matmul). Otherwise, and on layers
+  without a gathered form: the base once on every row plus each task's delta on its own rows
+  (``kind.apply_rows``). A layer whose output is not known to be linear in its weight (e.g. a
+  weight-standardised conv) runs ``W + dW`` on each adapting task's rows.
+- :class:`RowNorm`: eval-mode batch norms are ``x * s + t`` per channel, ``s`` and ``t``
+  precomputed per slot when the mixed model is built: one gather and one fused multiply-add
+  (then the norm's activation, for timm's ``BatchNormAct2d``); other batch norms fold the rows
+  into channels (``[N, C, ...]`` as ``[1, N*C, ...]``) and run their own forward once;
+  ``nn.LayerNorm``/``nn.GroupNorm`` normalise once and apply each row's affine; any other norm
+  runs each task's copy on its rows.
+- :class:`RowHead`: each task's head on its rows, padded with ``-inf`` to the widest head
+  (plain linear heads: one gathered batched matmul over stacked heads from ``gather_from``
+  tasks on).
 - :class:`RowAttention`: gated ``nn.MultiheadAttention`` runs one plain (merged) copy per group
   of rows that compute alike (tasks without a delta there share the base's).
 
@@ -32,7 +38,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from taps_cl.taps.rowplan import current_plan, put, take
+from taps_cl.taps.rowkernels import (
+    GATHER_MAX_NUMEL,
+    PAD_MAX,
+    LowRankRows,
+    WeightRows,
+    run,
+    stacked,
+)
+from taps_cl.taps.rowplan import RowPlan, current_plan, put, take
 from taps_cl.taps.swap import call_with
 
 # Layers whose forward is linear in the weight (it pads, strides, groups, never transforms the
@@ -51,6 +65,13 @@ _AFFINE_FORWARDS = {
     "torch.nn.modules.normalization.LayerNorm",
     "torch.nn.modules.normalization.GroupNorm",
     "timm.layers.norm.LayerNorm",  # F.layer_norm (or its fused twin) on the trailing dims
+}
+
+# Batch norms whose eval forward is ``x * s + t`` per channel, then what the forward applies
+# after it (timm's BatchNormAct2d: its drop and act, stateless as ``_norm_mode`` checks).
+_SCALE_FORWARDS = {
+    "torch.nn.modules.batchnorm._BatchNorm": lambda norm, out: out,
+    "timm.layers.norm_act.BatchNormAct2d": lambda norm, out: norm.act(norm.drop(out)),
 }
 
 
@@ -96,13 +117,34 @@ class RowLayer(_Rows):
         self.linear = linear_in_weight(base)
         self._deltas = list(deltas)
         self._keys = tuple(None if d is None else s for s, d in enumerate(self._deltas))
+        adapted = any(d is not None for d in self._deltas)
+        self._rows = stacked(base, attr, self._deltas) if self.linear and adapted else None
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         plan = current_plan()
         plan.check(x, f"{type(self.base).__name__} input")
+        keys = plan.keys(self._keys)
+        if len(keys) == 1:  # one computation for every row: the base's or one task's W + dW
+            (key,) = keys
+            weight = None if key is None else self._weight(key)
+            if not args and not kwargs:
+                return run(self.base, x, self.attr, weight)
+            swap = {} if weight is None else {self.attr: weight}
+            return call_with(self.base, swap, (x, *args), kwargs)
+        rows = self._rows
+        if rows is not None and len(keys) >= plan.gather_from and not (args or kwargs):
+            out = rows.apply(self.base, x, plan.index) if isinstance(rows, WeightRows) else None
+            if out is not None:
+                return out  # one op, whatever the tasks
+            if isinstance(rows, LowRankRows) and len(plan.present) * plan.segments()[2] <= (
+                PAD_MAX * plan.n
+            ):
+                return rows.apply(self.base, x, plan)
+        return self._grouped(plan, x, args, kwargs)
+
+    def _grouped(self, plan: RowPlan, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """One op per task on its rows (few tasks, or layers without a gathered form)."""
         groups = plan.by(self._keys)
-        if len(groups) == 1 and groups[0][0] is not None:  # one adapting task has every row
-            return call_with(self.base, {self.attr: self._weight(groups[0][0])}, (x, *args), kwargs)
         if not self.linear:
             out = None
             for slot, rows in groups:
@@ -110,7 +152,7 @@ class RowLayer(_Rows):
                 part = call_with(self.base, swap, (take(x, rows), *args), kwargs)
                 out = put(out, rows, part, plan.n)
             return out
-        y = self.base(x, *args, **kwargs)
+        y = self.base(x, *args, **kwargs) if args or kwargs else run(self.base, x, self.attr, None)
         delta = None  # the tasks' delta products, each on its rows (zero elsewhere)
         for slot, rows in groups:
             if slot is not None:
@@ -125,6 +167,8 @@ class RowLayer(_Rows):
         """The task's ``W + dW``: the very sum its merged module holds (dense: same bits)."""
         if not self.linear:
             return self._deltas[slot]
+        if isinstance(self._rows, WeightRows):
+            return self._rows.weights[slot]
         kind, parts = self._deltas[slot]
         w = getattr(self.base, self.attr)
         return w + (parts["delta"] if "delta" in parts else kind.from_stored(parts, w))
@@ -146,13 +190,26 @@ class RowNorm(_Rows):
             for key in _PER_TASK:
                 if state[0].get(key) is not None:
                     self._stack[key] = torch.stack([s[key].detach() for s in state])
+        if self.mode == "scale":  # eval batch norm is y = x * s + t: s, t per slot, once
+            var = self._stack["running_var"]
+            eps = torch.tensor([c.eps for c in copies], dtype=var.dtype, device=var.device)
+            scale = 1 / torch.sqrt(var + eps[:, None])
+            if "weight" in self._stack:
+                scale = scale * self._stack["weight"]
+            shift = -self._stack["running_mean"] * scale
+            self._stack = {"scale": scale, "shift": shift + self._stack.get("bias", 0)}
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         plan = current_plan()
         plan.check(x, f"{type(self.base).__name__} input")
-        groups = plan.by(self._keys)
-        if len(groups) == 1:  # one norm for every row: exactly that norm
-            return self.copies[groups[0][0]](x, *args, **kwargs)
+        keys = plan.keys(self._keys)
+        if len(keys) == 1:  # one norm for every row: exactly that norm
+            return self.copies[next(iter(keys))](x, *args, **kwargs)
+        if self.mode == "scale":
+            shape = (plan.n, -1, *(1,) * (x.dim() - 2))
+            scale, shift = (self._stack[k].index_select(0, plan.index) for k in ("scale", "shift"))
+            out = torch.addcmul(shift.view(shape), x, scale.view(shape))
+            return _SCALE_FORWARDS[_forward_owner(self.base)](self.base, out)
         if self.mode == "fold":
             n, c = x.shape[:2]
             swap = {k: v.index_select(0, plan.index).reshape(-1) for k, v in self._stack.items()}
@@ -162,7 +219,7 @@ class RowNorm(_Rows):
             out = call_with(self.base, {"weight": None, "bias": None}, (x, *args), kwargs)
             return self._affine(out, plan.index)
         out = None
-        for key, rows in groups:
+        for key, rows in plan.by(self._keys):
             out = put(out, rows, self.copies[key](take(x, rows), *args, **kwargs), plan.n)
         return out
 
@@ -193,7 +250,7 @@ def _norm_mode(base: nn.Module, copies: Sequence[nn.Module]) -> str:
     if not plain_state or any(m.training for m in modules):
         return "groups"
     if isinstance(base, _BatchNorm) and base.track_running_stats and base.running_mean is not None:
-        return "fold"
+        return "scale" if _forward_owner(base) in _SCALE_FORWARDS else "fold"
     owner = _forward_owner(base)
     if owner in _AFFINE_FORWARDS and all(getattr(m, "weight", None) is not None for m in modules):
         return "affine"
@@ -201,17 +258,33 @@ def _norm_mode(base: nn.Module, copies: Sequence[nn.Module]) -> str:
 
 
 class RowHead(_Rows):
-    """Each task's classifier on its rows; logits padded with ``-inf`` to the widest head."""
+    """Each task's classifier on its rows; logits padded with ``-inf`` to the widest head.
+    Plain ``nn.Linear`` heads are also stacked (zero weights, ``-inf`` biases past a head's
+    classes) for one gathered batched matmul over many tasks."""
 
     def __init__(self, base: nn.Module, heads: Sequence[nn.Linear]) -> None:
         super().__init__()
         self.base = base
         self.heads = nn.ModuleList(heads)
         self.width = max(h.out_features for h in heads)
+        self._w = self._b = None
+        if all(type(h) is nn.Linear for h in heads):
+            w = heads[0].weight.detach()
+            self._w = w.new_zeros(len(heads), self.width, w.shape[1])
+            self._b = w.new_full((len(heads), self.width), float("-inf"))
+            for slot, h in enumerate(heads):
+                self._w[slot, : h.out_features] = h.weight.detach()
+                self._b[slot, : h.out_features] = 0 if h.bias is None else h.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = current_plan()
         plan.check(x, "classifier input")
+        gather = self._w is not None and len(plan.present) >= plan.gather_from
+        if gather and plan.n * self._w[0].numel() <= GATHER_MAX_NUMEL:
+            w, b = self._w.index_select(0, plan.index), self._b.index_select(0, plan.index)
+            flat = x.reshape(plan.n, -1, x.shape[-1])
+            out = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))
+            return out.view(*x.shape[:-1], self.width)
         out = None
         for slot, rows in plan.groups:
             logits = self.heads[slot](take(x, rows))
