@@ -92,7 +92,7 @@ def measure(url: str, n: int, tests: dict, images: Path) -> dict:
     extra_stats = RouteStats.from_tensors(perturbed(engine.load_patch(REAL[0]), "x", 99).tensors)
     out = {"tasks": n, "bytes_per_task": per_task, "store_bytes": m.store_bytes(engine, url)}
     out["store_vs_n_x_bytes"] = out["store_bytes"] / (n * per_task)
-    out.update(m.cold_loads(url, names, samples=min(40, n), seed=n))
+    out.update(m.cold_loads(url, names, samples=40, seed=n))
     out.update(m.router_costs(engine, ("extra", extra_stats), z))
     for k in (8, 32):
         if n >= k:
@@ -164,6 +164,8 @@ ROWS = [
     ("router build ms", "router_build_ms", "{:.0f}"),
     ("add one task: pool / ready ms",
      ("router_add_one_pool_ms", "router_add_one_ready_ms"), "{:.0f}"),
+    ("add one task, every row solved / remove one ms",
+     ("router_add_one_exact_ms", "router_remove_one_ready_ms"), "{:.0f}"),
     ("router MB", "router_bytes", "mb"),
     ("route 64 from 1 / 2 tasks ms", ("route64_1task_ms", "route64_2tasks_ms"), "{:.0f}"),
     ("64 over 8: features / scores / forwards ms", _parts(8), "{:.0f}"),
