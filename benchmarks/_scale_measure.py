@@ -70,7 +70,7 @@ def latencies(engines: dict[int, Engine], name: str, inputs: dict, repeats: int)
     """Per store (``engines`` by size), interleaved: ``tasks()``, ``versions()``, a warm predict
     of one image, and ``Engine.route`` of 64 images from one real task and from two (32 + 32).
     A round of these takes longer than ``version_ttl``, so each call also re-reads the task list
-    once; the warm predict is measured again back to back (list cached)."""
+    once; the warm predict and ``tasks()`` are measured again back to back."""
     a, b = list(inputs)
     one, two = inputs[a][:64], torch.cat([inputs[a][:32], inputs[b][:32]])
     fns, groups = {}, {}
@@ -89,6 +89,10 @@ def latencies(engines: dict[int, Engine], name: str, inputs: dict, repeats: int)
         engine.refresh()
         warm = median_seconds(lambda e=engine: e.predict(name, one[:1]), 2 * repeats, warmup=1)
         out[n]["warm_predict_cached_1_ms"] = 1e3 * warm
+        # the listing back to back too: interleaved, each call follows another store's routed
+        # batch, whose pass over every class's row leaves the CPU caches cold (larger N, colder)
+        listing = median_seconds(engine.tasks, 2 * repeats, warmup=1)
+        out[n]["tasks_back_to_back_ms"] = 1e3 * listing
     for (n, key), seconds in times.items():
         out[n][key] = 1e3 * seconds
     return out

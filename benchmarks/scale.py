@@ -155,7 +155,7 @@ def _parts(k: int) -> tuple[str, ...]:
 
 ROWS = [
     ("store bytes / (N x bytes per task)", "store_vs_n_x_bytes", "{:.3f}"),
-    ("tasks() ms", "tasks_ms", "{:.1f}"),
+    ("tasks() ms: interleaved / back to back", ("tasks_ms", "tasks_back_to_back_ms"), "{:.2f}"),
     ("versions() ms", "versions_ms", "{:.1f}"),
     ("cold load p50 / p99 ms", ("cold_load_p50_ms", "cold_load_p99_ms"), "{:.0f}"),
     ("warm predict (1 image) ms: list re-read / cached",
