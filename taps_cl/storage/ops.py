@@ -348,29 +348,26 @@ def find_base(session: Session, fingerprint: str) -> BaseRow:
 # -- digests ---------------------------------------------------------------------------------
 
 
+def _described(row: VersionRow) -> dict:
+    """What both digest formats cover of the version row itself."""
+    return {
+        "num_classes": row.num_classes,
+        "class_names": row.class_names,
+        "num_layers": row.num_layers,
+        "active_layers": row.active_layers,
+        "config": row.config,
+    }
+
+
 def row_digest(row: VersionRow, refs: list) -> str:
     """The format-1 digest of a version stored per tensor; ``refs`` = (name, blob sha256,
     dtype, shape)."""
-    return version_digest(
-        num_classes=row.num_classes,
-        class_names=row.class_names,
-        num_layers=row.num_layers,
-        active_layers=row.active_layers,
-        config=row.config,
-        tensors=refs,
-    )
+    return version_digest(**_described(row), tensors=refs)
 
 
 def parts_digest(row: VersionRow, parts: list) -> str:
     """The format-2 digest of a packed version; ``parts`` = (part name, blob sha256)."""
-    return packed_digest(
-        num_classes=row.num_classes,
-        class_names=row.class_names,
-        num_layers=row.num_layers,
-        active_layers=row.active_layers,
-        config=row.config,
-        parts=parts,
-    )
+    return packed_digest(**_described(row), parts=parts)
 
 
 def tensor_refs(session: Session, row: VersionRow) -> list:
